@@ -1,0 +1,1 @@
+"""The Ray driver of memshard: CLI, configuration, data, rounds, redistribution, MLflow."""

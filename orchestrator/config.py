@@ -1,0 +1,383 @@
+"""Configuration: one tree of plain dataclasses, presets, YAML/TOML files and `section.key=value`.
+
+Precedence, lowest first: dataclass defaults < preset < config file < explicit CLI flags < --set.
+Everything is validated once, in `validate`, so the rest of the code can trust the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import MemshardError
+
+METHODS = ("ddpm", "iet", "iet-agc", "iet-agc-plus")
+MSR_RULES = ("ring", "least-familiar")
+MSR_SCHEDULES = ("every", "alternate")
+
+
+@dataclass
+class DataConfig:
+    path: str = "digits"  # a prepared dataset dir, or any source `memshard data prepare` takes
+    resolution: int = 16
+    channels: int | None = None  # None: keep the source's channel count
+    cache_dir: str = ".memshard/data"
+    balanced_by_label: bool = False
+
+
+@dataclass
+class ModelConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention_resolutions: tuple[int, ...] = ()  # feature-map sizes that get self-attention
+    dropout: float = 0.0
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 64
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"  # "no" or "bf16" (autocast, CUDA only)
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    seed: int = 0
+
+
+@dataclass
+class IETConfig:
+    method: str = "iet-agc-plus"
+    shards: int = 4
+    rounds: int = 10
+    local_steps: int = 200
+
+
+@dataclass
+class AGCConfig:
+    lam: float = 2.0  # published default; 1.25 for text-to-image fine-tuning
+    decay: float = 0.8
+
+
+@dataclass
+class MSRConfig:
+    fraction: float = 0.25  # published prototype
+    rule: str = "ring"
+    schedule: str = "alternate"  # published prototype alternates exchange and averaging rounds
+
+
+@dataclass
+class TAAConfig:
+    max_translate: float = 0.125  # fraction of the image side at strength 1
+    max_brightness: float = 0.2
+    max_contrast: float = 0.2
+    flip: bool = False  # horizontal flips are not label-preserving for digits
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS / `ray job submit`, else a local instance
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: str = "auto"  # "auto" or a number
+    placement_strategy: str = "PACK"
+    round_timeout_s: float = 3600.0
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "memshard"
+    register_as: str = "memshard-digits"
+    sample_grid_every: int = 5  # rounds; 0 turns the grid off
+    sample_grid_images: int = 16
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    iet: IETConfig = field(default_factory=IETConfig)
+    agc: AGCConfig = field(default_factory=AGCConfig)
+    msr: MSRConfig = field(default_factory=MSRConfig)
+    taa: TAAConfig = field(default_factory=TAAConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    @property
+    def uses_agc(self) -> bool:
+        return self.iet.method in ("iet-agc", "iet-agc-plus")
+
+    @property
+    def uses_msr(self) -> bool:
+        return self.iet.method == "iet-agc-plus" and self.iet.shards > 1
+
+    @property
+    def uses_taa(self) -> bool:
+        return self.iet.method == "iet-agc-plus"
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # CPU tests: a round of a few local steps takes seconds.
+    "tiny": {
+        "data": {"resolution": 8},
+        "model": {"block_out_channels": (16, 32), "layers_per_block": 1},
+        "training": {"batch_size": 16, "warmup_steps": 2, "ema_decay": 0.99},
+        "iet": {"shards": 2, "rounds": 2, "local_steps": 3},
+        "mlflow": {"sample_grid_every": 0, "register_as": "memshard-tiny"},
+    },
+    # The default: the bundled digits at 16x16 with a small UNet, a CPU finishes it in minutes.
+    "digits": {},
+    # The published CIFAR-10 model (IET / DDPM): 35.7M parameters.
+    "cifar32": {
+        "data": {"resolution": 32, "channels": 3},
+        "model": {
+            "block_out_channels": (128, 256, 256, 256),
+            "layers_per_block": 2,
+            "attention_resolutions": (16,),
+            "dropout": 0.1,
+        },
+        "training": {"batch_size": 128, "learning_rate": 2e-4, "grad_clip": 1.0,
+                     "ema_decay": 0.9999, "warmup_steps": 5000, "mixed_precision": "bf16"},
+        "iet": {"shards": 10, "rounds": 10, "local_steps": 39000},
+        "mlflow": {"register_as": "memshard-cifar32"},
+    },
+}
+
+
+def build_config(
+    preset: str = "digits",
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> Config:
+    """The one way to make a Config: preset, then file, then explicit flags, then `--set k=v`."""
+    if preset not in PRESETS:
+        raise MemshardError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    cfg = Config()
+    apply_tree(cfg, PRESETS[preset], origin=f"preset {preset}")
+    if file is not None:
+        apply_tree(cfg, load_config_file(file), origin=str(file))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(cfg, dotted, value, origin="command line")
+    for item in sets or []:
+        dotted, sep, text = item.partition("=")
+        if not sep:
+            raise MemshardError(f"--set {item!r} has no '=': write --set section.key=value")
+        set_dotted(cfg, dotted.strip(), parse_scalar(text.strip()), origin="--set")
+    fold_baseline_to_equal_compute(cfg)
+    validate(cfg)
+    return cfg
+
+
+def fold_baseline_to_equal_compute(cfg: Config) -> None:
+    """`--method ddpm` trains ONE model with the compute of the K-shard run it is compared with.
+
+    So `--method ddpm` and `--method iet-agc-plus` are one flag apart and spend the same number of
+    optimizer steps: K shards x S local steps per round become 1 model x K*S steps per round.
+    """
+    if cfg.iet.method == "ddpm" and cfg.iet.shards > 1:
+        cfg.iet.local_steps *= cfg.iet.shards
+        cfg.iet.shards = 1
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MemshardError(f"config file {path} does not exist: check the path given to --config")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            tree = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            tree = yaml.safe_load(text) or {}
+        else:
+            raise MemshardError(f"config file {path} is neither .yaml/.yml nor .toml: rename it")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        first_line = str(exc).splitlines()[0]
+        raise MemshardError(f"config file {path} does not parse ({first_line}): fix its syntax") from None
+    if not isinstance(tree, dict):
+        raise MemshardError(f"config file {path} must hold sections (data:, training:, ...) at the top")
+    return tree
+
+
+def apply_tree(cfg: Config, tree: dict[str, Any], origin: str) -> None:
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise MemshardError(f"{origin}: {section!r} must be a section of keys, e.g. {section}: {{...}}")
+        for key, value in values.items():
+            set_dotted(cfg, f"{section}.{key}", value, origin)
+
+
+def set_dotted(cfg: Config, dotted: str, value: Any, origin: str) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section_name not in sections or not key:
+        raise MemshardError(
+            f"{origin}: unknown setting {dotted!r}: sections are {', '.join(sorted(sections))}"
+        )
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise MemshardError(
+            f"{origin}: unknown key {dotted!r}: {section_name} has {', '.join(hints)}"
+        )
+    setattr(section, key, coerce(value, hints[key], dotted, origin))
+
+
+def coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
+    """Check `value` against the field's type; ints widen to floats, lists become tuples."""
+    wrong = MemshardError(f"{origin}: {dotted} = {value!r} has the wrong type: expected {_type_name(hint)}")
+    origin_type = typing.get_origin(hint)
+    if origin_type in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        for option in typing.get_args(hint):
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, dotted, origin)
+            except MemshardError:
+                pass
+        raise wrong
+    if origin_type is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set model.attention_resolutions=16` means (16,)
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        (item_type, _) = typing.get_args(hint)
+        return tuple(coerce(parse_scalar(v) if isinstance(v, str) else v, item_type, dotted, origin) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong
+    raise wrong
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list such as 16,32"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars: 3 -> int, 0.5 -> float, true -> bool, null -> None."""
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
+def validate(cfg: Config) -> None:
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise MemshardError(message)
+
+    m, t, i = cfg.model, cfg.training, cfg.iet
+    require(i.method in METHODS, f"unknown method {i.method!r}: choose one of {', '.join(METHODS)}")
+    require(i.shards >= 1, f"iet.shards = {i.shards}: need at least 1 shard")
+    require(i.rounds >= 1, f"iet.rounds = {i.rounds}: need at least 1 round (--rounds)")
+    require(i.local_steps >= 1, f"iet.local_steps = {i.local_steps}: need at least 1 step (--local-steps)")
+    require(len(m.block_out_channels) >= 1 and all(c > 0 for c in m.block_out_channels),
+            f"model.block_out_channels = {m.block_out_channels}: give positive widths, e.g. 32,64,64")
+    require(all(c % 8 == 0 for c in m.block_out_channels),
+            f"model.block_out_channels = {m.block_out_channels}: widths must be multiples of 8 (GroupNorm groups)")
+    require(m.layers_per_block >= 1, f"model.layers_per_block = {m.layers_per_block}: need at least 1")
+    require(0.0 <= m.dropout < 1.0, f"model.dropout = {m.dropout}: must be in [0, 1)")
+    require(m.num_train_timesteps >= 2, f"model.num_train_timesteps = {m.num_train_timesteps}: need at least 2")
+    require(0 < m.beta_start < m.beta_end < 1, f"model betas {m.beta_start}..{m.beta_end}: need 0 < start < end < 1")
+    r = cfg.data.resolution
+    factor = 2 ** (len(m.block_out_channels) - 1)
+    require(r >= 8 and r % 8 == 0 and r % factor == 0,
+            f"data.resolution = {r} cannot be used: the UNet halves it {len(m.block_out_channels) - 1} times; "
+            f"choose a multiple of {max(8, factor)} such as {max(8, factor) * 4}")
+    require(all(a in _feature_map_sizes(r, len(m.block_out_channels)) for a in m.attention_resolutions),
+            f"model.attention_resolutions = {m.attention_resolutions}: the UNet's feature maps are "
+            f"{_feature_map_sizes(r, len(m.block_out_channels))}")
+    require(cfg.data.channels in (None, 1, 3), f"data.channels = {cfg.data.channels}: must be 1 or 3")
+    require(t.batch_size >= 1, f"training.batch_size = {t.batch_size}: need at least 1")
+    require(t.learning_rate > 0, f"training.learning_rate = {t.learning_rate}: must be > 0")
+    require(t.weight_decay >= 0, f"training.weight_decay = {t.weight_decay}: must be >= 0")
+    require(t.warmup_steps >= 0, f"training.warmup_steps = {t.warmup_steps}: must be >= 0")
+    require(t.grad_clip > 0, f"training.grad_clip = {t.grad_clip}: must be > 0")
+    require(0.0 <= t.ema_decay < 1.0, f"training.ema_decay = {t.ema_decay}: must be in [0, 1)")
+    require(t.mixed_precision in ("no", "bf16"), f"training.mixed_precision = {t.mixed_precision!r}: use no or bf16")
+    require(t.device in ("auto", "cpu", "cuda"), f"training.device = {t.device!r}: use auto, cpu or cuda")
+    require(cfg.agc.lam > 0, f"agc.lam = {cfg.agc.lam}: must be > 0 (published: 2.0)")
+    require(0.0 <= cfg.agc.decay < 1.0, f"agc.decay = {cfg.agc.decay}: must be in [0, 1) (published: 0.8)")
+    require(0.0 < cfg.msr.fraction <= 1.0, f"msr.fraction = {cfg.msr.fraction}: must be in (0, 1] (published: 0.25)")
+    require(cfg.msr.rule in MSR_RULES, f"msr.rule = {cfg.msr.rule!r}: choose one of {', '.join(MSR_RULES)}")
+    require(cfg.msr.schedule in MSR_SCHEDULES,
+            f"msr.schedule = {cfg.msr.schedule!r}: choose one of {', '.join(MSR_SCHEDULES)}")
+    for name in ("max_translate", "max_brightness", "max_contrast"):
+        value = getattr(cfg.taa, name)
+        require(0.0 <= value <= 1.0, f"taa.{name} = {value}: must be in [0, 1]")
+    require(cfg.ray.cpus_per_actor > 0, f"ray.cpus_per_actor = {cfg.ray.cpus_per_actor}: must be > 0")
+    require(cfg.ray.gpus_per_actor == "auto" or _is_nonnegative_number(cfg.ray.gpus_per_actor),
+            f"ray.gpus_per_actor = {cfg.ray.gpus_per_actor!r}: use auto or a number >= 0")
+    require(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+            f"ray.placement_strategy = {cfg.ray.placement_strategy!r}: use PACK or SPREAD")
+    require(cfg.ray.round_timeout_s > 0, f"ray.round_timeout_s = {cfg.ray.round_timeout_s}: must be > 0")
+    require(cfg.mlflow.sample_grid_every >= 0, "mlflow.sample_grid_every must be >= 0 (0 turns it off)")
+    require(cfg.mlflow.sample_grid_images >= 1, "mlflow.sample_grid_images must be >= 1")
+    require(bool(cfg.mlflow.register_as.strip()), "mlflow.register_as is empty: give a model name")
+
+
+def _feature_map_sizes(resolution: int, levels: int) -> list[int]:
+    return [resolution // 2**k for k in range(levels)]
+
+
+def _is_nonnegative_number(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `to_dict` (checkpoints, MLflow lineage); validated like any other."""
+    cfg = Config()
+    apply_tree(cfg, tree, origin="saved config")
+    validate(cfg)
+    return cfg
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """`section.key -> value` strings for MLflow params."""
+    return {
+        f"{section}.{key}": json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        for section, values in to_dict(cfg).items()
+        for key, value in values.items()
+    }

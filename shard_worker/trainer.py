@@ -1,0 +1,199 @@
+"""One proxy model and its local training: per-sample DDPM loss, AGC, TAA, AdamW, warm-up, EMA.
+
+The training step reads top to bottom like diffusers' `train_unconditional.py`; the extra lines are
+AGC (which samples count), TAA (how hard each sample is augmented) and per-sample bookkeeping, all
+kept on the device so a round syncs with the host once, at its end.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from orchestrator.config import Config
+from shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
+from shard_worker.model import build_scheduler, build_unet, load_numpy_state, resolve_device, state_to_numpy
+from shard_worker.scoring import per_sample_loss, score_samples, to_model_range
+from shard_worker.taa import augment, augmentation_strength
+
+
+@dataclass
+class RoundResult:
+    """What a proxy reports after a round; per-sample arrays are aligned with `sample_ids`."""
+
+    shard: int
+    indices: np.ndarray  # global dataset indices of the shard's samples this round
+    sample_ids: np.ndarray
+    skip_counts: np.ndarray  # times AGC dropped the sample this round
+    mean_loss: np.ndarray  # mean training loss of the sample this round (NaN if never drawn)
+    seen_counts: np.ndarray
+    mean_loss_all: float  # mean per-sample loss over every sample drawn
+    kept_fraction: float  # share of drawn samples AGC kept (1.0 without AGC)
+    steps: int
+    images_per_second: float
+    seconds: float
+
+
+class ProxyTrainer:
+    """A proxy model training on its shard. Holds all per-proxy state; the driver holds the loop.
+
+    `images` is the whole dataset (N, C, H, W) uint8 — through Ray, a zero-copy view of one object
+    in the object store shared by every actor on the node; only the shard's rows go to the device.
+    """
+
+    def __init__(self, cfg: Config, images: np.ndarray, sample_ids: np.ndarray, shard: int):
+        self.cfg = cfg
+        self.shard = shard
+        self.images = images
+        self.sample_ids = np.asarray(sample_ids)
+        self.device = resolve_device(cfg.training.device)
+        seed = cfg.training.seed
+        # Same initial weights on every proxy (seeded by the run seed alone); shard-specific stream
+        # for everything random after that (batches, t, ε, augmentation, dropout).
+        torch.manual_seed(seed)
+        channels = images.shape[1]
+        self.model = build_unet(cfg, channels).to(self.device).train()
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.scheduler = build_scheduler(cfg)
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        t = cfg.training
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        warmup = max(t.warmup_steps, 1)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.generator = torch.Generator(self.device).manual_seed(seed * 7919 + 104729 * (shard + 1))
+        torch.manual_seed(seed * 7919 + shard + 1)
+        self.memory_bank = torch.zeros(cfg.model.num_train_timesteps, device=self.device)
+        self.taa_strength = torch.zeros(len(images), device=self.device)
+        self.global_step = 0
+        self._permutation = torch.empty(0, dtype=torch.long, device=self.device)
+
+    # ---- weights in and out (CPU numpy, for the object store and aggregation) ----
+    def get_weights(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return state_to_numpy(self.model), state_to_numpy(self.ema_model)
+
+    def set_weights(self, weights: dict[str, np.ndarray], ema_weights: dict[str, np.ndarray]) -> None:
+        load_numpy_state(self.model, weights)
+        load_numpy_state(self.ema_model, ema_weights)
+
+    # ---- local training ----
+    def train_round(self, indices: np.ndarray, steps: int) -> RoundResult:
+        """Train `steps` optimizer steps on the samples `indices` (global dataset rows)."""
+        cfg, device = self.cfg, self.device
+        indices = np.asarray(indices, dtype=np.int64)
+        n = len(indices)
+        if n == 0:
+            raise ValueError(f"shard {self.shard} has no samples to train on")
+        shard_images = torch.from_numpy(np.ascontiguousarray(self.images[indices])).to(device)
+        global_index = torch.from_numpy(indices).to(device)
+        batch = min(cfg.training.batch_size, n)  # unique rows per batch keeps scatter updates exact
+        skip_counts = torch.zeros(n, device=device)
+        loss_sums = torch.zeros(n, device=device)
+        seen_counts = torch.zeros(n, device=device)
+        self._permutation = torch.empty(0, dtype=torch.long, device=device)  # the shard changed
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=cfg.training.mixed_precision == "bf16" and device.type == "cuda")
+        start = time.perf_counter()
+        for _ in range(steps):
+            rows = self._next_batch_rows(n, batch)
+            x0 = to_model_range(shard_images[rows])
+            if cfg.uses_taa:
+                x0 = augment(x0, self.taa_strength[global_index[rows]], cfg.taa, self.generator)
+            noise = torch.randn(x0.shape, generator=self.generator, device=device)
+            timesteps = torch.randint(0, cfg.model.num_train_timesteps, (batch,), generator=self.generator, device=device)
+            with autocast:
+                losses = per_sample_loss(self.model, self.scheduler, x0, timesteps, noise)
+            detached = losses.detach()
+
+            if cfg.uses_agc:
+                keep = agc_keep_mask(self.memory_bank, timesteps, detached, cfg.agc.lam)
+                loss = (losses * keep).sum() / keep.sum().clamp_min(1)
+                if cfg.uses_taa:
+                    strength = augmentation_strength(threshold_distance(self.memory_bank, timesteps, detached, cfg.agc.lam))
+                    current = self.taa_strength[global_index[rows]]
+                    self.taa_strength[global_index[rows]] = torch.where(keep, strength, current)
+                self.memory_bank = update_memory_bank(self.memory_bank, timesteps, detached, cfg.agc.decay)
+                skip_counts.index_add_(0, rows, (~keep).float())
+            else:
+                loss = losses.mean()
+            loss_sums.index_add_(0, rows, detached)
+            seen_counts.index_add_(0, rows, torch.ones_like(detached))
+
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.training.grad_clip)
+            self.optimizer.step()
+            self.lr_schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                ema_params = list(self.ema_model.parameters())
+                torch._foreach_lerp_(ema_params, list(self.model.parameters()), 1.0 - cfg.training.ema_decay)
+            self.global_step += 1
+
+        # One host sync per round.
+        skip_np, sums_np, seen_np = (x.cpu().numpy() for x in (skip_counts, loss_sums, seen_counts))
+        seconds = time.perf_counter() - start
+        drawn = seen_np.sum()
+        mean_loss = np.divide(sums_np, seen_np, out=np.full(n, np.nan), where=seen_np > 0)
+        mean_loss_all = float(sums_np.sum() / max(drawn, 1))
+        if not np.isfinite(mean_loss_all):
+            raise FloatingPointError(f"shard {self.shard}: non-finite training loss in round ending at step {self.global_step}")
+        return RoundResult(
+            shard=self.shard,
+            indices=indices,
+            sample_ids=self.sample_ids[indices],
+            skip_counts=skip_np.astype(np.int64),
+            mean_loss=mean_loss,
+            seen_counts=seen_np.astype(np.int64),
+            mean_loss_all=mean_loss_all,
+            kept_fraction=float(1.0 - skip_np.sum() / max(drawn, 1)),
+            steps=steps,
+            images_per_second=steps * batch / max(seconds, 1e-9),
+            seconds=seconds,
+        )
+
+    def _next_batch_rows(self, n: int, batch: int) -> torch.Tensor:
+        """The next `batch` shard rows: seeded epochs without repeats, the short tail dropped."""
+        if self._permutation.numel() < batch:
+            self._permutation = torch.randperm(n, generator=self.generator, device=self.device)
+        rows, self._permutation = self._permutation[:batch], self._permutation[batch:]
+        return rows
+
+    # ---- scoring ----
+    def score(self, indices: np.ndarray, seed: int, repeats: int = 4, use_ema: bool = False) -> np.ndarray:
+        """This proxy's loss on `indices` at fixed, seeded (t, ε) (MSR least-familiar, evaluation)."""
+        model = self.ema_model if use_ema else self.model
+        return score_samples(model, self.scheduler, self.images, indices, seed, repeats)
+
+    # ---- checkpoint (all per-proxy state; tensors only, so torch.load(weights_only=True) reads it) ----
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema_model": self.ema_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "memory_bank": self.memory_bank.cpu(),
+            "taa_strength": self.taa_strength.cpu(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
+            "global_step": self.global_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema_model.load_state_dict(state["ema_model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.memory_bank = state["memory_bank"].to(self.device)
+        self.taa_strength = state["taa_strength"].to(self.device)
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"].numel():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        self.global_step = int(state["global_step"])

@@ -1,0 +1,111 @@
+"""The proxy model and its local training, driven through ProxyTrainer's public methods."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from orchestrator.config import build_config
+from shard_worker import ProxyTrainer
+
+
+@pytest.fixture(scope="module")
+def digits_8x8():
+    images = np.round(load_digits().images * 255 / 16).astype(np.uint8)[:, None]
+    ids = np.array([f"digits-{i:05d}" for i in range(len(images))])
+    return images, ids
+
+
+def make_trainer(digits_8x8, shard=0, **sets):
+    images, ids = digits_8x8
+    cfg = build_config("tiny", sets=[f"{k}={v}" for k, v in sets.items()])
+    return ProxyTrainer(cfg, images, ids, shard)
+
+
+def test_model_matches_config(digits_8x8):
+    trainer = make_trainer(digits_8x8)
+    assert trainer.model.config.sample_size == 8 and trainer.model.config.in_channels == 1
+    assert tuple(trainer.model.config.block_out_channels) == (16, 32)
+    assert trainer.scheduler.config.num_train_timesteps == 1000
+
+
+def test_local_steps_lower_the_loss_on_a_tiny_shard(digits_8x8):
+    trainer = make_trainer(digits_8x8, **{"training.learning_rate": 1e-3})
+    shard = np.arange(64)
+    before = trainer.score(shard, seed=5).mean()
+    result = trainer.train_round(shard, 60)
+    after = trainer.score(shard, seed=5).mean()
+    assert after < 0.7 * before, (before, after)
+    assert result.steps == 60 and result.images_per_second > 0 and np.isfinite(result.mean_loss_all)
+
+
+def test_round_result_is_keyed_by_sample_id_and_counts_agc_skips(digits_8x8):
+    trainer = make_trainer(digits_8x8, **{"training.learning_rate": 1e-3})
+    shard = np.arange(100, 148)
+    trainer.train_round(shard, 20)  # fill the memory bank
+    result = trainer.train_round(shard, 30)
+    images, ids = digits_8x8
+    np.testing.assert_array_equal(result.sample_ids, ids[shard])
+    assert result.seen_counts.sum() == 30 * 16
+    assert result.skip_counts.sum() > 0 and 0 < result.kept_fraction < 1
+    assert result.kept_fraction == pytest.approx(1 - result.skip_counts.sum() / result.seen_counts.sum())
+    assert np.all(result.skip_counts <= result.seen_counts)
+    drawn = result.seen_counts > 0
+    assert np.all(np.isfinite(result.mean_loss[drawn])) and np.all(np.isnan(result.mean_loss[~drawn]))
+
+
+def test_plain_iet_never_skips(digits_8x8):
+    trainer = make_trainer(digits_8x8, **{"iet.method": "iet"})
+    shard = np.arange(32)
+    trainer.train_round(shard, 10)
+    result = trainer.train_round(shard, 10)
+    assert result.kept_fraction == 1.0 and result.skip_counts.sum() == 0
+
+
+def test_training_is_deterministic_given_the_seeds(digits_8x8):
+    shard = np.arange(40)
+    runs = []
+    for _ in range(2):
+        trainer = make_trainer(digits_8x8, shard=1)
+        trainer.train_round(shard, 8)
+        runs.append(trainer.get_weights()[0])
+    for name in runs[0]:
+        np.testing.assert_array_equal(runs[0][name], runs[1][name])
+    other_shard = make_trainer(digits_8x8, shard=2)
+    other_shard.train_round(shard, 8)
+    assert any(not np.array_equal(runs[0][n], w) for n, w in other_shard.get_weights()[0].items())
+
+
+def test_weights_round_trip_as_cpu_numpy(digits_8x8):
+    a, b = make_trainer(digits_8x8), make_trainer(digits_8x8)
+    a.train_round(np.arange(32), 5)
+    weights, ema = a.get_weights()
+    assert all(isinstance(w, np.ndarray) for w in weights.values())
+    b.set_weights(weights, ema)
+    np.testing.assert_allclose(a.score(np.arange(8), seed=0), b.score(np.arange(8), seed=0), rtol=1e-6)
+    ema_loss = a.score(np.arange(8), seed=0, use_ema=True)
+    assert not np.allclose(ema_loss, a.score(np.arange(8), seed=0))
+
+
+def test_score_depends_only_on_seed_and_sample(digits_8x8):
+    trainer = make_trainer(digits_8x8)
+    together = trainer.score(np.array([3, 1500, 7]), seed=9)
+    alone = np.array([trainer.score(np.array([i]), seed=9)[0] for i in (3, 1500, 7)])
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
+    assert not np.allclose(trainer.score(np.array([3]), seed=10), together[:1])
+
+
+def test_state_dict_resumes_bitwise(digits_8x8):
+    shard = np.arange(48)
+    straight = make_trainer(digits_8x8)
+    straight.train_round(shard, 4)
+    straight.train_round(shard, 4)
+    first = make_trainer(digits_8x8)
+    first.train_round(shard, 4)
+    state = first.state_dict()
+    resumed = make_trainer(digits_8x8)
+    resumed.load_state_dict(state)
+    resumed.train_round(shard, 4)
+    for name, weight in straight.get_weights()[0].items():
+        np.testing.assert_array_equal(resumed.get_weights()[0][name], weight)
+    torch.testing.assert_close(resumed.memory_bank, straight.memory_bank, rtol=0, atol=0)
