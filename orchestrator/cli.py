@@ -21,6 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--channels", type=int, choices=(1, 3), help="convert to 1 (gray) or 3 (RGB) channels")
     inspect = data_commands.add_parser("inspect", help="count, shape, labels and exact duplicates")
     inspect.add_argument("path", help="a prepared dataset directory")
+
+    train = commands.add_parser("train", help="train a diffusion model with IET-AGC+ on Ray, log it to MLflow")
+    train.add_argument("--config", help="a YAML or TOML file of settings (sections: data, model, training, ...)")
+    train.add_argument("--preset", default="digits", help="tiny, digits (default) or cifar32")
+    train.add_argument("--data", help="a prepared dataset dir or any source 'memshard data prepare' takes")
+    train.add_argument("--shards", type=int, help="number of shards K (one proxy actor each)")
+    train.add_argument("--rounds", type=int, help="number of rounds")
+    train.add_argument("--local-steps", type=int, help="optimizer steps per proxy per round")
+    train.add_argument("--method", help="ddpm, iet, iet-agc or iet-agc-plus (default)")
+    train.add_argument("--experiment", help="MLflow experiment name")
+    train.add_argument("--register-as", help="registered model name (a new version per run)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="any setting, e.g. --set msr.rule=least-familiar (repeatable)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return parser
 
 
@@ -47,7 +61,31 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             print(data.format_inspection(data.inspect_dataset(args.path)))
         return 0
+    if args.command == "train":
+        return run_train(args)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from orchestrator.config import build_config
+    from orchestrator.tracking import ui_command
+    from orchestrator.train import train
+
+    cfg = build_config(args.preset, args.config, overrides={
+        "data.path": args.data,
+        "iet.shards": args.shards,
+        "iet.rounds": args.rounds,
+        "iet.local_steps": args.local_steps,
+        "iet.method": args.method,
+        "mlflow.experiment": args.experiment,
+        "mlflow.register_as": args.register_as,
+    }, sets=args.set)
+    result = train(cfg, show_progress=not args.no_progress)
+    print(f"run id: {result.run_id}")
+    print(f"registered model: {result.registered_name} version {result.registered_version}")
+    print(f"model uri: models:/{result.registered_name}/{result.registered_version}")
+    print(f"open the MLflow UI: {ui_command(result.tracking_uri)}")
+    return 0
 
 
 if __name__ == "__main__":

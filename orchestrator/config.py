@@ -90,9 +90,11 @@ class TAAConfig:
 @dataclass
 class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS / `ray job submit`, else a local instance
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: str = "auto"  # "auto" or a number
+    cpus_per_actor: str = "auto"  # "auto" (the cluster's CPUs shared by the K actors) or a number
+    gpus_per_actor: str = "auto"  # "auto" (1/ceil(K/GPUs) when the cluster has GPUs, else 0) or a number
+    actor_resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor
     placement_strategy: str = "PACK"
+    placement_timeout_s: float = 120.0  # how long to wait for the actors' resources before failing
     round_timeout_s: float = 3600.0
 
 
@@ -103,6 +105,9 @@ class MLflowConfig:
     register_as: str = "memshard-digits"
     sample_grid_every: int = 5  # rounds; 0 turns the grid off
     sample_grid_images: int = 16
+    sample_grid_steps: int = 100  # DDPM sampling steps for the progress grid (the final model uses 1000)
+    checkpoint_dir: str = ".memshard/checkpoints"
+    checkpoint_every: int = 1  # rounds
 
 
 @dataclass
@@ -254,6 +259,11 @@ def coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
             except MemshardError:
                 pass
         raise wrong
+    if origin_type is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        _, item_type = typing.get_args(hint)
+        return {str(k): coerce(v, item_type, f"{dotted}.{k}", origin) for k, v in value.items()}
     if origin_type is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
@@ -340,7 +350,11 @@ def validate(cfg: Config) -> None:
     for name in ("max_translate", "max_brightness", "max_contrast"):
         value = getattr(cfg.taa, name)
         require(0.0 <= value <= 1.0, f"taa.{name} = {value}: must be in [0, 1]")
-    require(cfg.ray.cpus_per_actor > 0, f"ray.cpus_per_actor = {cfg.ray.cpus_per_actor}: must be > 0")
+    require(cfg.ray.cpus_per_actor == "auto" or _is_positive_number(cfg.ray.cpus_per_actor),
+            f"ray.cpus_per_actor = {cfg.ray.cpus_per_actor!r}: use auto or a number > 0")
+    require(all(v > 0 for v in cfg.ray.actor_resources.values()),
+            f"ray.actor_resources = {cfg.ray.actor_resources}: amounts must be > 0")
+    require(cfg.ray.placement_timeout_s > 0, f"ray.placement_timeout_s = {cfg.ray.placement_timeout_s}: must be > 0")
     require(cfg.ray.gpus_per_actor == "auto" or _is_nonnegative_number(cfg.ray.gpus_per_actor),
             f"ray.gpus_per_actor = {cfg.ray.gpus_per_actor!r}: use auto or a number >= 0")
     require(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -349,6 +363,8 @@ def validate(cfg: Config) -> None:
     require(cfg.mlflow.sample_grid_every >= 0, "mlflow.sample_grid_every must be >= 0 (0 turns it off)")
     require(cfg.mlflow.sample_grid_images >= 1, "mlflow.sample_grid_images must be >= 1")
     require(bool(cfg.mlflow.register_as.strip()), "mlflow.register_as is empty: give a model name")
+    require(cfg.mlflow.sample_grid_steps >= 1, "mlflow.sample_grid_steps must be >= 1")
+    require(cfg.mlflow.checkpoint_every >= 1, "mlflow.checkpoint_every must be >= 1")
 
 
 def _feature_map_sizes(resolution: int, levels: int) -> list[int]:
@@ -360,6 +376,10 @@ def _is_nonnegative_number(text: str) -> bool:
         return float(text) >= 0
     except ValueError:
         return False
+
+
+def _is_positive_number(text: str) -> bool:
+    return _is_nonnegative_number(text) and float(text) > 0
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -377,7 +397,7 @@ def from_dict(tree: dict[str, Any]) -> Config:
 def flatten(cfg: Config) -> dict[str, str]:
     """`section.key -> value` strings for MLflow params."""
     return {
-        f"{section}.{key}": json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        f"{section}.{key}": json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
         for section, values in to_dict(cfg).items()
         for key, value in values.items()
     }

@@ -1,0 +1,64 @@
+"""Per-round checkpoints: everything needed to continue a run exactly where it stopped.
+
+One file per run, replaced atomically after each checkpointed round: the global weights and EMA,
+every proxy's state (optimizer, EMA, AGC memory bank, TAA strengths, RNG), the shard assignment,
+the driver's per-sample tables and the round number. Only tensors, numpy arrays and plain Python
+values go in, so `torch.load(weights_only=True)` reads it back — never a pickle of arbitrary code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orchestrator.errors import MemshardError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(directory: str | Path, state: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CHECKPOINT_FILE
+    partial = directory / (CHECKPOINT_FILE + ".partial")
+    torch.save(_to_tensors(state), partial)
+    os.replace(partial, path)  # a crash mid-write leaves the previous checkpoint intact
+    return path
+
+
+def load_checkpoint(directory: str | Path) -> dict:
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise MemshardError(f"no checkpoint at {path}: the run never completed a round, start it again")
+    try:
+        return _to_numpy(torch.load(path, weights_only=True, map_location="cpu"))
+    except Exception as error:  # a torn or foreign file: say which, do not show a pickle traceback
+        raise MemshardError(f"checkpoint {path} cannot be read ({type(error).__name__}): it is damaged, start the run again") from None
+
+
+def _to_tensors(value):
+    """numpy arrays → tensors (weights_only loading accepts tensors, not arbitrary numpy objects)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "US":
+            return {"__strings__": value.astype(str).tolist()}
+        return {"__numpy__": torch.from_numpy(np.ascontiguousarray(value))}
+    if isinstance(value, dict):
+        return {key: _to_tensors(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_tensors(item) for item in value]
+    return value
+
+
+def _to_numpy(value):
+    if isinstance(value, dict):
+        if set(value) == {"__numpy__"}:
+            return value["__numpy__"].numpy()
+        if set(value) == {"__strings__"}:
+            return np.asarray(value["__strings__"])
+        return {key: _to_numpy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_numpy(item) for item in value]
+    return value

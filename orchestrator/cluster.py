@@ -1,0 +1,136 @@
+"""Ray: join or start a cluster, size the shard actors, place them, and fail fast when they cannot fit.
+
+Ray leaves an actor whose resources no node can ever provide pending forever; memshard checks the
+request against the cluster first and waits on the placement group with a timeout, so the user
+gets a one-line error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.config import Config
+from orchestrator.errors import MemshardError
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join the cluster named by `address`, RAY_ADDRESS or `ray job submit`; else start a local one.
+
+    Returns True when this call started Ray (so the caller shuts it down again).
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # Local instance sized to this machine; the dashboard stays on localhost.
+            ray.init(include_dashboard=False, dashboard_host="127.0.0.1")
+    except ConnectionError as error:
+        raise MemshardError(f"cannot reach the Ray cluster at {address} ({error}): check RAY_ADDRESS / ray.address") from None
+    return True
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    cpus: float
+    gpus: float
+    custom: dict[str, float]
+
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.cpus, **self.custom}
+        if self.gpus > 0:
+            bundle["GPU"] = self.gpus
+        return bundle
+
+
+def plan_actor_resources(cfg: Config, num_shards: int, nodes: list[dict[str, float]]) -> ActorResources:
+    """Resources for one shard actor; `auto` shares the nodes' CPUs and GPUs among the K actors."""
+    custom = dict(cfg.ray.actor_resources)
+    usable = [n for n in nodes if all(n.get(name, 0.0) >= amount for name, amount in custom.items())]
+    total_gpus = sum(n.get("GPU", 0.0) for n in usable)
+    if cfg.ray.gpus_per_actor == "auto":
+        # K actors on G GPUs: ceil(K/G) actors share each GPU. Rounded down to 1/100 for Ray.
+        gpus = math.floor(100 / math.ceil(num_shards / total_gpus)) / 100 if total_gpus >= 1 else 0.0
+    else:
+        gpus = float(cfg.ray.gpus_per_actor)
+    if cfg.ray.cpus_per_actor == "auto":
+        if gpus > 0:
+            usable = [n for n in usable if n.get("GPU", 0.0) >= gpus]
+        cpus = largest_packable_share([n.get("CPU", 0.0) for n in usable], num_shards)
+        if gpus > 0:
+            cpus = min(cpus, 1.0)  # a GPU actor needs one CPU to feed it; more would idle
+    else:
+        cpus = float(cfg.ray.cpus_per_actor)
+    return ActorResources(cpus=cpus, gpus=gpus, custom=custom)
+
+
+def largest_packable_share(node_cpus: list[float], count: int) -> float:
+    """The largest CPU amount c (in 1/100s) such that `count` actors of c CPUs fit on these nodes."""
+    candidates = [cpus / m for cpus in node_cpus for m in range(1, count + 1)]
+    fitting = [c for c in candidates if sum(math.floor(n / c + 1e-9) for n in node_cpus) >= count]
+    return max(0.01, math.floor(100 * max(fitting, default=0.01)) / 100)
+
+
+def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[str, float]]) -> None:
+    """Raise when no placement could ever hold the K actors (identical bundles pack node by node)."""
+    bundle = resources.bundle()
+
+    def holds(node: dict[str, float]) -> int:
+        return min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in bundle.items())
+
+    capacity = sum(holds(node) for node in nodes)
+    if capacity == 0:
+        raise MemshardError(
+            f"no node can hold one shard actor needing {bundle}: nodes offer "
+            f"{[{k: v for k, v in n.items() if k in bundle} for n in nodes]}; lower ray.cpus_per_actor / "
+            f"ray.gpus_per_actor or add nodes"
+        )
+    if capacity < num_shards:
+        raise MemshardError(
+            f"{num_shards} shard actors needing {bundle} each do not fit: the nodes hold {capacity}; "
+            f"use --shards {capacity} or fewer, or set ray.cpus_per_actor=auto / ray.gpus_per_actor=auto"
+        )
+
+
+def node_resources() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def place_shard_actors(cfg: Config, num_shards: int, actor_class, make_args) -> tuple[list, object, ActorResources]:
+    """Start K actors in one placement group; `make_args(k, resources)` gives actor k's arguments."""
+    nodes = node_resources()
+    resources = plan_actor_resources(cfg, num_shards, nodes)
+    check_feasible(resources, num_shards, nodes)
+    group = placement_group([resources.bundle()] * num_shards, strategy=cfg.ray.placement_strategy)
+    ready, _ = ray.wait([group.ready()], timeout=cfg.ray.placement_timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise MemshardError(
+            f"the cluster did not free {num_shards} x {resources.bundle()} within {cfg.ray.placement_timeout_s:g} s "
+            f"(other jobs hold them?): retry later, use fewer --shards, or raise ray.placement_timeout_s"
+        )
+    actors = [
+        actor_class.options(
+            num_cpus=resources.cpus,
+            num_gpus=resources.gpus,
+            resources=resources.custom or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
+        ).remote(*make_args(k, resources))
+        for k in range(num_shards)
+    ]
+    return actors, group, resources
+
+
+def release(actors: list, group) -> None:
+    for actor in actors:
+        ray.kill(actor)
+    if group is not None:
+        remove_placement_group(group)

@@ -1,0 +1,144 @@
+"""The IET round (method.md §1–3), driven from here; the proxies are Ray actors that hold the state.
+
+A round: the global weights go into the object store once and every actor loads them by reference →
+all actors train their local steps concurrently → per-sample skip counts and losses come back →
+FedAvg weighted by the shard sizes the proxies trained on → MSR moves memorization-prone samples
+between shards (on exchange rounds) → the shard assignment is checked.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from aggregation import weighted_average
+from orchestrator.config import Config
+from orchestrator.errors import MemshardError
+from orchestrator.sharding import (
+    Moves,
+    apply_moves,
+    check_partition,
+    is_exchange_round,
+    least_familiar_destinations,
+    ring_destinations,
+    select_memorized_samples,
+)
+from shard_worker.trainer import RoundResult
+
+
+@dataclass
+class RoundReport:
+    round_index: int
+    results: list[RoundResult]
+    moves: Moves | None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
+
+    @property
+    def mean_loss(self) -> float:
+        sizes = np.array([len(r.indices) for r in self.results], dtype=np.float64)
+        return float(np.dot(sizes, [r.mean_loss_all for r in self.results]) / sizes.sum())
+
+    @property
+    def kept_fraction(self) -> float:
+        seen = np.array([r.seen_counts.sum() for r in self.results], dtype=np.float64)
+        return float(np.dot(seen, [r.kept_fraction for r in self.results]) / max(seen.sum(), 1))
+
+    @property
+    def samples_moved(self) -> int:
+        return 0 if self.moves is None else len(self.moves.indices)
+
+    @property
+    def images_per_second(self) -> float:
+        """Aggregate training throughput: images per second summed over the shards."""
+        return float(sum(r.images_per_second for r in self.results))
+
+
+class IETDriver:
+    """Holds the global weights, the shard assignment and the per-sample tables; runs rounds."""
+
+    def __init__(self, cfg: Config, actors: list, shards: list[np.ndarray], num_samples: int,
+                 weights: dict[str, np.ndarray], ema_weights: dict[str, np.ndarray]):
+        self.cfg = cfg
+        self.actors = actors
+        self.shards = shards
+        self.num_samples = num_samples
+        self.weights, self.ema_weights = weights, ema_weights
+        self.skips_since_move = np.zeros(num_samples, dtype=np.int64)  # MSR's memorization score
+        self.skips_total = np.zeros(num_samples, dtype=np.int64)  # over the whole run, for the report
+        self.last_loss = np.full(num_samples, np.nan)
+        self.rounds_done = 0
+
+    def run_round(self, round_index: int, is_last: bool) -> RoundReport:
+        cfg, seconds = self.cfg, {}
+        with _timed(seconds, "broadcast"):
+            weights_ref, ema_ref = ray.put(self.weights), ray.put(self.ema_weights)
+            ray.get([actor.set_weights.remote(weights_ref, ema_ref) for actor in self.actors])
+        with _timed(seconds, "train"):
+            calls = [actor.train_round.remote(shard, cfg.iet.local_steps) for actor, shard in zip(self.actors, self.shards)]
+            try:
+                results: list[RoundResult] = ray.get(calls, timeout=cfg.ray.round_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise MemshardError(
+                    f"round {round_index} did not finish within ray.round_timeout_s = {cfg.ray.round_timeout_s:g} s: "
+                    f"raise it or lower --local-steps"
+                ) from None
+        for result in results:
+            self.skips_since_move[result.indices] += result.skip_counts
+            self.skips_total[result.indices] += result.skip_counts
+            drawn = result.seen_counts > 0
+            self.last_loss[result.indices[drawn]] = result.mean_loss[drawn]
+        with _timed(seconds, "gather"):
+            local = ray.get([actor.get_weights.remote() for actor in self.actors])
+        with _timed(seconds, "aggregate"):
+            sizes = [len(shard) for shard in self.shards]  # the sizes each proxy trained on this round
+            self.weights = weighted_average([(w, n) for (w, _), n in zip(local, sizes)])
+            self.ema_weights = weighted_average([(e, n) for (_, e), n in zip(local, sizes)])
+        moves = None
+        if cfg.uses_msr and not is_last and is_exchange_round(round_index, cfg.msr.schedule):
+            with _timed(seconds, "redistribute"):
+                moves = self.redistribute_memorized_samples(round_index)
+        check_partition(self.shards, self.num_samples)
+        self.rounds_done = round_index
+        return RoundReport(round_index, results, moves, seconds)
+
+    def redistribute_memorized_samples(self, round_index: int) -> Moves:
+        """MSR: each shard's top `msr.fraction` by skip count moves to another shard (method.md §3)."""
+        cfg = self.cfg
+        selected = select_memorized_samples(self.shards, self.skips_since_move, self.last_loss, cfg.msr.fraction)
+        if cfg.msr.rule == "ring":
+            moves = ring_destinations(selected)
+        else:
+            # Every proxy scores every candidate at the same seeded (t, ε), with its local weights.
+            candidates = np.concatenate(selected)
+            seed = cfg.training.seed * 1000 + round_index
+            losses = np.stack(ray.get([actor.score.remote(candidates, seed) for actor in self.actors]))
+            moves = least_familiar_destinations(selected, losses)
+        self.shards = apply_moves(self.shards, moves, self.num_samples)
+        self.skips_since_move[moves.indices] = 0  # counts reset after a move
+        return moves
+
+    def state(self) -> dict:
+        """The driver's part of a checkpoint plus every proxy's state."""
+        return {
+            "rounds_done": self.rounds_done,
+            "weights": self.weights,
+            "ema_weights": self.ema_weights,
+            "shards": list(self.shards),
+            "skips_since_move": self.skips_since_move,
+            "skips_total": self.skips_total,
+            "last_loss": self.last_loss,
+            "workers": ray.get([actor.state_dict.remote() for actor in self.actors]),
+        }
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start

@@ -1,0 +1,24 @@
+"""`ShardWorker`: ProxyTrainer as a Ray actor (one per shard; the driver sets its resources)."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from orchestrator.config import Config
+from shard_worker.trainer import ProxyTrainer
+
+
+@ray.remote
+class ShardWorker(ProxyTrainer):
+    def __init__(self, cfg: Config, images: np.ndarray, sample_ids: np.ndarray, shard: int, torch_threads: int):
+        # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; match torch to what the actor was given.
+        torch.set_num_threads(max(1, torch_threads))
+        super().__init__(cfg, images, sample_ids, shard)
+
+    def describe(self) -> dict:
+        """Where this proxy runs: node and device, for MLflow tags and placement checks."""
+        context = ray.get_runtime_context()
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"shard": self.shard, "node_id": context.get_node_id(), "device": device}

@@ -1,0 +1,176 @@
+"""`memshard train` end to end on the session's real Ray cluster, logging to a real MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from diffusers import DDPMPipeline
+from mlflow.tracking import MlflowClient
+
+from aggregation import weighted_average
+from orchestrator.cli import main
+from orchestrator.cluster import place_shard_actors, release
+from orchestrator.config import build_config
+from orchestrator.data import load_dataset, resolve_dataset
+from orchestrator.rounds import IETDriver
+from orchestrator.sharding import split_into_shards
+from orchestrator.train import train
+from shard_worker.actor import ShardWorker
+
+
+def tiny_config(store: str, *sets: str, **overrides):
+    return build_config(
+        "tiny",
+        overrides={"mlflow.tracking_uri": store, **overrides},
+        sets=list(sets),
+    )
+
+
+def all_runs(store: str):
+    client = MlflowClient(store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments) if experiments else []
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 4])
+def test_train_finishes_logs_rounds_and_registers_a_model(ray_cluster, mlflow_store, shards):
+    cfg = tiny_config(mlflow_store, **{"iet.shards": shards, "iet.rounds": 2})
+    result = train(cfg, show_progress=False)
+
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["shards"] == str(shards) and run.data.params["method"] == "iet-agc-plus"
+    for metric in ("loss", "agc_kept_fraction", "samples_moved", "images_per_second", "time_train_s",
+                   "time_gather_s", "time_aggregate_s", "time_broadcast_s", "shard_0_loss"):
+        history = client.get_metric_history(result.run_id, metric)
+        assert [m.step for m in history] == [1, 2], metric
+    assert all(np.isfinite(m.value) for m in client.get_metric_history(result.run_id, "loss"))
+    versions = client.search_model_versions(f"name='{cfg.mlflow.register_as}'")
+    assert [str(v.version) for v in versions] == [result.registered_version] == ["1"]
+    assert versions[0].run_id == result.run_id
+
+    assignments = pq.read_table(mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="shard_assignments.parquet", tracking_uri=mlflow_store)).to_pandas()
+    for round_index in (0, 1, 2):
+        in_round = assignments[assignments["round"] == round_index]
+        assert len(in_round) == 1797 and in_round["sample_id"].is_unique  # each sample in exactly one shard
+        assert sorted(in_round["shard"].unique()) == list(range(shards))
+    if shards > 1:  # MSR moved the configured fraction after round 1 (alternate schedule, not after the last)
+        moved = client.get_metric_history(result.run_id, "samples_moved")
+        sizes = assignments[assignments["round"] == 0].groupby("shard").size()
+        assert moved[0].value == sum(round(0.25 * n) for n in sizes) and moved[1].value == 0
+        before = assignments[assignments["round"] == 0].set_index("sample_id")["shard"]
+        after = assignments[assignments["round"] == 1].set_index("sample_id")["shard"]
+        assert (before != after.loc[before.index]).sum() == moved[0].value
+
+
+def test_model_loads_through_pyfunc_and_diffusers(ray_cluster, mlflow_store, tmp_path):
+    cfg = tiny_config(mlflow_store, **{"iet.shards": 2})
+    first = train(cfg, show_progress=False)
+    second = train(cfg, show_progress=False)
+    assert (first.registered_version, second.registered_version) == ("1", "2")
+
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.register_as}/2")
+    images = model.predict({"num_images": 3, "seed": 7, "num_inference_steps": 4})
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, model.predict({"num_images": 3, "seed": 7, "num_inference_steps": 4}))
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=second.model_uri, dst_path=str(tmp_path / "dl"))
+    pipeline_dirs = [p.parent for p in (tmp_path / "dl").rglob("model_index.json")]
+    assert local and len(pipeline_dirs) == 1
+    pipeline = DDPMPipeline.from_pretrained(pipeline_dirs[0])
+    assert pipeline.unet.config.sample_size == 8 and pipeline.unet.config.in_channels == 1
+
+
+def test_least_familiar_rule_and_every_round_schedule(ray_cluster, mlflow_store):
+    cfg = tiny_config(mlflow_store, "msr.rule=least-familiar", "msr.schedule=every", "msr.fraction=0.1",
+                      **{"iet.shards": 3, "iet.rounds": 3})
+    result = train(cfg, show_progress=False)
+    moved = [m.value for m in MlflowClient(mlflow_store).get_metric_history(result.run_id, "samples_moved")]
+    assert moved[0] > 0 and moved[1] > 0 and moved[2] == 0  # no exchange after the last round
+    assert moved[0] <= sum(round(0.1 * n) for n in (599, 599, 599))
+
+
+def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config("tiny", sets=["iet.shards=3", "msr.schedule=every"])
+    dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
+    shards = split_into_shards(len(dataset), 3, seed=0)
+    shards[0] = shards[0][:200]  # unequal sizes make the weighting visible
+    shards[1] = np.sort(np.concatenate([shards[1], split_into_shards(len(dataset), 3, seed=0)[0][200:]]))
+    images_ref, ids_ref = ray.put(dataset.images), ray.put(dataset.sample_ids)
+    actors, group, _ = place_shard_actors(cfg, 3, ShardWorker, lambda k, r: (cfg, images_ref, ids_ref, k, 1))
+    try:
+        weights, ema = ray.get(actors[0].get_weights.remote())
+        driver = IETDriver(cfg, actors, shards, len(dataset), weights, ema)
+        sizes = [len(s) for s in driver.shards]
+        report = driver.run_round(1, is_last=False)
+        held = ray.get([actor.get_weights.remote() for actor in actors])  # local weights, not yet overwritten
+        expected = weighted_average([(w, n) for (w, _), n in zip(held, sizes)])
+        for name, value in expected.items():
+            np.testing.assert_allclose(driver.weights[name], value, rtol=1e-6, atol=1e-7)
+        unweighted = weighted_average([(w, 1) for w, _ in held])
+        assert any(not np.allclose(unweighted[n], expected[n]) for n in expected)
+        assert report.samples_moved > 0 and sum(len(s) for s in driver.shards) == len(dataset)
+    finally:
+        release(actors, group)
+
+
+def test_actors_spread_across_nodes_by_custom_resource(ray_cluster, mlflow_store):
+    cfg = tiny_config(mlflow_store, "ray.actor_resources={worker_slot: 1}", **{"iet.shards": 2})
+    result = train(cfg, show_progress=False)
+    run = MlflowClient(mlflow_store).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["nodes"] == "2"
+
+
+def test_ddpm_baseline_runs_through_the_same_path(ray_cluster, mlflow_store):
+    cfg = tiny_config(mlflow_store, **{"iet.method": "ddpm", "iet.shards": 2})
+    result = train(cfg, show_progress=False)
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(result.run_id)
+    assert run.data.params["shards"] == "1" and run.data.params["iet.local_steps"] == str(2 * 3)
+    assert [m.value for m in client.get_metric_history(result.run_id, "agc_kept_fraction")] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shards", "5"], "5 shards for 3 samples"),
+        (["--rounds", "0"], "at least 1 round"),
+        (["--method", "magic"], "unknown method"),
+        (["--set", "ray.cpus_per_actor=64"], "no node can hold one shard actor"),
+    ],
+)
+def test_bad_training_input_is_a_one_line_error_and_leaves_no_running_run(
+    ray_cluster, mlflow_store, tmp_path, capsys, args, message
+):
+    np.save(tmp_path / "three.npy", np.random.default_rng(0).integers(0, 255, (3, 8, 8), dtype=np.uint8))
+    code = main(["train", "--preset", "tiny", "--data", str(tmp_path / "three.npy"), "--no-progress",
+                 "--set", f"mlflow.tracking_uri={mlflow_store}", "--shards", "2", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and err.rstrip().endswith(errors[0])
+    assert all(run.info.status != "RUNNING" for run in all_runs(mlflow_store))
+    assert not MlflowClient(mlflow_store).search_registered_models()
+
+
+def test_cli_prints_the_run_the_version_and_the_ui_command(tmp_path):
+    """The real console script in a fresh process (its own local Ray): the README's first command."""
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    completed = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "train", "--preset", "tiny", "--no-progress",
+         "--set", f"mlflow.tracking_uri={store}", "--register-as", "cli-model"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "registered model: cli-model version 1" in completed.stdout
+    assert f"mlflow ui --backend-store-uri {store}" in completed.stdout
+    assert "round 2/2" in completed.stderr
