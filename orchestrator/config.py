@@ -63,7 +63,7 @@ class IETConfig:
     method: str = "iet-agc-plus"
     shards: int = 4
     rounds: int = 10
-    local_steps: int = 200
+    local_steps: int = 100
 
 
 @dataclass

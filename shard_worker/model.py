@@ -46,7 +46,8 @@ def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def load_numpy_state(module: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
-    module.load_state_dict({name: torch.from_numpy(np.asarray(array)) for name, array in state.items()})
+    # Arrays from the object store are read-only views; copy before torch takes them.
+    module.load_state_dict({name: torch.from_numpy(np.array(array)) for name, array in state.items()})
 
 
 def resolve_device(setting: str) -> torch.device:
