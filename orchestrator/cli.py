@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a diffusion model with IET-AGC+ on Ray, log it to MLflow")
     train.add_argument("--config", help="a YAML or TOML file of settings (sections: data, model, training, ...)")
-    train.add_argument("--preset", default="digits", help="tiny, digits (default) or cifar32")
+    train.add_argument("--preset", help="tiny, digits (default) or cifar32")
     train.add_argument("--data", help="a prepared dataset dir or any source 'memshard data prepare' takes")
     train.add_argument("--shards", type=int, help="number of shards K (one proxy actor each)")
     train.add_argument("--rounds", type=int, help="number of rounds")
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="any setting, e.g. --set msr.rule=least-familiar (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    train.add_argument("--resume", metavar="RUN_ID",
+                       help="continue an interrupted run from its last checkpoint, into the same MLflow run")
     return parser
 
 
@@ -69,9 +71,9 @@ def run_command(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from orchestrator.config import build_config
     from orchestrator.tracking import ui_command
-    from orchestrator.train import train
+    from orchestrator.train import resume_config, train
 
-    cfg = build_config(args.preset, args.config, overrides={
+    overrides = {
         "data.path": args.data,
         "iet.shards": args.shards,
         "iet.rounds": args.rounds,
@@ -79,8 +81,14 @@ def run_train(args: argparse.Namespace) -> int:
         "iet.method": args.method,
         "mlflow.experiment": args.experiment,
         "mlflow.register_as": args.register_as,
-    }, sets=args.set)
-    result = train(cfg, show_progress=not args.no_progress)
+    }
+    if args.resume:
+        if args.config or args.preset:
+            raise MemshardError("--resume continues a run with its saved configuration: drop --config / --preset")
+        cfg = resume_config(args.resume, overrides, args.set)
+    else:
+        cfg = build_config(args.preset or "digits", args.config, overrides=overrides, sets=args.set)
+    result = train(cfg, show_progress=not args.no_progress, resume_run_id=args.resume)
     print(f"run id: {result.run_id}")
     print(f"registered model: {result.registered_name} version {result.registered_version}")
     print(f"model uri: models:/{result.registered_name}/{result.registered_version}")

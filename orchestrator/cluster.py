@@ -104,8 +104,12 @@ def node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def place_shard_actors(cfg: Config, num_shards: int, actor_class, make_args) -> tuple[list, object, ActorResources]:
-    """Start K actors in one placement group; `make_args(k, resources)` gives actor k's arguments."""
+def place_shard_actors(cfg: Config, num_shards: int, actor_class, make_args):
+    """Start K actors in one placement group; `make_args(k, resources)` gives actor k's arguments.
+
+    Returns (actors, placement group, resources, start_actor) where `start_actor(k)` starts a
+    replacement for shard k in the same bundle (used when an actor dies).
+    """
     nodes = node_resources()
     resources = plan_actor_resources(cfg, num_shards, nodes)
     check_feasible(resources, num_shards, nodes)
@@ -117,16 +121,16 @@ def place_shard_actors(cfg: Config, num_shards: int, actor_class, make_args) -> 
             f"the cluster did not free {num_shards} x {resources.bundle()} within {cfg.ray.placement_timeout_s:g} s "
             f"(other jobs hold them?): retry later, use fewer --shards, or raise ray.placement_timeout_s"
         )
-    actors = [
-        actor_class.options(
+
+    def start_actor(k: int):
+        return actor_class.options(
             num_cpus=resources.cpus,
             num_gpus=resources.gpus,
             resources=resources.custom or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
         ).remote(*make_args(k, resources))
-        for k in range(num_shards)
-    ]
-    return actors, group, resources
+
+    return [start_actor(k) for k in range(num_shards)], group, resources, start_actor
 
 
 def release(actors: list, group) -> None:

@@ -95,7 +95,8 @@ class RayConfig:
     actor_resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor
     placement_strategy: str = "PACK"
     placement_timeout_s: float = 120.0  # how long to wait for the actors' resources before failing
-    round_timeout_s: float = 3600.0
+    round_timeout_s: float = 3600.0  # a shard that has not finished its round by then is failed
+    max_actor_restarts: int = 3  # per run; past it the run fails, its last checkpoint kept
 
 
 @dataclass
@@ -111,6 +112,18 @@ class MLflowConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Test-only fault injection at chosen points: real process exits, real stalls, a real NaN."""
+
+    shard: int = -1  # the shard whose actor the faults below hit
+    exit_at_steps: tuple[int, ...] = ()  # its process exits (os._exit) at these global steps, once each
+    stall_at_steps: tuple[int, ...] = ()  # it sleeps for an hour at these global steps, once each
+    nan_at_step: int = -1  # its loss becomes NaN at this global step
+    driver_exit_after_round: int = 0  # the driver process exits right after checkpointing this round
+    marker_dir: str = ".memshard/faults"  # remembers which faults fired, so a replacement actor goes on
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -121,6 +134,7 @@ class Config:
     taa: TAAConfig = field(default_factory=TAAConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     @property
     def uses_agc(self) -> bool:
@@ -176,17 +190,28 @@ def build_config(
     apply_tree(cfg, PRESETS[preset], origin=f"preset {preset}")
     if file is not None:
         apply_tree(cfg, load_config_file(file), origin=str(file))
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(cfg, dotted, value, origin="command line")
+    for dotted, value in build_partial(overrides, sets).items():
+        set_dotted(cfg, dotted, value, origin="command line")
+    fold_baseline_to_equal_compute(cfg)
+    validate(cfg)
+    return cfg
+
+
+def build_partial(overrides: dict[str, Any] | None, sets: list[str] | None) -> dict[str, Any]:
+    """Only the settings named by flags and `--set`, type-checked: {"section.key": value}."""
+    scratch = Config()
+    named: dict[str, Any] = {}
+    pairs = [(k, v, "command line") for k, v in (overrides or {}).items() if v is not None]
     for item in sets or []:
         dotted, sep, text = item.partition("=")
         if not sep:
             raise MemshardError(f"--set {item!r} has no '=': write --set section.key=value")
-        set_dotted(cfg, dotted.strip(), parse_scalar(text.strip()), origin="--set")
-    fold_baseline_to_equal_compute(cfg)
-    validate(cfg)
-    return cfg
+        pairs.append((dotted.strip(), parse_scalar(text.strip()), "--set"))
+    for dotted, value, origin in pairs:
+        set_dotted(scratch, dotted, value, origin)
+        section, key = dotted.split(".", 1)
+        named[dotted] = getattr(getattr(scratch, section), key)
+    return named
 
 
 def fold_baseline_to_equal_compute(cfg: Config) -> None:
@@ -360,6 +385,7 @@ def validate(cfg: Config) -> None:
     require(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
             f"ray.placement_strategy = {cfg.ray.placement_strategy!r}: use PACK or SPREAD")
     require(cfg.ray.round_timeout_s > 0, f"ray.round_timeout_s = {cfg.ray.round_timeout_s}: must be > 0")
+    require(cfg.ray.max_actor_restarts >= 0, f"ray.max_actor_restarts = {cfg.ray.max_actor_restarts}: must be >= 0")
     require(cfg.mlflow.sample_grid_every >= 0, "mlflow.sample_grid_every must be >= 0 (0 turns it off)")
     require(cfg.mlflow.sample_grid_images >= 1, "mlflow.sample_grid_images must be >= 1")
     require(bool(cfg.mlflow.register_as.strip()), "mlflow.register_as is empty: give a model name")

@@ -9,6 +9,7 @@ between shards (on exchange rounds) → the shard assignment is checked.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from orchestrator.sharding import (
     ring_destinations,
     select_memorized_samples,
 )
-from shard_worker.trainer import RoundResult
+from shard_worker.trainer import NonFiniteLossError, RoundResult
 
 
 @dataclass
@@ -61,7 +62,8 @@ class IETDriver:
     """Holds the global weights, the shard assignment and the per-sample tables; runs rounds."""
 
     def __init__(self, cfg: Config, actors: list, shards: list[np.ndarray], num_samples: int,
-                 weights: dict[str, np.ndarray], ema_weights: dict[str, np.ndarray]):
+                 weights: dict[str, np.ndarray], ema_weights: dict[str, np.ndarray],
+                 start_actor: Callable[[int], object] | None = None):
         self.cfg = cfg
         self.actors = actors
         self.shards = shards
@@ -71,21 +73,21 @@ class IETDriver:
         self.skips_total = np.zeros(num_samples, dtype=np.int64)  # over the whole run, for the report
         self.last_loss = np.full(num_samples, np.nan)
         self.rounds_done = 0
+        self.start_actor = start_actor  # starts a replacement actor for shard k (None: no recovery)
+        self.restarts = 0
+        self.failure_events: list[dict] = []
+        # Each proxy's state as of the start of the coming round (object-store references): what a
+        # replacement actor resumes from, so a re-run round gives what the lost one would have.
+        self.worker_states = [actor.state_dict.remote() for actor in actors]
+        self._weight_refs = None
 
     def run_round(self, round_index: int, is_last: bool) -> RoundReport:
         cfg, seconds = self.cfg, {}
         with _timed(seconds, "broadcast"):
-            weights_ref, ema_ref = ray.put(self.weights), ray.put(self.ema_weights)
-            ray.get([actor.set_weights.remote(weights_ref, ema_ref) for actor in self.actors])
+            self._weight_refs = ray.put(self.weights), ray.put(self.ema_weights)
+            ray.get([actor.set_weights.remote(*self._weight_refs) for actor in self.actors])
         with _timed(seconds, "train"):
-            calls = [actor.train_round.remote(shard, cfg.iet.local_steps) for actor, shard in zip(self.actors, self.shards)]
-            try:
-                results: list[RoundResult] = ray.get(calls, timeout=cfg.ray.round_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise MemshardError(
-                    f"round {round_index} did not finish within ray.round_timeout_s = {cfg.ray.round_timeout_s:g} s: "
-                    f"raise it or lower --local-steps"
-                ) from None
+            results = self._train_all_shards(round_index)
         for result in results:
             self.skips_since_move[result.indices] += result.skip_counts
             self.skips_total[result.indices] += result.skip_counts
@@ -102,8 +104,64 @@ class IETDriver:
             with _timed(seconds, "redistribute"):
                 moves = self.redistribute_memorized_samples(round_index)
         check_partition(self.shards, self.num_samples)
+        self.worker_states = [actor.state_dict.remote() for actor in self.actors]
         self.rounds_done = round_index
         return RoundReport(round_index, results, moves, seconds)
+
+    def _train_all_shards(self, round_index: int) -> list[RoundResult]:
+        """Every shard's local steps, concurrently; a shard whose actor dies or stalls is re-run."""
+        cfg = self.cfg
+        pending: dict = {}  # ObjectRef -> shard
+
+        def launch(k: int) -> None:
+            ref = self.actors[k].train_round.remote(self.shards[k], cfg.iet.local_steps)
+            pending[ref] = k
+
+        for k in range(len(self.actors)):
+            launch(k)
+        results: dict[int, RoundResult] = {}
+        deadline = time.monotonic() + cfg.ray.round_timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:  # stuck shards are treated as failed
+                stuck = list(pending.items())
+                pending.clear()
+                for _, k in stuck:
+                    self._replace_actor(k, round_index, f"no result within ray.round_timeout_s = {cfg.ray.round_timeout_s:g} s")
+                    launch(k)
+                deadline = time.monotonic() + cfg.ray.round_timeout_s
+                continue
+            ref = ready[0]
+            k = pending.pop(ref)
+            try:
+                results[k] = ray.get(ref)
+            except NonFiniteLossError as error:
+                cause = getattr(error, "cause", error)
+                raise MemshardError(
+                    f"shard {k} produced a non-finite loss at step {getattr(cause, 'step', '?')} in round {round_index}; "
+                    f"the round was rolled back and the last checkpoint kept: lower training.learning_rate "
+                    f"or training.grad_clip, or set training.mixed_precision=no"
+                ) from None
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:
+                self._replace_actor(k, round_index, f"actor died ({type(error).__name__})")
+                launch(k)
+        return [results[k] for k in range(len(self.actors))]
+
+    def _replace_actor(self, k: int, round_index: int, reason: str) -> None:
+        """A fresh actor for shard k, in the state shard k had at the start of this round."""
+        self.restarts += 1
+        self.failure_events.append({"round": round_index, "shard": k, "reason": reason, "restart": self.restarts})
+        limit = self.cfg.ray.max_actor_restarts
+        if self.start_actor is None or self.restarts > limit:
+            raise MemshardError(
+                f"shard {k} failed in round {round_index} ({reason}) and the run has used its {limit} restarts "
+                f"(ray.max_actor_restarts): the last checkpoint is kept, continue with memshard train --resume RUN_ID"
+            )
+        ray.kill(self.actors[k], no_restart=True)
+        actor = self.start_actor(k)
+        ray.get(actor.load_state_dict.remote(self.worker_states[k]))
+        ray.get(actor.set_weights.remote(*self._weight_refs))
+        self.actors[k] = actor
 
     def redistribute_memorized_samples(self, round_index: int) -> Moves:
         """MSR: each shard's top `msr.fraction` by skip count moves to another shard (method.md §3)."""
@@ -131,8 +189,22 @@ class IETDriver:
             "skips_since_move": self.skips_since_move,
             "skips_total": self.skips_total,
             "last_loss": self.last_loss,
-            "workers": ray.get([actor.state_dict.remote() for actor in self.actors]),
+            "restarts": self.restarts,
+            "workers": ray.get(self.worker_states),
         }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from a checkpoint: driver tables, assignment, weights and every proxy's state."""
+        self.rounds_done = int(state["rounds_done"])
+        self.weights, self.ema_weights = state["weights"], state["ema_weights"]
+        self.shards = [np.asarray(s, dtype=np.int64) for s in state["shards"]]
+        check_partition(self.shards, self.num_samples)
+        self.skips_since_move = state["skips_since_move"]
+        self.skips_total = state["skips_total"]
+        self.last_loss = state["last_loss"]
+        self.restarts = int(state["restarts"])
+        ray.get([actor.load_state_dict.remote(ws) for actor, ws in zip(self.actors, state["workers"])])
+        self.worker_states = [actor.state_dict.remote() for actor in self.actors]
 
 
 @contextmanager

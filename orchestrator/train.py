@@ -6,7 +6,9 @@ leaves it FAILED (mlflow.start_run's context does that) and registers nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -18,15 +20,15 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from orchestrator.checkpoint import save_checkpoint
+from orchestrator.checkpoint import load_checkpoint, save_checkpoint
 from orchestrator.cluster import connect_ray, place_shard_actors, release
-from orchestrator.config import Config, flatten, to_dict
+from orchestrator.config import Config, build_partial, flatten, from_dict, to_dict, validate
 from orchestrator.data import ImageDataset, load_dataset, resolve_dataset
 from orchestrator.errors import MemshardError
 from orchestrator.pipeline_model import build_pipeline, generate_images, image_grid, log_pipeline_model, save_pipeline
 from orchestrator.rounds import IETDriver, RoundReport
 from orchestrator.sharding import split_into_shards
-from orchestrator.tracking import connect_mlflow, log_table, resolve_tracking_uri
+from orchestrator.tracking import connect_mlflow, log_table, redact_uri, resolve_tracking_uri, with_retries
 from shard_worker.actor import ShardWorker
 
 log = logging.getLogger("memshard.train")
@@ -42,18 +44,61 @@ class TrainResult:
     local_pipeline: Path
 
 
-def train(cfg: Config, show_progress: bool = True) -> TrainResult:
+def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = None) -> TrainResult:
+    """Train a new run, or with `resume_run_id` continue one from its last checkpoint.
+
+    For a resume, `cfg` must be the run's saved configuration (see `resume_config`).
+    """
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = connect_mlflow(tracking_uri, cfg.mlflow.experiment)
+    checkpoint = load_checkpoint(checkpoint_dir(cfg, resume_run_id)) if resume_run_id else None
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
+    if len(dataset) < 2:
+        raise MemshardError(f"{dataset.path} holds {len(dataset)} image: training needs at least 2, add images")
+    if checkpoint is not None and checkpoint["dataset_fingerprint"] != dataset.fingerprint:
+        raise MemshardError(
+            f"the dataset at {dataset.path} is not the one run {resume_run_id} was trained on "
+            f"(fingerprint differs): restore it, or start a new run"
+        )
     shards = initial_shards(cfg, dataset)
+    cfg = dataclasses.replace(cfg, faults=dataclasses.replace(
+        cfg.faults, marker_dir=str(Path(cfg.faults.marker_dir).resolve())))  # actors may run elsewhere
     started_ray = connect_ray(cfg.ray.address)
     try:
-        with mlflow.start_run(experiment_id=experiment_id) as run:
-            return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress)
+        run_args = {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id}
+        with mlflow.start_run(**run_args) as run:
+            return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def checkpoint_dir(cfg: Config, run_id: str) -> Path:
+    return Path(cfg.mlflow.checkpoint_dir) / run_id
+
+
+# Settings a resumed run may change: where things are and how patient to be, never what is trained.
+RESUMABLE_SETTINGS = {"mlflow.tracking_uri", "mlflow.checkpoint_dir", "ray.address", "ray.round_timeout_s",
+                      "ray.max_actor_restarts", "ray.placement_timeout_s", "ray.placement_strategy"}
+
+
+def resume_config(run_id: str, overrides: dict, sets: list[str], checkpoint_root: str | None = None) -> Config:
+    """The saved configuration of `run_id`; explicit flags may only change RESUMABLE_SETTINGS."""
+    requested = build_partial(overrides, sets)
+    root = requested.get("mlflow.checkpoint_dir", checkpoint_root or Config().mlflow.checkpoint_dir)
+    saved = from_dict(load_checkpoint(Path(root) / run_id)["config"])
+    for key, value in requested.items():
+        section, name = key.split(".", 1)
+        current = getattr(getattr(saved, section), name)
+        if key in RESUMABLE_SETTINGS:
+            setattr(getattr(saved, section), name, value)
+        elif value != current:
+            raise MemshardError(
+                f"run {run_id} was trained with {key} = {current!r}; --resume keeps the saved configuration: "
+                f"drop the setting (you gave {value!r})"
+            )
+    validate(saved)
+    return saved
 
 
 def initial_shards(cfg: Config, dataset: ImageDataset) -> list[np.ndarray]:
@@ -66,59 +111,83 @@ def initial_shards(cfg: Config, dataset: ImageDataset) -> list[np.ndarray]:
 
 
 def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], run_id: str,
-                  tracking_uri: str, show_progress: bool) -> TrainResult:
+                  tracking_uri: str, show_progress: bool, checkpoint: dict | None) -> TrainResult:
     num_shards = cfg.iet.shards
-    mlflow.log_params({
-        **flatten(cfg),
-        "dataset.path": dataset.path,
-        "dataset.fingerprint": dataset.fingerprint,
-        "dataset.count": len(dataset),
-        "shards": num_shards,
-        "method": cfg.iet.method,
-    })
-    mlflow.log_dict(to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it back
-    mlflow.set_tags({"memshard.version": version("memshard"), "ray.address": ray.get_runtime_context().gcs_address})
+    if checkpoint is None:
+        params = {**flatten(cfg), "dataset.path": dataset.path, "dataset.fingerprint": dataset.fingerprint,
+                  "dataset.count": len(dataset), "shards": num_shards, "method": cfg.iet.method}
+        params["mlflow.tracking_uri"] = redact_uri(tracking_uri)
+        with_retries(mlflow.log_params, params)
+        with_retries(mlflow.log_dict, to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
+    with_retries(mlflow.set_tags, {"memshard.version": version("memshard"),
+                                   "ray.address": ray.get_runtime_context().gcs_address})
 
     # The dataset goes into the object store once; every actor reads it by reference.
     images_ref, ids_ref = ray.put(dataset.images), ray.put(dataset.sample_ids)
     actors, group = [], None
     try:
-        actors, group, resources = place_shard_actors(
+        actors, group, resources, start_actor = place_shard_actors(
             cfg, num_shards, ShardWorker,
             lambda k, resources: (cfg, images_ref, ids_ref, k, max(1, int(resources.cpus))),
         )
         placement = ray.get([actor.describe.remote() for actor in actors])
-        mlflow.set_tags({
+        with_retries(mlflow.set_tags, {
             "devices": ",".join(sorted({p["device"] for p in placement})),
             "nodes": len({p["node_id"] for p in placement}),
             "actor.resources": str(resources.bundle()),
         })
         weights, ema_weights = ray.get(actors[0].get_weights.remote())  # all proxies start equal
-        driver = IETDriver(cfg, actors, shards, len(dataset), weights, ema_weights)
-        history = [_assignment_rows(dataset, driver.shards, 0)]
-        rounds = tqdm(range(1, cfg.iet.rounds + 1), desc="rounds", disable=not show_progress, file=sys.stderr)
+        driver = IETDriver(cfg, actors, shards, len(dataset), weights, ema_weights, start_actor)
+        owners = [_owners(driver.shards, len(dataset))]
+        if checkpoint is not None:
+            driver.load_state(checkpoint["driver"])
+            owners = list(checkpoint["owners"])
+            tqdm.write(f"resuming run {run_id} after round {driver.rounds_done}", file=sys.stderr)
+        rounds = tqdm(range(driver.rounds_done + 1, cfg.iet.rounds + 1), desc="rounds", initial=driver.rounds_done,
+                      total=cfg.iet.rounds, disable=not show_progress, file=sys.stderr)
         for round_index in rounds:
+            restarts_before = driver.restarts
             report = driver.run_round(round_index, is_last=round_index == cfg.iet.rounds)
-            history.append(_assignment_rows(dataset, driver.shards, round_index))
+            owners.append(_owners(driver.shards, len(dataset)))
             _log_round(report, num_shards)
+            if driver.restarts > restarts_before:
+                _log_failures(driver, round_index)
             rounds.set_postfix_str(" ".join(f"s{r.shard}:{r.images_per_second:.0f}img/s" for r in report.results))
             tqdm.write(_round_line(report, cfg.iet.rounds), file=sys.stderr)
             if cfg.mlflow.sample_grid_every and round_index % cfg.mlflow.sample_grid_every == 0:
                 _log_sample_grid(cfg, dataset, driver.weights, round_index)
             if round_index % cfg.mlflow.checkpoint_every == 0 or round_index == cfg.iet.rounds:
-                save_checkpoint(Path(cfg.mlflow.checkpoint_dir) / run_id, driver.state())
+                save_checkpoint(checkpoint_dir(cfg, run_id), {
+                    "config": to_dict(cfg), "dataset_fingerprint": dataset.fingerprint,
+                    "driver": driver.state(), "owners": np.stack(owners),
+                })
+            if cfg.faults.driver_exit_after_round == round_index:
+                os._exit(3)  # test-only: the driver process dies right after a checkpoint
         rounds.close()
 
         # The final model is written locally first, then logged and registered.
         pipeline = build_pipeline(cfg, dataset.channels, driver.weights)
-        local_pipeline = save_pipeline(pipeline, Path(cfg.mlflow.checkpoint_dir) / run_id / "pipeline")
-        log_table(pa.concat_tables(history), "shard_assignments.parquet")
-        log_table(_memorization_scores(dataset, driver), "memorization_scores.parquet")
-        info = log_pipeline_model(local_pipeline, cfg.mlflow.register_as)
+        local_pipeline = save_pipeline(pipeline, checkpoint_dir(cfg, run_id) / "pipeline")
+        with_retries(log_table, _assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
+        with_retries(log_table, _memorization_scores(dataset, driver), "memorization_scores.parquet")
+        try:
+            info = with_retries(log_pipeline_model, local_pipeline, cfg.mlflow.register_as)
+        except Exception as error:
+            raise MemshardError(
+                f"the trained model could not be logged to MLflow ({type(error).__name__}); it is saved at "
+                f"{local_pipeline}: log it when the tracking server is back"
+            ) from None
         return TrainResult(run_id, tracking_uri, info.model_uri, cfg.mlflow.register_as,
                            str(info.registered_model_version), local_pipeline)
     finally:
-        release(actors, group)
+        release(actors, group)  # the driver replaces dead actors in this same list
+
+
+def _log_failures(driver: IETDriver, round_index: int) -> None:
+    with_retries(mlflow.log_metric, "actor_restarts", driver.restarts, step=round_index)
+    with_retries(mlflow.log_dict, {"events": driver.failure_events}, "failures.json")
+    for event in driver.failure_events:
+        tqdm.write(f"recovered shard {event['shard']} in round {event['round']}: {event['reason']}", file=sys.stderr)
 
 
 def _log_round(report: RoundReport, num_shards: int) -> None:
@@ -134,10 +203,10 @@ def _log_round(report: RoundReport, num_shards: int) -> None:
         metrics[f"shard_{result.shard}_loss"] = result.mean_loss_all
         metrics[f"shard_{result.shard}_images_per_second"] = result.images_per_second
         metrics[f"shard_{result.shard}_size"] = len(result.indices)
-    mlflow.log_metrics(metrics, step=step)
+    with_retries(mlflow.log_metrics, metrics, step=step)
     if report.moves is not None:
-        mlflow.log_dict(
-            {"round": step, "from_rows_to_columns": report.moves.matrix(num_shards).tolist()},
+        with_retries(
+            mlflow.log_dict, {"round": step, "from_rows_to_columns": report.moves.matrix(num_shards).tolist()},
             f"moves/round_{step:04d}.json",
         )
 
@@ -152,23 +221,28 @@ def _log_sample_grid(cfg: Config, dataset: ImageDataset, weights: dict, round_in
     pipeline = build_pipeline(cfg, dataset.channels, weights)
     images = generate_images(pipeline, cfg.mlflow.sample_grid_images, seed=cfg.training.seed,
                              num_inference_steps=cfg.mlflow.sample_grid_steps)
-    mlflow.log_image(image_grid(images), key="samples", step=round_index)
+    with_retries(mlflow.log_image, image_grid(images), key="samples", step=round_index)
 
 
-def _assignment_rows(dataset: ImageDataset, shards: list[np.ndarray], round_index: int) -> pa.Table:
-    indices = np.concatenate(shards)
-    owners = np.concatenate([np.full(len(s), k, dtype=np.int32) for k, s in enumerate(shards)])
+def _owners(shards: list[np.ndarray], num_samples: int) -> np.ndarray:
+    owner = np.empty(num_samples, dtype=np.int32)
+    for k, shard in enumerate(shards):
+        owner[shard] = k
+    return owner
+
+
+def _assignment_history(dataset: ImageDataset, owners: np.ndarray) -> pa.Table:
+    """(sample_id, round, shard) for round 0 (the initial split) through the last round."""
+    rounds, num_samples = owners.shape
     return pa.table({
-        "sample_id": pa.array(dataset.sample_ids[indices].astype(str)),
-        "round": pa.array(np.full(len(indices), round_index, dtype=np.int32)),
-        "shard": pa.array(owners),
+        "sample_id": pa.array(np.tile(dataset.sample_ids.astype(str), rounds)),
+        "round": pa.array(np.repeat(np.arange(rounds, dtype=np.int32), num_samples)),
+        "shard": pa.array(owners.reshape(-1).astype(np.int32)),
     })
 
 
 def _memorization_scores(dataset: ImageDataset, driver: IETDriver) -> pa.Table:
-    owner = np.empty(len(dataset), dtype=np.int32)
-    for k, shard in enumerate(driver.shards):
-        owner[shard] = k
+    owner = _owners(driver.shards, len(dataset))
     return pa.table({
         "sample_id": pa.array(dataset.sample_ids.astype(str)),
         "agc_skips": pa.array(driver.skips_total),

@@ -8,8 +8,10 @@ kept on the device so a round syncs with the host once, at its end.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,17 @@ from shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_ba
 from shard_worker.model import build_scheduler, build_unet, load_numpy_state, resolve_device, state_to_numpy
 from shard_worker.scoring import per_sample_loss, score_samples, to_model_range
 from shard_worker.taa import augment, augmentation_strength
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A proxy's loss became NaN or Inf; the driver rolls the round back and stops the run."""
+
+    def __init__(self, shard: int, step: int):
+        super().__init__(f"shard {shard} produced a non-finite loss at step {step}")
+        self.shard, self.step = shard, step
+
+    def __reduce__(self):  # crosses the Ray boundary intact
+        return (NonFiniteLossError, (self.shard, self.step))
 
 
 @dataclass
@@ -99,8 +112,10 @@ class ProxyTrainer:
         self._permutation = torch.empty(0, dtype=torch.long, device=device)  # the shard changed
         autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                   enabled=cfg.training.mixed_precision == "bf16" and device.type == "cuda")
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # read once, at the end
         start = time.perf_counter()
         for _ in range(steps):
+            self._inject_faults()
             rows = self._next_batch_rows(n, batch)
             x0 = to_model_range(shard_images[rows])
             if cfg.uses_taa:
@@ -109,7 +124,11 @@ class ProxyTrainer:
             timesteps = torch.randint(0, cfg.model.num_train_timesteps, (batch,), generator=self.generator, device=device)
             with autocast:
                 losses = per_sample_loss(self.model, self.scheduler, x0, timesteps, noise)
+            if cfg.faults.shard == self.shard and cfg.faults.nan_at_step == self.global_step:
+                losses = losses * float("nan")  # test-only: a real NaN through the real step
             detached = losses.detach()
+            bad_now = ~torch.isfinite(detached).all() & (first_bad_step < 0)
+            first_bad_step = torch.where(bad_now, self.global_step, first_bad_step)
 
             if cfg.uses_agc:
                 keep = agc_keep_mask(self.memory_bank, timesteps, detached, cfg.agc.lam)
@@ -136,13 +155,13 @@ class ProxyTrainer:
             self.global_step += 1
 
         # One host sync per round.
+        if first_bad_step.item() >= 0:
+            raise NonFiniteLossError(self.shard, int(first_bad_step.item()))
         skip_np, sums_np, seen_np = (x.cpu().numpy() for x in (skip_counts, loss_sums, seen_counts))
         seconds = time.perf_counter() - start
         drawn = seen_np.sum()
         mean_loss = np.divide(sums_np, seen_np, out=np.full(n, np.nan), where=seen_np > 0)
         mean_loss_all = float(sums_np.sum() / max(drawn, 1))
-        if not np.isfinite(mean_loss_all):
-            raise FloatingPointError(f"shard {self.shard}: non-finite training loss in round ending at step {self.global_step}")
         return RoundResult(
             shard=self.shard,
             indices=indices,
@@ -156,6 +175,21 @@ class ProxyTrainer:
             images_per_second=steps * batch / max(seconds, 1e-9),
             seconds=seconds,
         )
+
+    def _inject_faults(self) -> None:
+        """Test-only: exit this process (a real crash, not an exception) or stall, at a step, once."""
+        faults = self.cfg.faults
+        if faults.shard != self.shard:
+            return
+        for kind, steps in (("exit", faults.exit_at_steps), ("stall", faults.stall_at_steps)):
+            marker = Path(faults.marker_dir) / f"{kind}-shard{self.shard}-step{self.global_step}"
+            if self.global_step not in steps or marker.exists():
+                continue
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            if kind == "exit":
+                os._exit(17)
+            time.sleep(3600)
 
     def _next_batch_rows(self, n: int, batch: int) -> torch.Tensor:
         """The next `batch` shard rows: seeded epochs without repeats, the short tail dropped."""

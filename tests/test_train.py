@@ -106,7 +106,7 @@ def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster,
     shards[0] = shards[0][:200]  # unequal sizes make the weighting visible
     shards[1] = np.sort(np.concatenate([shards[1], split_into_shards(len(dataset), 3, seed=0)[0][200:]]))
     images_ref, ids_ref = ray.put(dataset.images), ray.put(dataset.sample_ids)
-    actors, group, _ = place_shard_actors(cfg, 3, ShardWorker, lambda k, r: (cfg, images_ref, ids_ref, k, 1))
+    actors, group, _, _ = place_shard_actors(cfg, 3, ShardWorker, lambda k, r: (cfg, images_ref, ids_ref, k, 1))
     try:
         weights, ema = ray.get(actors[0].get_weights.remote())
         driver = IETDriver(cfg, actors, shards, len(dataset), weights, ema)

@@ -1,0 +1,185 @@
+"""Failures: actors that die or stall, a driver that dies, NaN losses, bad input — all on real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.numpy import load_file
+
+from orchestrator.checkpoint import load_checkpoint
+from orchestrator.cli import main
+from orchestrator.config import build_config
+from orchestrator.errors import MemshardError
+from orchestrator.tracking import redact_uri
+from orchestrator.train import checkpoint_dir, resume_config, train
+
+
+def tiny(store: str, *sets: str):
+    return build_config("tiny", overrides={"mlflow.tracking_uri": store}, sets=list(sets))
+
+
+def final_weights(result) -> dict[str, np.ndarray]:
+    return load_file(str(result.local_pipeline / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def only_run(store: str):
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def reference_weights(ray_cluster, tmp_path_factory):
+    """Final weights of an uninterrupted tiny run with 3 rounds, shared by the recovery tests."""
+    where = tmp_path_factory.mktemp("reference")
+    cfg = tiny(f"sqlite:///{where}/mlflow.db", "iet.rounds=3", "mlflow.register_as=reference",
+               f"mlflow.checkpoint_dir={where}/checkpoints", f"data.cache_dir={where}/data")
+    return final_weights(train(cfg, show_progress=False))
+
+
+def test_an_actor_killed_mid_round_is_replaced_and_the_run_ends_as_if_nothing_happened(
+    ray_cluster, mlflow_store, tmp_path, reference_weights
+):
+    reference = reference_weights
+    # tiny: 3 local steps per round, so global step 4 is inside round 2.
+    cfg = tiny(mlflow_store, "iet.rounds=3", "faults.shard=1", "faults.exit_at_steps=4")
+    result = train(cfg, show_progress=False)
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    restarts = client.get_metric_history(result.run_id, "actor_restarts")
+    assert [(m.step, m.value) for m in restarts] == [(2, 1.0)]
+    assert (tmp_path / ".memshard" / "faults" / "exit-shard1-step4").exists()  # the process really exited
+    assert_same_weights(final_weights(result), reference)  # recovery re-ran exactly what was lost
+
+
+def test_a_stalled_shard_is_failed_after_the_round_timeout_and_replaced(ray_cluster, mlflow_store, tmp_path):
+    cfg = tiny(mlflow_store, "faults.shard=0", "faults.stall_at_steps=1", "ray.round_timeout_s=10")
+    result = train(cfg, show_progress=False)
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert client.get_metric_history(result.run_id, "actor_restarts")[0].value == 1
+    events = client.download_artifacts(result.run_id, "failures.json", str(tmp_path))
+    assert "round_timeout_s" in Path(events).read_text()
+
+
+def test_past_the_restart_budget_the_run_fails_cleanly_and_keeps_its_checkpoint(ray_cluster, mlflow_store, capsys):
+    code = main(["train", "--preset", "tiny", "--no-progress", "--rounds", "3",
+                 "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "faults.shard=0",
+                 "--set", "faults.exit_at_steps=4,5", "--set", "ray.max_actor_restarts=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "shard 0 failed in round 2" in err and "ray.max_actor_restarts" in err
+    run = only_run(mlflow_store)
+    assert run.info.status == "FAILED"
+    assert load_checkpoint(Path(".memshard/checkpoints") / run.info.run_id)["driver"]["rounds_done"] == 1
+    assert not MlflowClient(mlflow_store).search_registered_models()
+
+
+def test_a_nan_loss_names_the_shard_and_step_and_rolls_the_round_back(ray_cluster, mlflow_store):
+    cfg = tiny(mlflow_store, "iet.rounds=3", "faults.shard=1", "faults.nan_at_step=4")
+    with pytest.raises(MemshardError, match="shard 1 produced a non-finite loss at step 4 in round 2") as error:
+        train(cfg, show_progress=False)
+    assert "\n" not in str(error.value)
+    run = only_run(mlflow_store)
+    assert run.info.status == "FAILED"
+    state = load_checkpoint(checkpoint_dir(cfg, run.info.run_id))["driver"]
+    assert state["rounds_done"] == 1 and all(np.isfinite(w).all() for w in state["weights"].values())
+
+
+def test_resume_after_the_driver_dies_equals_an_uninterrupted_run(ray_cluster, mlflow_store, tmp_path, reference_weights):
+    reference = reference_weights
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    completed = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
+         "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "faults.driver_exit_after_round=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 3, completed.stderr[-2000:]  # the driver process died after round 1
+    run = only_run(mlflow_store)
+    assert run.info.status == "RUNNING"
+
+    cfg = resume_config(run.info.run_id, {}, [])
+    result = train(cfg, show_progress=False, resume_run_id=run.info.run_id)
+    assert result.run_id == run.info.run_id
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert_same_weights(final_weights(result), reference)  # bitwise on CPU
+
+
+def test_resume_rejects_changed_settings_and_missing_or_damaged_checkpoints(ray_cluster, mlflow_store, tmp_path, capsys):
+    cfg = tiny(mlflow_store)
+    result = train(cfg, show_progress=False)
+    with pytest.raises(MemshardError, match="trained with data.resolution = 8; --resume keeps"):
+        resume_config(result.run_id, {}, ["data.resolution=16"])
+    assert resume_config(result.run_id, {}, ["ray.round_timeout_s=99"]).ray.round_timeout_s == 99
+    with pytest.raises(MemshardError, match="no checkpoint"):
+        resume_config("0123456789abcdef", {}, [])
+    path = checkpoint_dir(cfg, result.run_id) / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    code = main(["train", "--resume", result.run_id])
+    err = capsys.readouterr().err
+    assert code == 2 and "is damaged" in err and "Traceback" not in err
+
+
+def test_checkpoints_hold_no_pickled_code(ray_cluster, mlflow_store):
+    cfg = tiny(mlflow_store)
+    result = train(cfg, show_progress=False)
+    torch.load(checkpoint_dir(cfg, result.run_id) / "checkpoint.pt", weights_only=True)  # raises on pickled objects
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "missing-folder"], "missing-folder"),
+        (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+        (["--set", "iet.shards=-2"], "at least 1 shard"),
+        (["--set", "iet.bogus=1"], "unknown key"),
+        (["--set", "training.batch_size=many"], "wrong type"),
+        (["--data", "one.npy", "--shards", "1"], "training needs at least 2"),
+        (["--data", "corrupt.parquet"], "corrupt.parquet"),
+        (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "does not answer"),
+    ],
+)
+def test_bad_input_is_one_line_and_starts_no_run(ray_cluster, mlflow_store, tmp_path, capsys, args, message):
+    np.save(tmp_path / "one.npy", np.zeros((1, 8, 8), dtype=np.uint8))
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    code = main(["train", "--preset", "tiny", "--no-progress", "--set", f"mlflow.tracking_uri={mlflow_store}", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], err
+    client = MlflowClient(mlflow_store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not experiments or not client.search_runs(experiments)
+
+
+def test_credentials_never_reach_logged_params():
+    assert redact_uri("https://alice:s3cret@mlflow.example:5000/api") == "https://***@mlflow.example:5000/api"
+    assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+@pytest.mark.slow
+def test_soak_many_rounds_with_several_failures(ray_cluster, mlflow_store):
+    cfg = tiny(mlflow_store, "iet.rounds=12", "iet.shards=3", "faults.shard=2",
+               "faults.exit_at_steps=2,8,17,29", "msr.schedule=every", "ray.max_actor_restarts=4")
+    result = train(cfg, show_progress=False)
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert client.get_metric_history(result.run_id, "actor_restarts")[-1].value == 4
+    reference = train(tiny(mlflow_store, "iet.rounds=12", "iet.shards=3", "msr.schedule=every"), show_progress=False)
+    assert_same_weights(final_weights(result), final_weights(reference))
