@@ -82,10 +82,10 @@ RESUMABLE_SETTINGS = {"mlflow.tracking_uri", "mlflow.checkpoint_dir", "ray.addre
                       "ray.max_actor_restarts", "ray.placement_timeout_s", "ray.placement_strategy"}
 
 
-def resume_config(run_id: str, overrides: dict, sets: list[str], checkpoint_root: str | None = None) -> Config:
+def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
     """The saved configuration of `run_id`; explicit flags may only change RESUMABLE_SETTINGS."""
     requested = build_partial(overrides, sets)
-    root = requested.get("mlflow.checkpoint_dir", checkpoint_root or Config().mlflow.checkpoint_dir)
+    root = requested.get("mlflow.checkpoint_dir", Config().mlflow.checkpoint_dir)
     saved = from_dict(load_checkpoint(Path(root) / run_id)["config"])
     for key, value in requested.items():
         section, name = key.split(".", 1)

@@ -99,7 +99,7 @@ class ProxyTrainer:
     def train_round(self, indices: np.ndarray, steps: int) -> RoundResult:
         """Train `steps` optimizer steps on the samples `indices` (global dataset rows)."""
         cfg, device = self.cfg, self.device
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = np.array(indices, dtype=np.int64)  # a writable copy: Ray hands in read-only views
         n = len(indices)
         if n == 0:
             raise ValueError(f"shard {self.shard} has no samples to train on")
