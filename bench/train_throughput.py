@@ -36,21 +36,26 @@ from shard_worker.agc import agc_keep_mask, update_memory_bank
 
 def plain_diffusers_loop(cfg, images: np.ndarray, steps: int) -> float:
     """images/s of the standard diffusers training step on one model."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = build_unet(cfg, images.shape[1]).train()
+    model = build_unet(cfg, images.shape[1]).to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     scheduler = build_scheduler(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
-    data = torch.from_numpy(images).float() / 127.5 - 1
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate, fused=device.type == "cuda")
+    data = torch.from_numpy(images).to(device).float() / 127.5 - 1
     batch = cfg.training.batch_size
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
+    bf16 = cfg.training.mixed_precision == "bf16" and device.type == "cuda"  # the same setting memshard uses
 
     def step():
-        rows = torch.randint(0, len(data), (batch,), generator=generator)
+        rows = torch.randint(0, len(data), (batch,), generator=generator, device=device)
         x0 = data[rows]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
-        loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            prediction = model(scheduler.add_noise(x0, noise, t), t).sample
+        loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
         optimizer.step()
@@ -60,9 +65,13 @@ def plain_diffusers_loop(cfg, images: np.ndarray, steps: int) -> float:
 
     for _ in range(3):  # warm-up
         step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - start)
 
 
