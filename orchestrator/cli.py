@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rounds", type=int, help="number of rounds")
     train.add_argument("--local-steps", type=int, help="optimizer steps per proxy per round")
     train.add_argument("--method", help="ddpm, iet, iet-agc or iet-agc-plus (default)")
+    train.add_argument("--balanced-by-label", action="store_true", default=None,
+                       help="spread every label evenly over the shards (the dataset must have labels)")
     train.add_argument("--experiment", help="MLflow experiment name")
     train.add_argument("--register-as", help="registered model name (a new version per run)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -79,6 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
         "iet.rounds": args.rounds,
         "iet.local_steps": args.local_steps,
         "iet.method": args.method,
+        "data.balanced_by_label": args.balanced_by_label,
         "mlflow.experiment": args.experiment,
         "mlflow.register_as": args.register_as,
     }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -91,11 +93,17 @@ def test_model_loads_through_pyfunc_and_diffusers(ray_cluster, mlflow_store, tmp
 
 def test_least_familiar_rule_and_every_round_schedule(ray_cluster, mlflow_store):
     cfg = tiny_config(mlflow_store, "msr.rule=least-familiar", "msr.schedule=every", "msr.fraction=0.1",
+                      "mlflow.sample_grid_every=2", "mlflow.sample_grid_steps=3", "data.balanced_by_label=true",
                       **{"iet.shards": 3, "iet.rounds": 3})
     result = train(cfg, show_progress=False)
-    moved = [m.value for m in MlflowClient(mlflow_store).get_metric_history(result.run_id, "samples_moved")]
+    client = MlflowClient(mlflow_store)
+    moved = [m.value for m in client.get_metric_history(result.run_id, "samples_moved")]
     assert moved[0] > 0 and moved[1] > 0 and moved[2] == 0  # no exchange after the last round
     assert moved[0] <= sum(round(0.1 * n) for n in (599, 599, 599))
+    images = [a.path for a in client.list_artifacts(result.run_id, "images")]
+    assert len([p for p in images if p.endswith(".png") and "samples" in p]) == 1  # the grid of round 2
+    matrix = client.download_artifacts(result.run_id, "moves/round_0001.json")
+    assert np.array(json.loads(Path(matrix).read_text())["from_rows_to_columns"]).sum() == moved[0]
 
 
 def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster, tmp_path, monkeypatch):
