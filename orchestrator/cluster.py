@@ -20,7 +20,9 @@ from orchestrator.errors import MemshardError
 
 
 def connect_ray(address: str | None) -> bool:
-    """Join the cluster named by `address`, RAY_ADDRESS or `ray job submit`; else start a local one.
+    """Join the cluster named by `address` or RAY_ADDRESS (set by `ray job submit`), else start a
+    local instance of our own — never silently join some other cluster running on this machine
+    (use `ray.address=auto` for that).
 
     Returns True when this call started Ray (so the caller shuts it down again).
     """
@@ -31,8 +33,8 @@ def connect_ray(address: str | None) -> bool:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            # Local instance sized to this machine; the dashboard stays on localhost.
-            ray.init(include_dashboard=False, dashboard_host="127.0.0.1")
+            # A local instance sized to this machine, without a dashboard.
+            ray.init(address="local", include_dashboard=False)
     except ConnectionError as error:
         raise MemshardError(f"cannot reach the Ray cluster at {address} ({error}): check RAY_ADDRESS / ray.address") from None
     return True
