@@ -39,6 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     train.add_argument("--resume", metavar="RUN_ID",
                        help="continue an interrupted run from its last checkpoint, into the same MLflow run")
+    evaluate = commands.add_parser("evaluate", help="measure how often a model copies its training images, and FID")
+    evaluate.add_argument("model", help="models:/NAME/VERSION, runs:/RUN_ID/model, or a saved pipeline directory")
+    evaluate.add_argument("--data", help="training data to scan (default: the dataset the model's training run used)")
+    evaluate.add_argument("--num-images", type=int, default=65_536, help="generations M (default 65,536, published)")
+    evaluate.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="default ddpm (published)")
+    evaluate.add_argument("--sampling-steps", type=int,
+                          help="default: the training timesteps (1000) for ddpm, 100 for ddim")
+    evaluate.add_argument("--batch", type=int, default=256, help="generations per batch on the device")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--feature-space", default="inception-v3",
+                          help="FID features: inception-v3 (needs the fid extra), "
+                               "pixels-random-projection-64 (offline), or none")
+    evaluate.add_argument("--inception-weights", metavar="FILE", help="a local copy of the FID Inception weights")
+    evaluate.add_argument("--copy-threshold", type=float, default=0.5,
+                          help="a generation copies its nearest training image when r < this (default 0.5)")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    evaluate.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    evaluate.add_argument("--experiment", default="memshard",
+                          help="experiment for a model with no training run (else the training run's)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    compare = commands.add_parser("compare", help="evaluation results side by side (table, markdown, MLflow)")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="evaluation run ids, or training runs (their latest evaluation)")
+    compare.add_argument("--out", metavar="FILE", help="also write the markdown table here")
+    compare.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     return parser
 
 
@@ -67,6 +92,10 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         return run_train(args)
+    if args.command in ("evaluate", "compare"):
+        from orchestrator.evaluate import run_evaluation_command
+
+        return run_evaluation_command(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -1,0 +1,147 @@
+"""`memshard evaluate` and `memshard compare` on tiny models trained here, logging to a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from evaluation.memorization import THRESHOLDS
+from orchestrator.cli import main
+from orchestrator.config import build_config
+from orchestrator.evaluate import EvaluateSettings, evaluate
+from orchestrator.train import train
+
+SPACE = "pixels-random-projection-64"  # offline: no Inception weights on a test machine
+SETTINGS = EvaluateSettings(num_images=32, sampler="ddim", sampling_steps=4, batch_size=16, seed=3, feature_space=SPACE)
+ARTIFACTS = {"r_histogram.png", "most_copied.png", "samples.png", "report.json", "copies_per_sample.parquet"}
+
+
+@pytest.fixture(scope="module")
+def store(ray_cluster, tmp_path_factory):
+    """One store for the module: two tiny models at equal compute, each evaluated once."""
+    root = tmp_path_factory.mktemp("evaluate")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # checkpoints, data cache and artifacts land in the temp dir
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        previous = mlflow.get_tracking_uri()
+        trained = {}
+        for method in ("ddpm", "iet-agc-plus"):
+            cfg = build_config("tiny", overrides={"mlflow.tracking_uri": uri, "iet.method": method,
+                                                  "mlflow.register_as": f"eval-{method}"})
+            trained[method] = train(cfg, show_progress=False)
+        evaluated = {method: evaluate(f"models:/eval-{method}/1", SETTINGS, tracking_uri=uri, show_progress=False)
+                     for method in trained}
+        yield {"uri": uri, "root": root, "trained": trained, "evaluated": evaluated}
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(previous)
+
+
+def test_evaluation_run_is_finished_linked_to_its_training_run_and_has_metrics_and_artifacts(store):
+    client = MlflowClient(store["uri"])
+    for method, result in store["evaluated"].items():
+        source = store["trained"][method]
+        run = client.get_run(result.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["memshard.source_run_id"] == source.run_id == result.source_run_id
+        assert run.info.experiment_id == client.get_run(source.run_id).info.experiment_id
+        assert run.data.params["dataset.path"] == client.get_run(source.run_id).data.params["dataset.path"]
+        assert run.data.params["dataset.matches_training_run"] == "true"
+        assert run.data.params["feature_space"] == SPACE and run.data.params["num_images"] == "32"
+        expected = {f"mq_{t}_{kind}" for t in THRESHOLDS for kind in ("count", "fraction")}
+        expected |= {"nn_ratio_copy_count", "nn_ratio_copy_fraction", "copied_training_samples", f"fid.{SPACE}"}
+        assert expected <= set(run.data.metrics)
+        assert np.isfinite(run.data.metrics[f"fid.{SPACE}"]) and run.data.metrics[f"fid.{SPACE}"] > 0
+        assert ARTIFACTS <= {a.path for a in client.list_artifacts(result.run_id)}
+
+
+def test_report_table_and_figures_agree_with_the_metrics(store, tmp_path):
+    result = store["evaluated"]["iet-agc-plus"]
+    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, dst_path=str(tmp_path), tracking_uri=store["uri"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["fid"]["feature_space"] == SPACE and report["fid"]["value"] == result.metrics[f"fid.{SPACE}"]
+    assert report["generation"]["sampler"] == "ddim" and report["generation"]["sampling_steps"] == 4
+    assert "r < 0.5" in report["definitions"]["copy"] and sum(report["r_histogram"]["counts"]) == 32
+    table = pq.read_table(tmp_path / "copies_per_sample.parquet").to_pandas()
+    assert list(table.columns) == ["sample_id", "copies", "min_r"] and len(table) == 1797 and table.sample_id.is_unique
+    assert table.copies.sum() == result.metrics["mq_0.5_count"]  # a copy is r < 0.5, the MQ@0.5 condition
+    assert table.min_r.notna().sum() <= 32 and table.min_r.min() == pytest.approx(report["most_copied"][0]["min_r"])
+    for name in ("r_histogram.png", "most_copied.png", "samples.png"):
+        with Image.open(f"{local}/{name}") as image:
+            assert image.width > 100 and image.height > 100
+
+
+def test_the_same_seed_gives_the_same_numbers_from_a_runs_uri_and_a_local_checkpoint(store):
+    source = store["trained"]["ddpm"]
+    by_run = evaluate(f"runs:/{source.run_id}/model", SETTINGS, tracking_uri=store["uri"], show_progress=False)
+    by_dir = evaluate(str(source.local_pipeline), SETTINGS, tracking_uri=store["uri"], show_progress=False)
+    assert by_run.source_run_id == by_dir.source_run_id == source.run_id  # the checkpoint dir names its run
+    assert by_run.metrics == by_dir.metrics == store["evaluated"]["ddpm"].metrics
+
+
+def test_compare_two_training_runs_at_equal_compute(store, capsys, tmp_path):
+    trained = store["trained"]
+    out = tmp_path / "compare.md"
+    code = main(["compare", trained["ddpm"].run_id, trained["iet-agc-plus"].run_id,
+                 "--tracking-uri", store["uri"], "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    lines = printed.splitlines()
+    assert lines[0].split()[:3] == ["method", "train", "run"] and f"FID [{SPACE}]" in lines[0]
+    rows = [line for line in lines if line.startswith(("ddpm ", "iet-agc-plus "))]
+    assert len(rows) == 2 and all(" 12 " in row for row in rows)  # 1 x 2 x 6 and 2 x 2 x 3 optimizer steps
+    assert "not like for like" not in printed  # same M, seed, sampler, data and compute
+    markdown = out.read_text()
+    assert markdown.count("\n| ddpm |") == 1 and markdown.count("\n| iet-agc-plus |") == 1
+    compare_id = printed.rsplit("compare run id: ", 1)[1].split()[0]
+    client = MlflowClient(store["uri"])
+    run = client.get_run(compare_id)
+    assert run.info.status == "FINISHED" and run.data.tags["memshard.kind"] == "compare"
+    assert client.download_artifacts(compare_id, "compare.md", str(tmp_path / "dl")).endswith("compare.md")
+    assert (tmp_path / "dl" / "compare.md").read_text() == markdown
+
+
+def test_cli_evaluate_prints_the_numbers(store, capsys):
+    code = main(["evaluate", f"models:/eval-iet-agc-plus/1", "--num-images", "8", "--sampler", "ddpm",
+                 "--sampling-steps", "3", "--feature-space", "none", "--tracking-uri", store["uri"], "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "MQ@0.5: " in out and "of 8" in out and "FID" not in out
+    assert f"mlflow ui --backend-store-uri {store['uri']}" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["models:/no-such-model/1"], "could not be fetched"),
+    (["models:/eval-ddpm/1", "--num-images", "1"], "need at least 2 images"),
+    (["models:/eval-ddpm/1", "--sampling-steps", "5000"], "choose 1 to 1000"),
+    (["models:/eval-ddpm/1", "--feature-space", "vgg"], "unknown feature space"),
+    (["no/such/dir"], "neither an existing pipeline directory nor an MLflow model URI"),
+])
+def test_bad_evaluate_input_is_one_line_and_logs_no_run(store, capsys, args, message):
+    client = MlflowClient(store["uri"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    before = len(client.search_runs(experiments))
+    code = main(["evaluate", "--feature-space", "none", *args, "--tracking-uri", store["uri"], "--no-progress"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert len(client.search_runs(experiments)) == before
+
+
+def test_a_local_pipeline_without_a_run_needs_data_and_compare_needs_an_evaluation(store, tmp_path, capsys):
+    pipeline = store["trained"]["ddpm"].local_pipeline
+    copy = tmp_path / "loose"
+    copy.symlink_to(pipeline.resolve(), target_is_directory=True)  # not under checkpoints/RUN_ID: no lineage
+    assert main(["evaluate", str(copy), "--feature-space", "none", "--tracking-uri", store["uri"], "--no-progress"]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    compare_run = store["evaluated"]["ddpm"].run_id  # an evaluation run is accepted as is; a training run
+    assert main(["compare", compare_run, "--tracking-uri", store["uri"]]) == 0  # without evaluations is not:
+    compare_id = capsys.readouterr().out.rsplit("compare run id: ", 1)[1].split()[0]
+    assert main(["compare", compare_id, "--tracking-uri", store["uri"]]) == 2
+    assert "run `memshard evaluate" in capsys.readouterr().err
