@@ -90,16 +90,29 @@ def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[
 
     capacity = sum(holds(node) for node in nodes)
     if capacity == 0:
+        lacking = [name for name, amount in bundle.items() if all(n.get(name, 0.0) + 1e-9 < amount for n in nodes)]
+        lacking = lacking or [name for name, amount in bundle.items() if any(n.get(name, 0.0) + 1e-9 < amount for n in nodes)]
         raise MemshardError(
             f"no node can hold one shard actor needing {bundle}: nodes offer "
-            f"{[{k: v for k, v in n.items() if k in bundle} for n in nodes]}; lower ray.cpus_per_actor / "
-            f"ray.gpus_per_actor or add nodes"
+            f"{[{k: v for k, v in n.items() if k in bundle} for n in nodes]}; {_lower(lacking)}, "
+            f"or add nodes with more {' and '.join(lacking)}"
         )
     if capacity < num_shards:
+        # The resources that stop each node from holding one more actor.
+        limiting = {name for node in nodes for name, amount in bundle.items()
+                    if math.floor(node.get(name, 0.0) / amount + 1e-9) == holds(node)}
         raise MemshardError(
             f"{num_shards} shard actors needing {bundle} each do not fit: the nodes hold {capacity}; "
-            f"use --shards {capacity} or fewer, or set ray.cpus_per_actor=auto / ray.gpus_per_actor=auto"
+            f"use --shards {capacity} or fewer, {_lower(sorted(limiting))}, or add nodes"
         )
+
+
+def _lower(names: list[str]) -> str:
+    """The settings that ask for these resources, as a fix."""
+    settings = {"CPU": "ray.cpus_per_actor", "GPU": "ray.gpus_per_actor"}
+    fixes = [f"lower {settings[n]} (auto fits the nodes)" if n in settings else f"lower or drop {n} in ray.actor_resources"
+             for n in names]
+    return " / ".join(fixes)
 
 
 def node_resources() -> list[dict[str, float]]:
