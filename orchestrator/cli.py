@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     train.add_argument("--resume", metavar="RUN_ID",
                        help="continue an interrupted run from its last checkpoint, into the same MLflow run")
+
     evaluate = commands.add_parser("evaluate", help="measure how often a model copies its training images, and FID")
     evaluate.add_argument("model", help="models:/NAME/VERSION, runs:/RUN_ID/model, or a saved pipeline directory")
     evaluate.add_argument("--data", help="training data to scan (default: the dataset the model's training run used)")
@@ -64,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", metavar="RUN", help="evaluation run ids, or training runs (their latest evaluation)")
     compare.add_argument("--out", metavar="FILE", help="also write the markdown table here")
     compare.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+    unlearn = commands.add_parser("unlearn", help="remove a forget set from a trained model, register it, audit it")
+    unlearn.add_argument("model", help="models:/NAME/VERSION, NAME/VERSION, NAME (latest) or runs:/RUN_ID/model")
+    unlearn.add_argument("--forget", required=True, metavar="SPEC",
+                         help="sample ids (comma-separated), a file of ids, image files or a folder, or evaluation:RUN_ID")
+    unlearn.add_argument("--method", default="siss", help="siss (default), naive, neggrad, erasediff or retrain")
+    unlearn.add_argument("--steps", type=int, help="optimizer steps (default 300, the published MNIST-scale setting)")
+    unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="lam, c, learning_rate, batch_size, grad_clip, seed, audit.num_images, ... (repeatable)")
     return parser
 
 
@@ -96,6 +106,10 @@ def run_command(args: argparse.Namespace) -> int:
         from orchestrator.evaluate import run_evaluation_command
 
         return run_evaluation_command(args)
+    if args.command == "unlearn":
+        from orchestrator.unlearn import run_unlearn_command
+
+        return run_unlearn_command(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -1,0 +1,141 @@
+"""The forget set: a SPEC string → sorted global row indices of the training dataset.
+
+SPEC is one of
+- comma-separated sample ids:            `digits-00012,digits-00013`
+- a text file of ids (one per line or comma-separated, `#` starts a comment)
+- image files or a folder of images, matched to the dataset by content hash (every sample whose
+  stored bytes equal the image's is forgotten, so all exact duplicates go together); ids and image
+  paths may be mixed in one comma-separated list
+- `evaluation:RUN_ID`: the training samples an evaluation run found copied (resolved by the caller,
+  which passes `evaluation_ids`; this module reads no tracking store).
+
+Pure except for reading the named files. Every problem is a one-line MemshardError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from orchestrator.errors import MemshardError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+EVALUATION_PREFIX = "evaluation:"
+
+
+def parse_forget_spec(
+    spec: str,
+    sample_ids: np.ndarray,
+    content_hashes: np.ndarray,
+    image_shape: tuple[int, int, int],
+    evaluation_ids: Callable[[str], list[str]] | None = None,
+) -> np.ndarray:
+    """Sorted unique row indices named by `spec`; refuses an empty set and the whole dataset."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise MemshardError("the forget set is empty: pass --forget with sample ids, a file of ids, images, "
+                            "or evaluation:RUN_ID")
+    id_to_row = {str(sid): row for row, sid in enumerate(sample_ids)}
+    rows: set[int] = set()
+    if spec.startswith(EVALUATION_PREFIX):
+        run_id = spec[len(EVALUATION_PREFIX):].strip()
+        if not run_id or evaluation_ids is None:
+            raise MemshardError(f"--forget {spec!r} names no evaluation run: write evaluation:RUN_ID")
+        ids = [str(i) for i in evaluation_ids(run_id)]
+        if not ids:
+            raise MemshardError(f"evaluation run {run_id} found no copied training samples, so the forget set is "
+                                "empty: nothing to unlearn (pick ids yourself with --forget ID,...)")
+        rows |= _rows_of_ids(ids, id_to_row, f"evaluation run {run_id}")
+    else:
+        ids, images = _split_tokens(spec)
+        if ids:
+            rows |= _rows_of_ids(ids, id_to_row, "--forget")
+        if images:
+            rows |= _rows_of_images(images, content_hashes, image_shape)
+    if not rows:
+        raise MemshardError(f"--forget {spec!r} names no samples: pass at least one sample id or image")
+    if len(rows) == len(sample_ids):
+        raise MemshardError(f"the forget set holds all {len(sample_ids)} training samples: nothing would be left to "
+                            "keep; forget a subset, or train a new model instead")
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def _split_tokens(spec: str) -> tuple[list[str], list[Path]]:
+    """Ids and image paths from a comma list, a file of ids, an image, or a folder of images."""
+    path = Path(spec)
+    if "," not in spec and path.is_dir():
+        images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise MemshardError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}): put the images to "
+                                "forget there, or pass sample ids")
+        return [], images
+    if "," not in spec and path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
+        return _read_id_file(path), []
+    ids, images = [], []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        candidate = Path(token)
+        if candidate.suffix.lower() in IMAGE_SUFFIXES and candidate.is_file():
+            images.append(candidate)
+        elif candidate.suffix.lower() in IMAGE_SUFFIXES and ("/" in token or "\\" in token):
+            raise MemshardError(f"image {token} does not exist: check the path")
+        else:
+            ids.append(token)
+    return ids, images
+
+
+def _read_id_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise MemshardError(f"cannot read the id file {path} ({type(error).__name__}): pass a text file with one "
+                            "sample id per line") from None
+    ids = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        ids += [token.strip() for token in line.split(",") if token.strip()]
+    if not ids:
+        raise MemshardError(f"the id file {path} lists no sample ids, so the forget set is empty: add ids, one per line")
+    return ids
+
+
+def _rows_of_ids(ids: list[str], id_to_row: dict[str, int], origin: str) -> set[int]:
+    unknown = [i for i in dict.fromkeys(ids) if i not in id_to_row]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise MemshardError(f"{len(unknown)} sample id(s) from {origin} are not in the model's training data "
+                            f"({shown}): use ids of the dataset the model was trained on (memshard data inspect)")
+    return {id_to_row[i] for i in ids}
+
+
+def image_content_hash(path: Path, image_shape: tuple[int, int, int]) -> str:
+    """sha256 of the image's C×H×W uint8 bytes, the way the data layer hashes a stored sample."""
+    channels, height, width = image_shape
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            pixels = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as error:
+        raise MemshardError(f"cannot read image {path} ({type(error).__name__}): pass a PNG/JPEG file") from None
+    if pixels.shape[:2] != (height, width):
+        raise MemshardError(f"image {path} is {pixels.shape[1]}x{pixels.shape[0]} but the training images are "
+                            f"{width}x{height}: pass the image as stored in the prepared dataset")
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return hashlib.sha256(np.ascontiguousarray(chw).data).hexdigest()
+
+
+def _rows_of_images(images: list[Path], content_hashes: np.ndarray, image_shape: tuple[int, int, int]) -> set[int]:
+    hashes = np.asarray(content_hashes).astype(str)
+    rows: set[int] = set()
+    for path in images:
+        matches = np.flatnonzero(hashes == image_content_hash(path, image_shape))
+        if len(matches) == 0:
+            raise MemshardError(f"image {path} matches no training sample (no image with the same pixels): pass the "
+                                "exact image as stored in the dataset, or its sample id")
+        rows |= {int(m) for m in matches}
+    return rows
