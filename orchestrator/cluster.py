@@ -76,7 +76,8 @@ def plan_actor_resources(cfg: Config, num_shards: int, nodes: list[dict[str, flo
 
 def largest_packable_share(node_cpus: list[float], count: int) -> float:
     """The largest CPU amount c (in 1/100s) such that `count` actors of c CPUs fit on these nodes."""
-    candidates = [cpus / m for cpus in node_cpus for m in range(1, count + 1)]
+    # Nodes with no CPUs (a head kept free of actors) hold none and offer no candidate share.
+    candidates = [cpus / m for cpus in node_cpus if cpus > 0 for m in range(1, count + 1)]
     fitting = [c for c in candidates if sum(math.floor(n / c + 1e-9) for n in node_cpus) >= count]
     return max(0.01, math.floor(100 * max(fitting, default=0.01)) / 100)
 

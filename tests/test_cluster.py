@@ -31,7 +31,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from orchestrator.cli import build_parser, main
-from orchestrator.cluster import node_resources, place_shard_actors, release
+from orchestrator.cluster import node_resources, place_shard_actors, plan_actor_resources, release
 from orchestrator.config import build_config
 from orchestrator.data import load_dataset, resolve_dataset
 from orchestrator.train import train
@@ -327,6 +327,14 @@ def test_sixteen_shards_train_on_a_two_cpu_node(job_cluster, tmp_path):
 
 
 # ---- placement on the session's multi-node cluster ------------------------------------------------
+
+def test_auto_sizing_skips_a_head_that_offers_no_cpus():
+    """cluster.yaml's layout: a 0-CPU head beside the workers (it once divided by zero)."""
+    cpu_only = plan_actor_resources(build_config("tiny"), 4, [{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}])
+    assert (cpu_only.cpus, cpu_only.gpus) == (0.5, 0.0)
+    gpus = plan_actor_resources(build_config("tiny"), 8, [{"CPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}])
+    assert (gpus.cpus, gpus.gpus) == (1.0, 0.25)
+
 
 def test_more_shards_than_nodes_share_a_custom_resource(ray_cluster, mlflow_store):
     """3 actors on the 2 nodes that offer `worker_slot`, half a slot each: both nodes are used."""
