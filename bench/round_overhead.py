@@ -5,8 +5,8 @@
 Starts K real shard actors with the published CIFAR-10 UNet on a local Ray instance and runs
 rounds of ONE local step at batch 2 (training time is not what is measured here), then prints the
 per-phase wall time of the last round and the weights' size. The overhead's share of a real round
-is overhead / (overhead + local_steps x step time). The published setting trains ≈390k steps in 10
-rounds, ≈39,000 local steps per round; the share printed uses the batch-2 step time measured here,
+is overhead / (overhead + local_steps x step time). The published setting trains ≈390k steps: K=10 proxies x
+10 rounds x ≈3,900 local steps (100 epochs of a 5,000-image shard at batch 128); the share printed uses the batch-2 step time measured here,
 which understates a batch-128 step, so the printed share is an upper bound.
 """
 
@@ -68,7 +68,7 @@ def main() -> None:
         print(f"| {phase} | {seconds[phase]:.3f} |")
     print(f"| overhead = broadcast + gather + aggregate | {overhead:.3f} |")
     print(f"| whole round wall time (1 local step at batch 2) | {wall:.3f} |")
-    for local_steps in (1000, 39000):
+    for local_steps in (1000, 3900):
         share = overhead / (overhead + local_steps * step_s)
         print(f"| overhead share of a round of {local_steps} steps at the measured {step_s:.3f} s/step | {100 * share:.3f}% |")
 
