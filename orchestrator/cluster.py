@@ -95,7 +95,7 @@ def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[
         lacking = lacking or [name for name, amount in bundle.items() if any(n.get(name, 0.0) + 1e-9 < amount for n in nodes)]
         raise MemshardError(
             f"no node can hold one shard actor needing {bundle}: nodes offer "
-            f"{[{k: v for k, v in n.items() if k in bundle} for n in nodes]}; {_lower(lacking)}, "
+            f"{_offers(nodes, bundle)}; {_lower(lacking)}, "
             f"or add nodes with more {' and '.join(lacking)}"
         )
     if capacity < num_shards:
@@ -106,6 +106,12 @@ def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[
             f"{num_shards} shard actors needing {bundle} each do not fit: the nodes hold {capacity}; "
             f"use --shards {capacity} or fewer, {_lower(sorted(limiting))}, or add nodes"
         )
+
+
+def _offers(nodes: list[dict[str, float]], bundle: dict[str, float]) -> list[dict[str, float]]:
+    """What each node offers of the requested resources, largest first (Ray lists nodes in no fixed order)."""
+    offers = [{name: amount for name, amount in node.items() if name in bundle} for node in nodes]
+    return sorted(offers, key=lambda offer: sorted(offer.items()), reverse=True)
 
 
 def _lower(names: list[str]) -> str:
