@@ -43,7 +43,7 @@ from evaluation.nearest_neighbors import nearest_neighbors, resolve_device
 from orchestrator.config import DataConfig, MLflowConfig
 from orchestrator.data import ImageDataset, is_prepared_dataset, load_dataset, resolve_dataset
 from orchestrator.errors import MemshardError
-from orchestrator.pipeline_model import generate_images, image_grid, load_pipeline
+from orchestrator.pipeline_model import find_pipeline_dir, generate_images, image_grid, load_pipeline
 from orchestrator.tracking import connect_mlflow, log_table, resolve_tracking_uri, with_retries
 
 SAMPLERS = ("ddpm", "ddim")
@@ -178,7 +178,7 @@ def resolve_model(model: str, client: MlflowClient, tmp: Path) -> ResolvedModel:
     """A local pipeline directory or an MLflow model URI -> the pipeline directory and its training run."""
     local = Path(model)
     if local.exists():
-        pipeline_dir = _find_pipeline(local, model)
+        pipeline_dir = find_pipeline_dir(local, model)
         return ResolvedModel(pipeline_dir, _local_source_run(local, pipeline_dir, client))
     if "://" not in model and not model.startswith(("models:/", "runs:/")):
         raise MemshardError(f"model {model!r} is neither an existing pipeline directory nor an MLflow model URI: "
@@ -190,19 +190,9 @@ def resolve_model(model: str, client: MlflowClient, tmp: Path) -> ResolvedModel:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise MemshardError(f"model {model} could not be fetched from {client.tracking_uri} ({reason}): "
                             "check the URI (memshard train prints it) and --tracking-uri") from None
-    pipeline_dir = _find_pipeline(downloaded, model)
+    pipeline_dir = find_pipeline_dir(downloaded, model)
     run_id = _mlmodel_run_id(downloaded) or _registry_run_id(model, client)
     return ResolvedModel(pipeline_dir, _get_run(client, run_id) if run_id else None)
-
-
-def _find_pipeline(root: Path, model: str) -> Path:
-    if (root / "model_index.json").is_file():
-        return root
-    found = sorted(p.parent for p in root.rglob("model_index.json")) if root.is_dir() else []
-    if len(found) != 1:
-        raise MemshardError(f"{model} holds {len(found)} saved pipelines (model_index.json): give the pipeline "
-                            "directory itself, or the MLflow model memshard train logged")
-    return found[0]
 
 
 def _mlmodel_run_id(root: Path) -> str | None:

@@ -75,6 +75,17 @@ def save_pipeline(pipeline: DDPMPipeline, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def find_pipeline_dir(root: Path, model: str) -> Path:
+    """The one saved pipeline (model_index.json) at or below `root`: a pipeline dir or an MLflow model."""
+    if (root / "model_index.json").is_file():
+        return root
+    found = sorted(p.parent for p in root.rglob("model_index.json")) if root.is_dir() else []
+    if len(found) != 1:
+        raise MemshardError(f"{model} holds {len(found)} saved pipelines (model_index.json): give the pipeline "
+                            "directory itself, or the MLflow model memshard train logged")
+    return found[0]
+
+
 def load_pipeline(path: str | Path, device: str | None = None) -> DDPMPipeline:
     """A saved pipeline on `device` (None: CUDA when there is one, else CPU)."""
     path = Path(path)

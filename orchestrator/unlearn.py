@@ -35,7 +35,9 @@ from orchestrator.cluster import connect_ray
 from orchestrator.config import Config, flatten, from_dict, parse_scalar, to_dict
 from orchestrator.data import DATASET_FILE, ImageDataset, fingerprint_of, load_dataset
 from orchestrator.errors import MemshardError
-from orchestrator.pipeline_model import build_pipeline, generate_images, image_grid, load_pipeline, log_pipeline_model, save_pipeline
+from orchestrator.pipeline_model import (
+    build_pipeline, find_pipeline_dir, generate_images, image_grid, load_pipeline, log_pipeline_model, save_pipeline,
+)
 from orchestrator.tracking import connect_mlflow, resolve_tracking_uri, with_retries
 from shard_worker.model import state_to_numpy
 from shard_worker.scoring import score_samples
@@ -237,10 +239,7 @@ def forget_hash(forget_ids: list[str]) -> str:
 def load_source_pipeline(source: Source):
     target = Path(tempfile.mkdtemp(prefix="memshard-unlearn-"))
     mlflow.artifacts.download_artifacts(artifact_uri=source.model_uri, dst_path=str(target))
-    found = [p.parent for p in target.rglob("model_index.json")]
-    if len(found) != 1:
-        raise MemshardError(f"{source.model_uri} holds no saved DDPM pipeline: unlearn a model memshard train logged")
-    return load_pipeline(found[0], "cpu")
+    return load_pipeline(find_pipeline_dir(target, source.model_uri), "cpu")
 
 
 # ---------------------------------------------------------------- running a method
