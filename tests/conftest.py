@@ -50,3 +50,34 @@ def mlflow_store(tmp_path, monkeypatch):
     if mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(previous)
+
+
+def all_runs(store: str):
+    """Every run in every experiment of an MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments) if experiments else []
+
+
+@pytest.fixture
+def cli_rejects(mlflow_store, capsys):
+    """Run `memshard ARGV` in-process and check what every user-fixable failure must look like:
+    exit 2, exactly one `error: ...` line holding `message` and ending stderr, no traceback, no run
+    left RUNNING and nothing registered. Returns the error line."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import main
+
+    def run(argv: list[str], message: str) -> str:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0] and err.rstrip().endswith(errors[0]), err
+        assert all(run.info.status != "RUNNING" for run in all_runs(mlflow_store))
+        assert not MlflowClient(mlflow_store).search_registered_models()
+        return errors[0]
+
+    return run

@@ -30,23 +30,18 @@ from mlflow.tracking import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from orchestrator.cli import build_parser, main
+from orchestrator.cli import build_parser
 from orchestrator.cluster import node_resources, place_shard_actors, plan_actor_resources, release
 from orchestrator.config import build_config
 from orchestrator.data import load_dataset, resolve_dataset
 from orchestrator.train import train
+from conftest import all_runs
 from shard_worker.actor import ShardWorker
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # `ray` and `memshard` of the Python running the tests
 LAUNCHER_CONFIGS = ["cluster.yaml", "deploy/cluster-onprem.yaml"]
 MUST_NOT_UPLOAD = [".git", ".venv", "mlruns", "mlflow.db", ".memshard", "data"]
-
-
-def all_runs(store: str):
-    client = MlflowClient(store)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments) if experiments else []
 
 
 # ---- the cluster-launcher configs -------------------------------------------------------------
@@ -390,11 +385,6 @@ def test_more_shards_than_gpus_get_fractional_gpus_on_the_gpu_nodes(ray_cluster,
          "use --shards 4 or fewer, lower or drop worker_slot in ray.actor_resources, or add nodes"),
     ],
 )
-def test_resources_the_cluster_can_never_offer_fail_fast_with_one_line(ray_cluster, mlflow_store, capsys, args, message):
-    code = main(["train", "--preset", "tiny", "--no-progress", "--set", f"mlflow.tracking_uri={mlflow_store}", *args])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0] and err.rstrip().endswith(errors[0])
-    assert all(run.info.status != "RUNNING" for run in all_runs(mlflow_store))
-    assert not MlflowClient(mlflow_store).search_registered_models()
+def test_resources_the_cluster_can_never_offer_fail_fast_with_one_line(ray_cluster, mlflow_store, cli_rejects, args, message):
+    cli_rejects(["train", "--preset", "tiny", "--no-progress", "--set", f"mlflow.tracking_uri={mlflow_store}", *args],
+                message)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from conftest import all_runs
 from safetensors.numpy import load_file
 
 from orchestrator.checkpoint import load_checkpoint
@@ -36,8 +37,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def only_run(store: str):
-    client = MlflowClient(store)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = all_runs(store)
     assert len(runs) == 1
     return runs[0]
 
@@ -155,17 +155,12 @@ def test_checkpoints_hold_no_pickled_code(ray_cluster, mlflow_store):
         (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "does not answer"),
     ],
 )
-def test_bad_input_is_one_line_and_starts_no_run(ray_cluster, mlflow_store, tmp_path, capsys, args, message):
+def test_bad_input_is_one_line_and_starts_no_run(ray_cluster, mlflow_store, tmp_path, cli_rejects, args, message):
     np.save(tmp_path / "one.npy", np.zeros((1, 8, 8), dtype=np.uint8))
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
-    code = main(["train", "--preset", "tiny", "--no-progress", "--set", f"mlflow.tracking_uri={mlflow_store}", *args])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], err
-    client = MlflowClient(mlflow_store)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    assert not experiments or not client.search_runs(experiments)
+    cli_rejects(["train", "--preset", "tiny", "--no-progress", "--set", f"mlflow.tracking_uri={mlflow_store}", *args],
+                message)
+    assert not all_runs(mlflow_store)  # these are caught before a run starts
 
 
 def test_credentials_never_reach_logged_params():
