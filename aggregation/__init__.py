@@ -1,5 +1,5 @@
 """Pure functions over state dicts: weighted averaging (FedAvg) and EMA. No Ray, no torch."""
 
-from aggregation.average import AggregationError, ema_update, weighted_average
+from memshard.aggregation.average import AggregationError, ema_update, weighted_average
 
 __all__ = ["AggregationError", "ema_update", "weighted_average"]

@@ -22,11 +22,11 @@ import numpy as np
 import ray
 import torch
 
-from orchestrator.cluster import connect_ray, place_shard_actors, release
-from orchestrator.config import build_config
-from orchestrator.rounds import IETDriver
-from orchestrator.sharding import split_into_shards
-from shard_worker.actor import ShardWorker
+from memshard.orchestrator.cluster import connect_ray, place_shard_actors, release
+from memshard.config import build_config
+from memshard.orchestrator.rounds import IETDriver
+from memshard.orchestrator.sharding import split_into_shards
+from memshard.shard_worker.actor import ShardWorker
 
 
 def main() -> None:

@@ -32,12 +32,12 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from orchestrator.cluster import place_shard_actors, release  # noqa: E402
-from orchestrator.config import build_config  # noqa: E402
-from orchestrator.data import load_dataset, resolve_dataset  # noqa: E402
-from orchestrator.rounds import IETDriver  # noqa: E402
-from orchestrator.sharding import split_into_shards  # noqa: E402
-from shard_worker.actor import ShardWorker  # noqa: E402
+from memshard.orchestrator.cluster import place_shard_actors, release  # noqa: E402
+from memshard.config import build_config  # noqa: E402
+from memshard.data import load_dataset, resolve_dataset  # noqa: E402
+from memshard.orchestrator.rounds import IETDriver  # noqa: E402
+from memshard.orchestrator.sharding import split_into_shards  # noqa: E402
+from memshard.shard_worker.actor import ShardWorker  # noqa: E402
 
 PHASES = ("broadcast", "train", "gather", "aggregate", "redistribute")
 

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import build_config
-from orchestrator.data import load_dataset, resolve_dataset
-from shard_worker import ProxyTrainer, build_scheduler, build_unet
-from shard_worker.agc import agc_keep_mask, update_memory_bank
+from memshard.config import build_config
+from memshard.data import load_dataset, resolve_dataset
+from memshard.shard_worker import ProxyTrainer, build_scheduler, build_unet
+from memshard.shard_worker.agc import agc_keep_mask, update_memory_bank
 
 
 def plain_diffusers_loop(cfg, images: np.ndarray, steps: int) -> float:
@@ -80,7 +80,7 @@ def memshard_aggregate(cfg, work_dir: str) -> tuple[float, dict[str, float]]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.train import train
+    from memshard.orchestrator.train import train
 
     result = train(cfg, show_progress=False)
     client = MlflowClient(cfg.mlflow.tracking_uri)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluation.nearest_neighbors import resolve_device
-from orchestrator.errors import MemshardError
+from memshard.model import resolve_device
+from memshard.errors import MemshardError
 
 INCEPTION = "inception-v3"
 PIXEL_PROJECTION = "pixels-random-projection-64"

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
-from evaluation.memorization import THRESHOLDS, MemorizationReport  # noqa: E402
+from memshard.evaluation.memorization import THRESHOLDS, MemorizationReport  # noqa: E402
 
 
 def _png(fig) -> bytes:

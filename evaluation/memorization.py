@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5)
 NN_RATIO_THRESHOLD = 1.0 / 3.0

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
+from memshard.model import resolve_device
 
 FLOAT_BYTES = 4
 DEFAULT_BLOCK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
@@ -30,16 +31,6 @@ DEFAULT_BLOCK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
 class Neighbors:
     sq_distances: np.ndarray  # (M, k) float32, ascending along each row
     indices: np.ndarray  # (M, k) int64 rows of the reference set
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None or "auto": CUDA when there is one, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MemshardError("device cuda was asked for but torch sees no CUDA device: use --device cpu or auto")
-    return device
 
 
 def _as_rows(values, label: str) -> torch.Tensor:

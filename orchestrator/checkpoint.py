@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -15,8 +15,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import Config
-from orchestrator.errors import MemshardError
+from memshard.config import Config
+from memshard.errors import MemshardError
 
 
 def connect_ray(address: str | None) -> bool:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from aggregation import weighted_average
-from orchestrator.config import Config
-from orchestrator.errors import MemshardError
-from orchestrator.sharding import (
+from memshard.aggregation import weighted_average
+from memshard.config import Config
+from memshard.errors import MemshardError
+from memshard.orchestrator.sharding import (
     Moves,
     apply_moves,
     check_partition,
@@ -28,7 +28,7 @@ from orchestrator.sharding import (
     ring_destinations,
     select_memorized_samples,
 )
-from shard_worker.trainer import NonFiniteLossError, RoundResult
+from memshard.shard_worker.trainer import NonFiniteLossError, RoundResult
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 
 def split_into_shards(num_samples: int, num_shards: int, seed: int, labels: np.ndarray | None = None) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 log = logging.getLogger("memshard.tracking")

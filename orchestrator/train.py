@@ -20,16 +20,17 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from orchestrator.checkpoint import load_checkpoint, save_checkpoint
-from orchestrator.cluster import connect_ray, place_shard_actors, release
-from orchestrator.config import Config, build_partial, flatten, from_dict, to_dict, validate
-from orchestrator.data import ImageDataset, load_dataset, resolve_dataset
-from orchestrator.errors import MemshardError
-from orchestrator.pipeline_model import build_pipeline, generate_images, image_grid, log_pipeline_model, save_pipeline
-from orchestrator.rounds import IETDriver, RoundReport
-from orchestrator.sharding import split_into_shards
-from orchestrator.tracking import connect_mlflow, log_table, redact_uri, resolve_tracking_uri, with_retries
-from shard_worker.actor import ShardWorker
+from memshard.orchestrator.checkpoint import load_checkpoint, save_checkpoint
+from memshard.orchestrator.cluster import connect_ray, place_shard_actors, release
+from memshard.config import Config, build_partial, flatten, from_dict, to_dict, validate
+from memshard.data import ImageDataset, load_dataset, resolve_dataset
+from memshard.errors import MemshardError
+from memshard.orchestrator.pipeline_model import log_pipeline_model
+from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
+from memshard.orchestrator.rounds import IETDriver, RoundReport
+from memshard.orchestrator.sharding import split_into_shards
+from memshard.orchestrator.tracking import connect_mlflow, log_table, redact_uri, resolve_tracking_uri, with_retries
+from memshard.shard_worker.actor import ShardWorker
 
 log = logging.getLogger("memshard.train")
 

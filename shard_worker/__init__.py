@@ -4,7 +4,7 @@
 as a Ray actor. No MLflow and no driver logic live here: a worker trains, scores and returns numbers.
 """
 
-from shard_worker.model import build_scheduler, build_unet
-from shard_worker.trainer import ProxyTrainer, RoundResult
+from memshard.model import build_scheduler, build_unet
+from memshard.shard_worker.trainer import ProxyTrainer, RoundResult
 
 __all__ = ["ProxyTrainer", "RoundResult", "build_scheduler", "build_unet"]

@@ -6,8 +6,8 @@ import numpy as np
 import ray
 import torch
 
-from orchestrator.config import Config
-from shard_worker.trainer import ProxyTrainer
+from memshard.config import Config
+from memshard.shard_worker.trainer import ProxyTrainer
 
 
 @ray.remote

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from memshard.model import noised, to_model_range
+
 BLOCK = 1024
 
 
@@ -37,7 +39,7 @@ def per_sample_loss(
     model: UNet2DModel, scheduler: DDPMScheduler, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
     """ℓ_i = mean over pixels of (ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t) − ε)², one value per sample."""
-    noisy = scheduler.add_noise(x0, noise, timesteps)
+    noisy, _ = noised(scheduler.alphas_cumprod.to(x0.device), x0, timesteps, noise)
     prediction = model(noisy, timesteps).sample
     return ((prediction.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
 
@@ -70,8 +72,3 @@ def score_samples(
     finally:
         model.train(was_training)
     return losses
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float [-1, 1], the range the DDPM is trained in."""
-    return images_uint8.float() / 127.5 - 1.0

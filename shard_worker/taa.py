@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import TAAConfig
+from memshard.config import TAAConfig
 
 
 def augmentation_strength(distance: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.config import Config
-from shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
-from shard_worker.model import build_scheduler, build_unet, load_numpy_state, resolve_device, state_to_numpy
-from shard_worker.scoring import per_sample_loss, score_samples, to_model_range
-from shard_worker.taa import augment, augmentation_strength
+from memshard.config import Config
+from memshard.shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
+from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device, state_to_numpy, to_model_range
+from memshard.shard_worker.scoring import per_sample_loss, score_samples
+from memshard.shard_worker.taa import augment, augmentation_strength
 
 
 class NonFiniteLossError(FloatingPointError):

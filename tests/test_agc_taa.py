@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.config import TAAConfig
-from shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
-from shard_worker.taa import augment, augmentation_strength
+from memshard.config import TAAConfig
+from memshard.shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
+from memshard.shard_worker.taa import augment, augmentation_strength
 
 
 def reference_agc(bank, timesteps, losses, lam, decay):

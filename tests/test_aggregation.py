@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from aggregation import AggregationError, ema_update, weighted_average
+from memshard.aggregation import AggregationError, ema_update, weighted_average
 
 
 def random_state(rng, scale=1.0):

@@ -30,13 +30,13 @@ from mlflow.tracking import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from orchestrator.cli import build_parser
-from orchestrator.cluster import node_resources, place_shard_actors, plan_actor_resources, release
-from orchestrator.config import build_config
-from orchestrator.data import load_dataset, resolve_dataset
-from orchestrator.train import train
+from memshard.cli import build_parser
+from memshard.orchestrator.cluster import node_resources, place_shard_actors, plan_actor_resources, release
+from memshard.config import build_config
+from memshard.data import load_dataset, resolve_dataset
+from memshard.orchestrator.train import train
 from conftest import all_runs
-from shard_worker.actor import ShardWorker
+from memshard.shard_worker.actor import ShardWorker
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # `ray` and `memshard` of the Python running the tests

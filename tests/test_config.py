@@ -2,8 +2,8 @@
 
 import pytest
 
-from orchestrator.config import build_config, flatten, from_dict, to_dict
-from orchestrator.errors import MemshardError
+from memshard.config import build_config, flatten, from_dict, to_dict
+from memshard.errors import MemshardError
 
 
 def test_defaults_and_presets():

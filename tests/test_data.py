@@ -1,4 +1,4 @@
-"""Tests for orchestrator.data: every input format, transforms, inspection, bad input, caching."""
+"""Tests for memshard.data: every input format, transforms, inspection, bad input, caching."""
 
 import hashlib
 import io
@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from orchestrator.data import (ImageDataset, format_inspection, inspect_dataset, load_dataset,
+from memshard.data import (ImageDataset, format_inspection, inspect_dataset, load_dataset,
                                prepare_dataset, resolve_dataset)
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 
 def solid(color, size=(8, 8), mode="RGB"):

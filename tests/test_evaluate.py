@@ -11,11 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from evaluation.memorization import THRESHOLDS
-from orchestrator.cli import main
-from orchestrator.config import build_config
-from orchestrator.evaluate import EvaluateSettings, evaluate
-from orchestrator.train import train
+from memshard.evaluation.memorization import THRESHOLDS
+from memshard.cli import main
+from memshard.config import build_config
+from memshard.commands.evaluate import EvaluateSettings, evaluate
+from memshard.orchestrator.train import train
 
 SPACE = "pixels-random-projection-64"  # offline: no Inception weights on a test machine
 SETTINGS = EvaluateSettings(num_images=32, sampler="ddim", sampling_steps=4, batch_size=16, seed=3, feature_space=SPACE)

@@ -10,18 +10,11 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from orchestrator.config import build_config
-from orchestrator.errors import MemshardError
-from orchestrator.pipeline_model import (
-    DDPMPipelineModel,
-    build_pipeline,
-    generate_images,
-    image_grid,
-    load_pipeline,
-    log_pipeline_model,
-    save_pipeline,
-)
-from shard_worker.model import build_unet, state_to_numpy
+from memshard.config import build_config
+from memshard.errors import MemshardError
+from memshard.orchestrator.pipeline_model import DDPMPipelineModel, log_pipeline_model
+from memshard.pipeline import build_pipeline, generate_images, image_grid, load_pipeline, save_pipeline
+from memshard.model import build_unet, state_to_numpy
 
 STEPS = 5  # sampling steps: enough to exercise the loop, fast on 2 CPU cores
 
@@ -161,3 +154,34 @@ def test_log_pipeline_model_needs_an_active_run(pipeline_dir, experiment_id):
     assert mlflow.active_run() is None
     with pytest.raises(RuntimeError, match="active run"):
         log_pipeline_model(pipeline_dir, None)
+
+
+LEGACY_MODEL = Path(__file__).parent / "fixtures" / "legacy_pyfunc_model"
+
+
+def test_a_model_logged_before_the_package_rename_still_loads(tmp_path):
+    """The fixture was saved by memshard 0.1, whose pickle names orchestrator.pipeline_model."""
+    assert b"orchestrator.pipeline_model" in (LEGACY_MODEL / "python_model.pkl").read_bytes()
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run():
+        mlflow.log_artifacts(str(LEGACY_MODEL), "model")
+        run_id = mlflow.active_run().info.run_id
+    version = mlflow.register_model(f"runs:/{run_id}/model", "legacy")
+    import memshard  # noqa: F401  (resolves the old pickled module name)
+
+    model = mlflow.pyfunc.load_model(f"models:/legacy/{version.version}")
+    images = model.predict({"num_images": 2, "seed": 0, "num_inference_steps": 2})
+    assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_new_models_hold_no_pickle(tmp_path, weights):
+    cfg = build_config("tiny")
+    pipeline_dir = save_pipeline(build_pipeline(cfg, 1, weights), tmp_path / "pipeline")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run():
+        info = log_pipeline_model(pipeline_dir, None)
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl")))
+    assert not list(local.rglob("*.pkl"))
+    images = mlflow.pyfunc.load_model(str(local)).predict({"num_images": 1, "seed": 0, "num_inference_steps": 2})
+    assert images.shape == (1, 8, 8, 1)

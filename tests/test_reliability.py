@@ -14,12 +14,12 @@ from mlflow.tracking import MlflowClient
 from conftest import all_runs
 from safetensors.numpy import load_file
 
-from orchestrator.checkpoint import load_checkpoint
-from orchestrator.cli import main
-from orchestrator.config import build_config
-from orchestrator.errors import MemshardError
-from orchestrator.tracking import redact_uri
-from orchestrator.train import checkpoint_dir, resume_config, train
+from memshard.orchestrator.checkpoint import load_checkpoint
+from memshard.cli import main
+from memshard.config import build_config
+from memshard.errors import MemshardError
+from memshard.orchestrator.tracking import redact_uri
+from memshard.orchestrator.train import checkpoint_dir, resume_config, train
 
 
 def tiny(store: str, *sets: str):
@@ -104,7 +104,7 @@ def test_resume_after_the_driver_dies_equals_an_uninterrupted_run(ray_cluster, m
     reference = reference_weights
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     completed = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
+        [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
          "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "faults.driver_exit_after_round=1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from orchestrator.config import build_config
-from shard_worker import ProxyTrainer
+from memshard.config import build_config
+from memshard.shard_worker import ProxyTrainer
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from orchestrator.errors import MemshardError
-from orchestrator.sharding import (
+from memshard.errors import MemshardError
+from memshard.orchestrator.sharding import (
     apply_moves,
     check_partition,
     is_exchange_round,

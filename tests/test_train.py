@@ -15,14 +15,14 @@ import ray
 from diffusers import DDPMPipeline
 from mlflow.tracking import MlflowClient
 
-from aggregation import weighted_average
-from orchestrator.cluster import place_shard_actors, release
-from orchestrator.config import build_config
-from orchestrator.data import load_dataset, resolve_dataset
-from orchestrator.rounds import IETDriver
-from orchestrator.sharding import split_into_shards
-from orchestrator.train import train
-from shard_worker.actor import ShardWorker
+from memshard.aggregation import weighted_average
+from memshard.orchestrator.cluster import place_shard_actors, release
+from memshard.config import build_config
+from memshard.data import load_dataset, resolve_dataset
+from memshard.orchestrator.rounds import IETDriver
+from memshard.orchestrator.sharding import split_into_shards
+from memshard.orchestrator.train import train
+from memshard.shard_worker.actor import ShardWorker
 
 
 def tiny_config(store: str, *sets: str, **overrides):
@@ -161,7 +161,7 @@ def test_cli_prints_the_run_the_version_and_the_ui_command(tmp_path):
     """The real console script in a fresh process (its own local Ray): the README's first command."""
     store = f"sqlite:///{tmp_path}/mlflow.db"
     completed = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "train", "--preset", "tiny", "--no-progress",
+        [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress",
          "--set", f"mlflow.tracking_uri={store}", "--register-as", "cli-model"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )

@@ -13,15 +13,15 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from orchestrator.cli import main
-from orchestrator.config import build_config
-from orchestrator.data import load_dataset
-from orchestrator.errors import MemshardError
-from orchestrator.train import train
-from orchestrator.unlearn import unlearn_model
-from shard_worker.model import build_scheduler, build_unet
-from unlearning.forget_set import parse_forget_spec
-from unlearning.methods import METHODS, UnlearnSettings, siss_log_weights, unlearn
+from memshard.cli import main
+from memshard.config import build_config
+from memshard.data import load_dataset
+from memshard.errors import MemshardError
+from memshard.orchestrator.train import train
+from memshard.commands.unlearn import unlearn_model
+from memshard.model import build_scheduler, build_unet
+from memshard.unlearning.forget_set import parse_forget_spec
+from memshard.unlearning.methods import METHODS, UnlearnSettings, siss_log_weights, unlearn
 
 PLANTED_COPIES = 60
 AUDIT = ["audit.num_images=32", "audit.sampling_steps=20"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 EVALUATION_PREFIX = "evaluation:"

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
+from memshard.model import noised, to_model_range
 
 METHODS = ("siss", "naive", "neggrad", "erasediff")
 
@@ -85,8 +86,8 @@ def unlearn(method: str, unet: UNet2DModel, scheduler: DDPMScheduler, keep_image
     device = next(unet.parameters()).device
     torch.manual_seed(settings.seed)  # dropout
     generator = torch.Generator(device).manual_seed(settings.seed)
-    keep = _to_model_range(keep_images, device)
-    forget = _to_model_range(forget_images, device)
+    keep = to_model_range(keep_images, device)
+    forget = to_model_range(forget_images, device)
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -107,15 +108,6 @@ def unlearn(method: str, unet: UNet2DModel, scheduler: DDPMScheduler, keep_image
         torch.cuda.synchronize()
     unet.eval()
     return UnlearnStats(settings.steps, time.perf_counter() - started, float(keep_loss), float(forget_loss))
-
-
-def _to_model_range(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(images)).to(device).float() / 127.5 - 1.0  # a writable copy
-
-
-def _noised(alphas: torch.Tensor, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
-    abar = alphas[t].view(-1, 1, 1, 1)
-    return abar.sqrt() * z + (1 - abar).sqrt() * noise, abar
 
 
 def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -139,7 +131,7 @@ def siss_log_weights(m: torch.Tensor, x: torch.Tensor, a: torch.Tensor, abar: to
 def _siss_step(unet, params, alphas, x, a, t, noise, generator, settings):
     pick_forget = torch.rand(len(x), generator=generator, device=x.device) < settings.lam
     z = torch.where(pick_forget.view(-1, 1, 1, 1), a, x)
-    m, abar = _noised(alphas, z, t, noise)
+    m, abar = noised(alphas, z, t, noise)
     log_w_x, log_w_a = siss_log_weights(m, x, a, abar, settings.lam)
     prediction = unet(m, t).sample  # one forward pass on the mixed batch
     sigma = (1 - abar).sqrt()
@@ -156,14 +148,14 @@ def _siss_step(unet, params, alphas, x, a, t, noise, generator, settings):
 
 
 def _naive_step(unet, params, alphas, x, a, t, noise, generator, settings):
-    noisy, _ = _noised(alphas, x, t, noise)
+    noisy, _ = noised(alphas, x, t, noise)
     loss = _mse(unet(noisy, t).sample, noise).mean()
     loss.backward()
     return loss.detach(), torch.tensor(math.nan)
 
 
 def _neggrad_step(unet, params, alphas, x, a, t, noise, generator, settings):
-    noisy, _ = _noised(alphas, a, t, noise)
+    noisy, _ = noised(alphas, a, t, noise)
     loss = _mse(unet(noisy, t).sample, noise).mean()
     (-loss).backward()
     return torch.tensor(math.nan), loss.detach()
@@ -171,7 +163,7 @@ def _neggrad_step(unet, params, alphas, x, a, t, noise, generator, settings):
 
 def _erasediff_step(unet, params, alphas, x, a, t, noise, generator, settings):
     batch = torch.cat([x, a])
-    noisy, _ = _noised(alphas, batch, t.repeat(2), noise.repeat(2, 1, 1, 1))
+    noisy, _ = noised(alphas, batch, t.repeat(2), noise.repeat(2, 1, 1, 1))
     prediction = unet(noisy, t.repeat(2)).sample
     uniform = torch.rand(a.shape, generator=generator, device=a.device)  # ε_f ~ U(0, 1)
     keep_loss = _mse(prediction[: len(x)], noise).mean()

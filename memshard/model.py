@@ -1,4 +1,5 @@
-"""The proxy model: a diffusers UNet2DModel with a DDPMScheduler, built from the config."""
+"""The model every layer shares: the UNet and noise schedule built from the config, where it runs,
+the pixel range it is trained in, and how an image is noised (method.md notation)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from orchestrator.config import Config
+from memshard.config import Config
+from memshard.errors import MemshardError
 
 
 def build_unet(cfg: Config, channels: int) -> UNet2DModel:
@@ -50,9 +52,32 @@ def load_numpy_state(module: torch.nn.Module, state: dict[str, np.ndarray]) -> N
     module.load_state_dict({name: torch.from_numpy(np.array(array)) for name, array in state.items()})
 
 
-def resolve_device(setting: str) -> torch.device:
-    if setting == "auto":
+def resolve_device(setting: str | torch.device | None = "auto") -> torch.device:
+    """None or "auto": CUDA when there is one, else the CPU; "cuda" on a machine without one is an error."""
+    if setting is None or setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device = cuda but this worker sees no CUDA device")
-    return torch.device(setting)
+    try:
+        device = torch.device(setting)
+    except (RuntimeError, TypeError):
+        raise MemshardError(f"device {setting!r} is not a device: use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise MemshardError(f"device {setting!r} is not supported: use auto, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MemshardError(f"device {setting!r} was asked for but torch sees no CUDA device: use auto or cpu")
+    return device
+
+
+def to_model_range(images_uint8: torch.Tensor | np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range the DDPM is trained in (numpy input is copied)."""
+    if isinstance(images_uint8, np.ndarray):
+        images_uint8 = torch.from_numpy(np.array(images_uint8))  # writable copy: loaded arrays are read-only
+    if device is not None:
+        images_uint8 = images_uint8.to(device)
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def noised(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, abar_t as (N, 1, 1, 1))."""
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, abar

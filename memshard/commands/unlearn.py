@@ -31,19 +31,18 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.cluster import connect_ray
-from orchestrator.config import Config, flatten, from_dict, parse_scalar, to_dict
-from orchestrator.data import DATASET_FILE, ImageDataset, fingerprint_of, load_dataset
-from orchestrator.errors import MemshardError
-from orchestrator.pipeline_model import (
-    build_pipeline, find_pipeline_dir, generate_images, image_grid, load_pipeline, log_pipeline_model, save_pipeline,
-)
-from orchestrator.tracking import connect_mlflow, resolve_tracking_uri, with_retries
-from shard_worker.model import state_to_numpy
-from shard_worker.scoring import score_samples
-from unlearning.forget_set import parse_forget_spec
-from unlearning.methods import METHODS as APPROXIMATE_METHODS
-from unlearning.methods import UnlearnSettings, unlearn
+from memshard.orchestrator.cluster import connect_ray
+from memshard.config import Config, flatten, from_dict, parse_scalar, to_dict
+from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of, load_dataset
+from memshard.errors import MemshardError
+from memshard.orchestrator.pipeline_model import log_pipeline_model
+from memshard.pipeline import build_pipeline, find_pipeline_dir, generate_images, image_grid, load_pipeline, save_pipeline
+from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, with_retries
+from memshard.model import state_to_numpy
+from memshard.shard_worker.scoring import score_samples
+from memshard.unlearning.forget_set import parse_forget_spec
+from memshard.unlearning.methods import METHODS as APPROXIMATE_METHODS
+from memshard.unlearning.methods import UnlearnSettings, unlearn
 
 ALL_METHODS = (*APPROXIMATE_METHODS, "retrain")
 EXACTNESS = ("SISS and the naive, NegGrad and EraseDiff baselines are approximate: the forget set still shaped "
@@ -247,8 +246,8 @@ def load_source_pipeline(source: Source):
 
 @ray.remote
 def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_images, settings):
-    from orchestrator.config import from_dict as _from_dict
-    from shard_worker.model import build_scheduler, build_unet, load_numpy_state, resolve_device
+    from memshard.config import from_dict as _from_dict
+    from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device
 
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     torch.set_num_threads(max(1, cpus))
@@ -272,7 +271,7 @@ def _run_on_ray(method, pipeline, cfg: Config, dataset, keep_rows, forget_rows, 
 
 
 def _retrain(client, source, tracking_uri, forget_rows, keep_rows, forget_ids, tags, before, audit) -> UnlearnResult:
-    from orchestrator.train import train
+    from memshard.orchestrator.train import train
 
     data_dir = Path(source.config.data.cache_dir).absolute() / f"unlearn-{tags['memshard.forget_hash'][:16]}"
     write_subset(source.dataset, keep_rows, data_dir)
@@ -324,8 +323,8 @@ def _tag_version(client: MlflowClient, name: str, version: str, tags: dict) -> N
 
 def measure(pipeline, dataset: ImageDataset, forget_rows, keep_rows, audit: AuditSettings) -> dict:
     """Forget/keep losses at fixed (t, ε), copies of each distinct forget image among generations, FID."""
-    from evaluation.fid import PIXEL_PROJECTION, feature_space, fid
-    from evaluation.nearest_neighbors import nearest_neighbors
+    from memshard.evaluation.fid import PIXEL_PROJECTION, feature_space, fid
+    from memshard.evaluation.nearest_neighbors import nearest_neighbors
 
     unet, scheduler = pipeline.unet, pipeline.scheduler
     keep_scored = np.sort(np.random.default_rng(audit.seed).choice(keep_rows, min(audit.keep_samples, len(keep_rows)),
@@ -460,7 +459,7 @@ def format_report(report: dict) -> str:
 
 
 def run_unlearn_command(args) -> int:
-    """`memshard unlearn` (see orchestrator/cli.py)."""
+    """`memshard unlearn` (see memshard/cli.py)."""
     result = unlearn_model(args.model, args.forget, args.method, args.steps, args.set)
     before, after = result.report["before"], result.report["after"]
     print(f"run id: {result.run_id}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,56 +90,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    # Each command's module is imported only when it runs: `memshard data inspect` needs no Ray or torch.
     if args.command == "data":
-        from orchestrator import data
+        from memshard.commands.data import run_data_command
 
-        if args.data_command == "prepare":
-            out = data.prepare_dataset(args.source, args.out, args.resolution, args.channels)
-            print(data.format_inspection(data.inspect_dataset(out)))
-            print(f"wrote {out}")
-        else:
-            print(data.format_inspection(data.inspect_dataset(args.path)))
-        return 0
+        return run_data_command(args)
     if args.command == "train":
-        return run_train(args)
+        from memshard.commands.train import run_train_command
+
+        return run_train_command(args)
     if args.command in ("evaluate", "compare"):
-        from orchestrator.evaluate import run_evaluation_command
+        from memshard.commands.evaluate import run_evaluation_command
 
         return run_evaluation_command(args)
     if args.command == "unlearn":
-        from orchestrator.unlearn import run_unlearn_command
+        from memshard.commands.unlearn import run_unlearn_command
 
         return run_unlearn_command(args)
     raise AssertionError(f"unhandled command {args.command}")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    from orchestrator.config import build_config
-    from orchestrator.tracking import ui_command
-    from orchestrator.train import resume_config, train
-
-    overrides = {
-        "data.path": args.data,
-        "iet.shards": args.shards,
-        "iet.rounds": args.rounds,
-        "iet.local_steps": args.local_steps,
-        "iet.method": args.method,
-        "data.balanced_by_label": args.balanced_by_label,
-        "mlflow.experiment": args.experiment,
-        "mlflow.register_as": args.register_as,
-    }
-    if args.resume:
-        if args.config or args.preset:
-            raise MemshardError("--resume continues a run with its saved configuration: drop --config / --preset")
-        cfg = resume_config(args.resume, overrides, args.set)
-    else:
-        cfg = build_config(args.preset or "digits", args.config, overrides=overrides, sets=args.set)
-    result = train(cfg, show_progress=not args.no_progress, resume_run_id=args.resume)
-    print(f"run id: {result.run_id}")
-    print(f"registered model: {result.registered_name} version {result.registered_version}")
-    print(f"model uri: models:/{result.registered_name}/{result.registered_version}")
-    print(f"open the MLflow UI: {ui_command(result.tracking_uri)}")
-    return 0
 
 
 if __name__ == "__main__":

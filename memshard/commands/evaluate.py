@@ -29,9 +29,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from evaluation.fid import fid, feature_space
-from evaluation.figures import most_copied, r_histogram
-from evaluation.memorization import (
+from memshard.evaluation.fid import fid, feature_space
+from memshard.evaluation.figures import most_copied, r_histogram
+from memshard.evaluation.memorization import (
     DEFAULT_COPY_THRESHOLD,
     NN_RATIO_THRESHOLD,
     R_NEIGHBORS,
@@ -39,12 +39,13 @@ from evaluation.memorization import (
     MemorizationReport,
     memorization_report,
 )
-from evaluation.nearest_neighbors import nearest_neighbors, resolve_device
-from orchestrator.config import DataConfig, MLflowConfig
-from orchestrator.data import ImageDataset, is_prepared_dataset, load_dataset, resolve_dataset
-from orchestrator.errors import MemshardError
-from orchestrator.pipeline_model import find_pipeline_dir, generate_images, image_grid, load_pipeline
-from orchestrator.tracking import connect_mlflow, log_table, resolve_tracking_uri, with_retries
+from memshard.evaluation.nearest_neighbors import nearest_neighbors
+from memshard.model import resolve_device
+from memshard.config import DataConfig, MLflowConfig
+from memshard.data import ImageDataset, is_prepared_dataset, load_dataset, resolve_dataset
+from memshard.errors import MemshardError
+from memshard.pipeline import find_pipeline_dir, generate_images, image_grid, load_pipeline
+from memshard.orchestrator.tracking import connect_mlflow, log_table, resolve_tracking_uri, with_retries
 
 SAMPLERS = ("ddpm", "ddim")
 DDIM_DEFAULT_STEPS = 100
@@ -451,8 +452,8 @@ def _markdown_table(columns: list[str], cells: list[list[str]], notes: list[str]
 
 
 def run_evaluation_command(args) -> int:
-    """`memshard evaluate` / `memshard compare` (parsed by orchestrator.cli)."""
-    from orchestrator.tracking import ui_command
+    """`memshard evaluate` / `memshard compare` (parsed by memshard.cli)."""
+    from memshard.orchestrator.tracking import ui_command
 
     if args.command == "compare":
         result = compare(args.runs, args.tracking_uri)

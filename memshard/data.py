@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 DATASET_FILE = "images.parquet"
 FORMAT_VERSION = "1"

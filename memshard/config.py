@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.errors import MemshardError
+from memshard.errors import MemshardError
 
 METHODS = ("ddpm", "iet", "iet-agc", "iet-agc-plus")
 MSR_RULES = ("ring", "least-familiar")

@@ -1,0 +1,35 @@
+"""`memshard train`: flags -> Config -> `orchestrator.train` -> the run id and model URI printed."""
+
+from __future__ import annotations
+
+import argparse
+
+from memshard.config import build_config
+from memshard.errors import MemshardError
+from memshard.orchestrator.tracking import ui_command
+from memshard.orchestrator.train import resume_config, train
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    overrides = {
+        "data.path": args.data,
+        "iet.shards": args.shards,
+        "iet.rounds": args.rounds,
+        "iet.local_steps": args.local_steps,
+        "iet.method": args.method,
+        "data.balanced_by_label": args.balanced_by_label,
+        "mlflow.experiment": args.experiment,
+        "mlflow.register_as": args.register_as,
+    }
+    if args.resume:
+        if args.config or args.preset:
+            raise MemshardError("--resume continues a run with its saved configuration: drop --config / --preset")
+        cfg = resume_config(args.resume, overrides, args.set)
+    else:
+        cfg = build_config(args.preset or "digits", args.config, overrides=overrides, sets=args.set)
+    result = train(cfg, show_progress=not args.no_progress, resume_run_id=args.resume)
+    print(f"run id: {result.run_id}")
+    print(f"registered model: {result.registered_name} version {result.registered_version}")
+    print(f"model uri: models:/{result.registered_name}/{result.registered_version}")
+    print(f"open the MLflow UI: {ui_command(result.tracking_uri)}")
+    return 0

@@ -1,0 +1,126 @@
+"""The trained model as a diffusers DDPMPipeline: built from averaged weights, saved, loaded, sampled.
+
+Saved with `save_pretrained` (safetensors) so anyone can load it with plain diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMPipeline
+from PIL import Image
+
+from memshard.config import Config
+from memshard.errors import MemshardError
+from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device
+
+MIN_TILE_PX = 64  # an 8x8 digit is a speck in the MLflow UI; upscale tiles to at least this
+GRID_GAP_PX = 2  # dark gap between tiles so black-background digits do not run together
+
+
+def build_pipeline(cfg: Config, channels: int, unet_weights: dict[str, np.ndarray]) -> DDPMPipeline:
+    """The averaged weights in the config's UNet, with the config's noise schedule."""
+    unet = build_unet(cfg, channels)
+    load_numpy_state(unet, unet_weights)
+    unet.eval()  # dropout off: the pipeline is for sampling only
+    return DDPMPipeline(unet=unet, scheduler=build_scheduler(cfg))
+
+
+def save_pipeline(pipeline: DDPMPipeline, out_dir: str | Path) -> Path:
+    """`save_pretrained` into a temporary sibling, then rename, so `out_dir` is never half-written."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if out_dir.exists():
+            # A directory cannot be atomically replaced by rename: move the old one aside first.
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def find_pipeline_dir(root: Path, model: str) -> Path:
+    """The one saved pipeline (model_index.json) at or below `root`: a pipeline dir or an MLflow model."""
+    if (root / "model_index.json").is_file():
+        return root
+    found = sorted(p.parent for p in root.rglob("model_index.json")) if root.is_dir() else []
+    if len(found) != 1:
+        raise MemshardError(f"{model} holds {len(found)} saved pipelines (model_index.json): give the pipeline "
+                            "directory itself, or the MLflow model memshard train logged")
+    return found[0]
+
+
+def load_pipeline(path: str | Path, device: str | None = None) -> DDPMPipeline:
+    """A saved pipeline on `device` (None: CUDA when there is one, else CPU)."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise MemshardError(f"{path} is not a saved pipeline (no model_index.json): give the directory save_pipeline wrote")
+    pipeline = DDPMPipeline.from_pretrained(path)
+    return pipeline.to(resolve_device(device))
+
+
+def generate_images(
+    pipeline: DDPMPipeline,
+    num_images: int,
+    seed: int,
+    num_inference_steps: int = 1000,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """`num_images` samples as N x H x W x C uint8; the same seed (and batch size) gives the same images."""
+    if num_images < 1 or num_inference_steps < 1 or batch_size < 1:
+        raise MemshardError(
+            f"num_images={num_images}, num_inference_steps={num_inference_steps}, batch_size={batch_size}: "
+            "each must be at least 1"
+        )
+    device = pipeline.device
+    # One generator drawn from across all batches: batch k's noise depends only on the seed.
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # bf16 halves the cost of a 1000-step sampling run on GPUs; CPU autocast is slow, so skip it.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    pipeline.set_progress_bar_config(disable=True)  # 1000-step bars would flood Ray/MLflow logs
+    batches = []
+    with autocast:
+        for start in range(0, num_images, batch_size):
+            count = min(batch_size, num_images - start)
+            out = pipeline(batch_size=count, generator=generator,
+                           num_inference_steps=num_inference_steps, output_type="np")
+            batches.append(out.images)  # float in [0, 1], N x H x W x C
+    images = np.concatenate(batches).astype(np.float32)
+    return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
+    """N x H x W x C uint8 images tiled into one square-ish picture, small images upscaled."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]  # N x H x W grayscale
+    if images.ndim != 4 or len(images) == 0 or images.shape[-1] not in (1, 3):
+        raise MemshardError(f"image_grid needs N x H x W x C images with C in (1, 3), got shape {images.shape}")
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    scale = max(1, math.ceil(MIN_TILE_PX / max(h, w)))
+    tile_h, tile_w = h * scale, w * scale
+    mode = "L" if c == 1 else "RGB"
+    grid = Image.new(mode, (columns * tile_w + (columns - 1) * GRID_GAP_PX,
+                            rows * tile_h + (rows - 1) * GRID_GAP_PX))
+    for index, image in enumerate(images.astype(np.uint8)):
+        tile = Image.fromarray(image[..., 0] if c == 1 else image, mode=mode)
+        tile = tile.resize((tile_w, tile_h), Image.Resampling.NEAREST)  # keep pixels crisp
+        row, col = divmod(index, columns)
+        grid.paste(tile, (col * (tile_w + GRID_GAP_PX), row * (tile_h + GRID_GAP_PX)))
+    return grid
