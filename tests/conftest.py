@@ -13,12 +13,17 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (soak tests)")
 
 
+# A test that uses any of these starts Ray, an MLflow store or a training run: the `integration` lane.
+INTEGRATION_FIXTURES = {"ray_cluster", "job_cluster", "mlflow_store", "cli_rejects", "experiment_id"}
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
-        return
+    """Mark integration tests by what they use, so `-m "not integration"` answers in seconds."""
     skip = pytest.mark.skip(reason="slow: run with --run-slow")
     for item in items:
-        if "slow" in item.keywords:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip)
 
 

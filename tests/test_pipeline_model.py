@@ -159,6 +159,7 @@ def test_log_pipeline_model_needs_an_active_run(pipeline_dir, experiment_id):
 LEGACY_MODEL = Path(__file__).parent / "fixtures" / "legacy_pyfunc_model"
 
 
+@pytest.mark.integration
 def test_a_model_logged_before_the_package_rename_still_loads(tmp_path):
     """The fixture was saved by memshard 0.1, whose pickle names orchestrator.pipeline_model."""
     assert b"orchestrator.pipeline_model" in (LEGACY_MODEL / "python_model.pkl").read_bytes()
@@ -175,6 +176,7 @@ def test_a_model_logged_before_the_package_rename_still_loads(tmp_path):
     assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
 
 
+@pytest.mark.integration
 def test_new_models_hold_no_pickle(tmp_path, weights):
     cfg = build_config("tiny")
     pipeline_dir = save_pipeline(build_pipeline(cfg, 1, weights), tmp_path / "pipeline")

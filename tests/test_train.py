@@ -157,6 +157,7 @@ def test_bad_training_input_is_a_one_line_error_and_leaves_no_running_run(
                  "--set", f"mlflow.tracking_uri={mlflow_store}", "--shards", "2", *args], message)
 
 
+@pytest.mark.integration
 def test_cli_prints_the_run_the_version_and_the_ui_command(tmp_path):
     """The real console script in a fresh process (its own local Ray): the README's first command."""
     store = f"sqlite:///{tmp_path}/mlflow.db"
