@@ -1,5 +1,28 @@
-"""Pure functions over state dicts: weighted averaging (FedAvg) and EMA. No Ray, no torch."""
+"""Pure functions over state dicts: weighted averaging (FedAvg), EMA and server-side optimizers
+(FedAvgM, FedAdam, FedYogi). No Ray, no torch."""
 
 from memshard.aggregation.average import AggregationError, ema_update, weighted_average
+from memshard.aggregation.server_optimizers import (
+    SERVER_OPTIMIZERS,
+    ServerState,
+    fedadam,
+    fedavg,
+    fedavgm,
+    fedyogi,
+    server_optimizer,
+    server_update,
+)
 
-__all__ = ["AggregationError", "ema_update", "weighted_average"]
+__all__ = [
+    "AggregationError",
+    "SERVER_OPTIMIZERS",
+    "ServerState",
+    "ema_update",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fedyogi",
+    "server_optimizer",
+    "server_update",
+    "weighted_average",
+]
