@@ -16,6 +16,9 @@ different spaces are not comparable:
   [0, 1], flattened to 3,072 values and multiplied by a fixed 3,072×64 Gaussian matrix (numpy
   PCG64 seed 0, entries N(0, 1/3072)). It sees pixel statistics only; it is NOT comparable to any
   Inception FID.
+- `classifier`: the training set's own small CNN classifier (labelled data only), trained on the CPU
+  in seconds and cached; its full name, `trainset-classifier-cnn1-<fingerprint prefix>`, names the
+  dataset. Offline; comparable only within that name. See `memshard.evaluation.classifier_space`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -32,9 +35,13 @@ import torch.nn.functional as F
 from memshard.model import resolve_device
 from memshard.errors import MemshardError
 
+if TYPE_CHECKING:
+    from memshard.data import ImageDataset
+
 INCEPTION = "inception-v3"
 PIXEL_PROJECTION = "pixels-random-projection-64"
-FEATURE_SPACES = (INCEPTION, PIXEL_PROJECTION)
+CLASSIFIER = "classifier"  # the training set's own classifier; its spaces are named trainset-classifier-...
+FEATURE_SPACES = (INCEPTION, PIXEL_PROJECTION, CLASSIFIER)
 OFFLINE_HINT = f"or pass --feature-space {PIXEL_PROJECTION} (offline; not comparable to published FIDs)"
 DOWNLOAD_TIMEOUT_S = 60
 
@@ -151,12 +158,25 @@ def _download(url: str, path: Path) -> None:
 
 
 def feature_space(name: str, device: str | torch.device | None = None,
-                  inception_weights: str | Path | None = None) -> FeatureSpace:
-    """The feature extractor called `name` (one of FEATURE_SPACES), ready to use."""
+                  inception_weights: str | Path | None = None, dataset: ImageDataset | None = None,
+                  classifier_cache: str | Path | None = None) -> FeatureSpace:
+    """The feature extractor called `name` (one of FEATURE_SPACES), ready to use.
+
+    `classifier` (or a full `trainset-classifier-...` name, which must be `dataset`'s) needs the
+    labelled training `dataset`; its classifier is cached under `classifier_cache`."""
     if name == PIXEL_PROJECTION:
         return PixelProjection()
     if name == INCEPTION:
         return InceptionV3(resolve_device(device), inception_weights)
+    from memshard.evaluation.classifier_space import NAME_PREFIX, ClassifierSpace, space_name
+
+    if name == CLASSIFIER or name.startswith(NAME_PREFIX):
+        if dataset is None:
+            raise MemshardError(f"feature space {name} is the training set's own classifier: it needs the training data")
+        if name != CLASSIFIER and name != space_name(dataset.fingerprint):
+            raise MemshardError(f"feature space {name} is the classifier of another dataset; this dataset's is "
+                                f"{space_name(dataset.fingerprint)} (or pass {CLASSIFIER})")
+        return ClassifierSpace(dataset, cache_dir=classifier_cache, device=resolve_device(device))
     raise MemshardError(f"unknown feature space {name!r}: choose one of {', '.join(FEATURE_SPACES)}")
 
 
