@@ -125,7 +125,7 @@ def test_inputs_are_not_modified():
     _, state = fedadam(theta, averaged, ServerState())
     saved = {k: v.copy() for k, v in state.m.items()}
     fedadam(theta, averaged, state)
-    for original, copy in zip((theta, averaged), copies):
+    for original, copy in zip((theta, averaged), copies, strict=True):
         for name in original:
             np.testing.assert_array_equal(original[name], copy[name])
     for name in saved:
