@@ -1,7 +1,7 @@
-"""Pure functions over state dicts: weighted averaging (FedAvg), EMA and server-side optimizers
+"""Pure functions over state dicts: weighted averaging (FedAvg) and server-side optimizers
 (FedAvgM, FedAdam, FedYogi). No Ray, no torch."""
 
-from memshard.aggregation.average import AggregationError, ema_update, weighted_average
+from memshard.aggregation.average import AggregationError, weighted_average
 from memshard.aggregation.server_optimizers import (
     SERVER_OPTIMIZERS,
     ServerState,
@@ -17,7 +17,6 @@ __all__ = [
     "AggregationError",
     "SERVER_OPTIMIZERS",
     "ServerState",
-    "ema_update",
     "fedadam",
     "fedavg",
     "fedavgm",

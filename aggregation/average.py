@@ -1,4 +1,4 @@
-"""FedAvg and EMA as small pure functions over `{name: np.ndarray}` state dicts.
+"""FedAvg as a small pure function over `{name: np.ndarray}` state dicts.
 
 A state dict here is what a shard worker hands back: parameter and buffer names mapped to CPU numpy
 arrays. Results keep each array's dtype (float arrays are accumulated in float64 and cast back;
@@ -36,17 +36,6 @@ def weighted_average(results: Sequence[tuple[StateDict, float]]) -> dict[str, np
             total += weight * state[name]
         averaged[name] = _cast_like(total, first.dtype)
     return averaged
-
-
-def ema_update(ema: StateDict, new: StateDict, decay: float) -> dict[str, np.ndarray]:
-    """ema ← decay·ema + (1 − decay)·new, per array."""
-    if not 0.0 <= decay <= 1.0:
-        raise AggregationError(f"EMA decay must be in [0, 1]; got {decay}")
-    check_compatible(ema, new, "new state dict")
-    return {
-        name: _cast_like(decay * ema[name].astype(np.float64) + (1.0 - decay) * new[name], ema[name].dtype)
-        for name in ema
-    }
 
 
 def check_compatible(reference: StateDict, other: StateDict, label: str) -> None:

@@ -1,9 +1,9 @@
-"""FedAvg and EMA as pure functions: properties that hold by construction."""
+"""FedAvg as a pure function: properties that hold by construction."""
 
 import numpy as np
 import pytest
 
-from memshard.aggregation import AggregationError, ema_update, weighted_average
+from memshard.aggregation import AggregationError, weighted_average
 
 
 def random_state(rng, scale=1.0):
@@ -66,15 +66,3 @@ def test_mismatches_and_bad_weights_raise():
     with pytest.raises(AggregationError, match="nothing"):
         weighted_average([])
 
-
-def test_ema_update():
-    rng = np.random.default_rng(5)
-    ema, new = random_state(rng), random_state(rng)
-    updated = ema_update(ema, new, decay=0.9)
-    expected = 0.9 * ema["conv.weight"].astype(np.float64) + 0.1 * new["conv.weight"]
-    np.testing.assert_allclose(updated["conv.weight"], expected, rtol=1e-6)
-    assert updated["conv.weight"].dtype == np.float32
-    np.testing.assert_array_equal(ema_update(ema, new, 1.0)["conv.bias"], ema["conv.bias"])
-    np.testing.assert_array_equal(ema_update(ema, new, 0.0)["conv.bias"], new["conv.bias"])
-    with pytest.raises(AggregationError, match="decay"):
-        ema_update(ema, new, 1.5)
