@@ -22,11 +22,10 @@ import numpy as np
 import ray
 import torch
 
-from memshard.orchestrator.cluster import connect_ray, place_shard_actors, release
 from memshard.config import build_config
-from memshard.orchestrator.rounds import IETDriver
+from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.sharding import split_into_shards
-from memshard.shard_worker.actor import ShardWorker
 
 
 def main() -> None:
@@ -40,28 +39,22 @@ def main() -> None:
                                              "training.batch_size": 2, "training.mixed_precision": "no"})
     num_samples = 50 * args.shards
     images = np.random.default_rng(0).integers(0, 256, (num_samples, 3, 32, 32), dtype=np.uint8)
-    ids = np.array([f"s{i}" for i in range(num_samples)])
     connect_ray(None)
-    images_ref, ids_ref = ray.put(images), ray.put(ids)
-    actors, group, resources, start_actor = place_shard_actors(
-        cfg, args.shards, ShardWorker, lambda k, r: (cfg, images_ref, ids_ref, k, max(1, int(r.cpus))))
     try:
-        weights, ema = ray.get(actors[0].get_weights.remote())
-        megabytes = sum(w.nbytes for w in weights.values()) / 1e6
-        driver = IETDriver(cfg, actors, split_into_shards(num_samples, args.shards, 0), num_samples, weights, ema, start_actor)
-        for round_index in range(1, args.rounds + 1):
-            start = time.perf_counter()
-            report = driver.run_round(round_index, is_last=round_index == args.rounds)
-            wall = time.perf_counter() - start
+        with start_shard_driver(cfg, images, split_into_shards(num_samples, args.shards, 0)) as (driver, _):
+            megabytes = sum(w.nbytes for w in driver.weights.values()) / 1e6
+            for round_index in range(1, args.rounds + 1):
+                start = time.perf_counter()
+                report = driver.run_round(round_index, is_last=round_index == args.rounds)
+                wall = time.perf_counter() - start
         seconds = report.seconds
         overhead = seconds["broadcast"] + seconds["gather"] + seconds["aggregate"]
         step_s = float(np.median([r.seconds / r.steps for r in report.results]))
     finally:
-        release(actors, group)
         ray.shutdown()
 
     device = f"cpu: {platform.machine()}, {os.cpu_count()} cores" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    print(f"device: {device}; K={args.shards}; cifar32 proxy {megabytes:.0f} MB fp32 weights (+ the same again as EMA)")
+    print(f"device: {device}; K={args.shards}; cifar32 proxy {megabytes:.0f} MB fp32 weights")
     print("| phase (last round) | seconds |")
     print("| --- | --- |")
     for phase in ("broadcast", "train", "gather", "aggregate"):

@@ -27,17 +27,14 @@ import time
 # machine's network address). Set before Ray is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from memshard.orchestrator.cluster import place_shard_actors, release  # noqa: E402
 from memshard.config import build_config  # noqa: E402
 from memshard.data import load_dataset, resolve_dataset  # noqa: E402
-from memshard.orchestrator.rounds import IETDriver  # noqa: E402
+from memshard.orchestrator.rounds import start_shard_driver  # noqa: E402
 from memshard.orchestrator.sharding import split_into_shards  # noqa: E402
-from memshard.shard_worker.actor import ShardWorker  # noqa: E402
 
 PHASES = ("broadcast", "train", "gather", "aggregate", "redistribute")
 
@@ -46,20 +43,13 @@ def measure(preset: str, shards: int, local_steps: int, rounds: int, dataset, de
     """The last of `rounds` rounds with K shard actors placed by memshard's own sizing."""
     cfg = build_config(preset, overrides={"iet.shards": shards, "iet.local_steps": local_steps,
                                           "iet.rounds": rounds, "training.device": device})
-    images, ids = ray.put(dataset.images), ray.put(dataset.sample_ids)
-    actors, group, resources, start_actor = place_shard_actors(
-        cfg, shards, ShardWorker, lambda k, r: (cfg, images, ids, k, max(1, int(r.cpus))))
-    try:
-        weights, ema = ray.get(actors[0].get_weights.remote())
-        placement = ray.get([actor.describe.remote() for actor in actors])
-        driver = IETDriver(cfg, actors, split_into_shards(len(dataset), shards, cfg.training.seed), len(dataset),
-                           weights, ema, start_actor)
+    split = split_into_shards(len(dataset), shards, cfg.training.seed)
+    with start_shard_driver(cfg, dataset.images, split) as (driver, resources):
+        placement = driver.placement()
         for round_index in range(1, rounds + 1):  # round 1 also pays for the first steps' warm-up
             start = time.perf_counter()
             report = driver.run_round(round_index, is_last=round_index == rounds)
             wall = time.perf_counter() - start
-    finally:
-        release(actors, group)
     return {"shards": shards, "wall": wall, "seconds": report.seconds, "bundle": resources.bundle(),
             "nodes": len({p["node_id"] for p in placement}), "images_per_second": report.images_per_second}
 

@@ -4,7 +4,7 @@ One command, one run, both measured side by side on the same machine and model:
 
     python bench/train_throughput.py [--preset digits] [--shards 4] [--steps 60] [--batch 64]
 
-1. plain   — the textbook diffusers loop (noise, add_noise, UNet, MSE, backward, clip, AdamW, EMA)
+1. plain   — the textbook diffusers loop (noise, add_noise, UNet, MSE, backward, clip, AdamW)
              in this process, `shards * steps` steps, all of the machine's cores.
 2. memshard — the real driver on a local Ray instance: K shard actors, IET-AGC+, `steps` local
              steps each per round, 2 rounds; aggregate images/s = sum over shards, taken from the
@@ -39,7 +39,6 @@ def plain_diffusers_loop(cfg, images: np.ndarray, steps: int) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_unet(cfg, images.shape[1]).to(device).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
     scheduler = build_scheduler(cfg)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate, fused=device.type == "cuda")
@@ -60,8 +59,6 @@ def plain_diffusers_loop(cfg, images: np.ndarray, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.training.ema_decay)
 
     for _ in range(3):  # warm-up
         step()
@@ -92,13 +89,12 @@ def memshard_aggregate(cfg, work_dir: str) -> tuple[float, dict[str, float]]:
 
 def agc_cost(cfg, images: np.ndarray, steps: int) -> tuple[float, float, float]:
     """(seconds/step without AGC, with AGC, AGC bookkeeping alone per step)."""
-    ids = np.arange(len(images)).astype(str)
     shard = np.arange(min(len(images), 512))
     times = []
     for method in ("iet", "iet-agc"):
         method_cfg = copy.deepcopy(cfg)
         method_cfg.iet.method = method
-        trainer = ProxyTrainer(method_cfg, images, ids, 0)
+        trainer = ProxyTrainer(method_cfg, images, 0)
         trainer.train_round(shard, 3)  # warm-up, fills the bank
         result = trainer.train_round(shard, steps)
         times.append(result.seconds / steps)
@@ -135,8 +131,8 @@ def main() -> None:
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"device: {device}; torch {torch.__version__}; preset {args.preset}; batch {args.batch}; "
           f"K={args.shards}; {args.steps} local steps per round")
-    print(f"| measurement | value | ratio |")
-    print(f"| --- | --- | --- |")
+    print("| measurement | value | ratio |")
+    print("| --- | --- | --- |")
     print(f"| plain diffusers loop, 1 model | {plain:.0f} img/s | 1.00 |")
     print(f"| memshard iet-agc-plus, K={args.shards}, aggregate (round 2) | {sharded:.0f} img/s | {sharded / plain:.2f} x plain |")
     round_time = sum(phases.values())

@@ -1,7 +1,7 @@
 """Per-round checkpoints: everything needed to continue a run exactly where it stopped.
 
-One file per run, replaced atomically after each checkpointed round: the global weights and EMA,
-every proxy's state (optimizer, EMA, AGC memory bank, TAA strengths, RNG), the shard assignment,
+One file per run, replaced atomically after each checkpointed round: the global weights, every
+proxy's state (weights, optimizer, AGC memory bank, TAA strengths, RNG), the shard assignment,
 the driver's per-sample tables and the round number. Only tensors, numpy arrays and plain Python
 values go in, so `torch.load(weights_only=True)` reads it back — never a pickle of arbitrary code.
 """

@@ -9,7 +9,7 @@ between shards (on exchange rounds) → the shard assignment is checked.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,15 +19,17 @@ import ray
 from memshard.aggregation import weighted_average
 from memshard.config import Config
 from memshard.errors import MemshardError
+from memshard.orchestrator.cluster import ActorResources, place_shard_actors, release
 from memshard.orchestrator.sharding import (
     Moves,
     apply_moves,
     check_partition,
+    destination_rule,
     is_exchange_round,
-    least_familiar_destinations,
-    ring_destinations,
     select_memorized_samples,
 )
+from memshard.shard_worker.actor import ShardWorker
+from memshard.shard_worker.faults import FaultPlan
 from memshard.shard_worker.trainer import NonFiniteLossError, RoundResult
 
 
@@ -62,13 +64,13 @@ class IETDriver:
     """Holds the global weights, the shard assignment and the per-sample tables; runs rounds."""
 
     def __init__(self, cfg: Config, actors: list, shards: list[np.ndarray], num_samples: int,
-                 weights: dict[str, np.ndarray], ema_weights: dict[str, np.ndarray],
-                 start_actor: Callable[[int], object] | None = None):
+                 weights: dict[str, np.ndarray], start_actor: Callable[[int], object] | None = None):
         self.cfg = cfg
         self.actors = actors
         self.shards = shards
         self.num_samples = num_samples
-        self.weights, self.ema_weights = weights, ema_weights
+        self.weights = weights
+        self.destination_rule = destination_rule(cfg.msr.rule)
         self.skips_since_move = np.zeros(num_samples, dtype=np.int64)  # MSR's memorization score
         self.skips_total = np.zeros(num_samples, dtype=np.int64)  # over the whole run, for the report
         self.last_loss = np.full(num_samples, np.nan)
@@ -79,13 +81,13 @@ class IETDriver:
         # Each proxy's state as of the start of the coming round (object-store references): what a
         # replacement actor resumes from, so a re-run round gives what the lost one would have.
         self.worker_states = [actor.state_dict.remote() for actor in actors]
-        self._weight_refs = None
+        self._weights_ref = None
 
     def run_round(self, round_index: int, is_last: bool) -> RoundReport:
         cfg, seconds = self.cfg, {}
         with _timed(seconds, "broadcast"):
-            self._weight_refs = ray.put(self.weights), ray.put(self.ema_weights)
-            ray.get([actor.set_weights.remote(*self._weight_refs) for actor in self.actors])
+            self._weights_ref = ray.put(self.weights)
+            ray.get([actor.set_weights.remote(self._weights_ref) for actor in self.actors])
         with _timed(seconds, "train"):
             results = self._train_all_shards(round_index)
         for result in results:
@@ -97,8 +99,7 @@ class IETDriver:
             local = ray.get([actor.get_weights.remote() for actor in self.actors])
         with _timed(seconds, "aggregate"):
             sizes = [len(shard) for shard in self.shards]  # the sizes each proxy trained on this round
-            self.weights = weighted_average([(w, n) for (w, _), n in zip(local, sizes)])
-            self.ema_weights = weighted_average([(e, n) for (_, e), n in zip(local, sizes)])
+            self.weights = weighted_average(list(zip(local, sizes, strict=True)))
         moves = None
         if cfg.uses_msr and not is_last and is_exchange_round(round_index, cfg.msr.schedule):
             with _timed(seconds, "redistribute"):
@@ -160,21 +161,20 @@ class IETDriver:
         ray.kill(self.actors[k], no_restart=True)
         actor = self.start_actor(k)
         ray.get(actor.load_state_dict.remote(self.worker_states[k]))
-        ray.get(actor.set_weights.remote(*self._weight_refs))
+        ray.get(actor.set_weights.remote(self._weights_ref))
         self.actors[k] = actor
 
     def redistribute_memorized_samples(self, round_index: int) -> Moves:
         """MSR: each shard's top `msr.fraction` by skip count moves to another shard (method.md §3)."""
         cfg = self.cfg
         selected = select_memorized_samples(self.shards, self.skips_since_move, self.last_loss, cfg.msr.fraction)
-        if cfg.msr.rule == "ring":
-            moves = ring_destinations(selected)
-        else:
-            # Every proxy scores every candidate at the same seeded (t, ε), with its local weights.
-            candidates = np.concatenate(selected)
+
+        def proxy_losses(candidates: np.ndarray) -> np.ndarray:
+            """Every proxy scores every candidate at the same seeded (t, ε), with its local weights."""
             seed = cfg.training.seed * 1000 + round_index
-            losses = np.stack(ray.get([actor.score.remote(candidates, seed) for actor in self.actors]))
-            moves = least_familiar_destinations(selected, losses)
+            return np.stack(ray.get([actor.score.remote(candidates, seed) for actor in self.actors]))
+
+        moves = self.destination_rule(selected, proxy_losses)
         self.shards = apply_moves(self.shards, moves, self.num_samples)
         self.skips_since_move[moves.indices] = 0  # counts reset after a move
         return moves
@@ -184,7 +184,6 @@ class IETDriver:
         return {
             "rounds_done": self.rounds_done,
             "weights": self.weights,
-            "ema_weights": self.ema_weights,
             "shards": list(self.shards),
             "skips_since_move": self.skips_since_move,
             "skips_total": self.skips_total,
@@ -196,15 +195,39 @@ class IETDriver:
     def load_state(self, state: dict) -> None:
         """Continue from a checkpoint: driver tables, assignment, weights and every proxy's state."""
         self.rounds_done = int(state["rounds_done"])
-        self.weights, self.ema_weights = state["weights"], state["ema_weights"]
+        self.weights = state["weights"]
         self.shards = [np.asarray(s, dtype=np.int64) for s in state["shards"]]
         check_partition(self.shards, self.num_samples)
         self.skips_since_move = state["skips_since_move"]
         self.skips_total = state["skips_total"]
         self.last_loss = state["last_loss"]
         self.restarts = int(state["restarts"])
-        ray.get([actor.load_state_dict.remote(ws) for actor, ws in zip(self.actors, state["workers"])])
+        ray.get([actor.load_state_dict.remote(ws) for actor, ws in zip(self.actors, state["workers"], strict=True)])
         self.worker_states = [actor.state_dict.remote() for actor in self.actors]
+
+    def placement(self) -> list[dict]:
+        """Where each proxy runs: shard, node and device."""
+        return ray.get([actor.describe.remote() for actor in self.actors])
+
+
+@contextmanager
+def start_shard_driver(cfg: Config, images: np.ndarray, shards: list[np.ndarray],
+                       faults: FaultPlan | None = None) -> Iterator[tuple[IETDriver, ActorResources]]:
+    """One ShardWorker per shard, placed on the cluster, and the driver over them; released on exit.
+
+    The images go into the object store once and every actor reads them by reference. All proxies
+    start from the same weights; the driver can replace an actor that dies (in its bundle).
+    `faults` is the test-only fault plan (shard_worker.faults); None in a real run.
+    """
+    images_ref = ray.put(images)
+    actors, group = [], None
+    try:
+        actors, group, resources, start_actor = place_shard_actors(
+            cfg, len(shards), ShardWorker, lambda k, r: (cfg, images_ref, k, max(1, int(r.cpus)), faults))
+        weights = ray.get(actors[0].get_weights.remote())
+        yield IETDriver(cfg, actors, shards, len(images), weights, start_actor), resources
+    finally:
+        release(actors, group)  # the driver replaces dead actors in this same list
 
 
 @contextmanager

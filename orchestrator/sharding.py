@@ -7,6 +7,7 @@ requests: each sample lives in exactly one shard.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,22 +77,27 @@ def select_memorized_samples(
     return selected
 
 
-def ring_destinations(selected: list[np.ndarray]) -> Moves:
-    """Published prototype: shard k sends to shard k+1 (mod K)."""
+ProxyLosses = Callable[[np.ndarray], np.ndarray]  # candidates' global indices -> losses[proxy, candidate]
+DestinationRule = Callable[[list[np.ndarray], ProxyLosses], Moves]
+
+
+def ring_destinations(selected: list[np.ndarray], proxy_losses: ProxyLosses) -> Moves:
+    """Published prototype: shard k sends to shard k+1 (mod K); the proxies' losses are not needed."""
     indices, sources = _flatten_selection(selected)
     return Moves(indices, sources, (sources + 1) % len(selected))
 
 
-def least_familiar_destinations(selected: list[np.ndarray], losses: np.ndarray) -> Moves:
+def least_familiar_destinations(selected: list[np.ndarray], proxy_losses: ProxyLosses) -> Moves:
     """Each sample goes to the other shard whose proxy has the HIGHEST loss on it, sizes kept.
 
-    `losses[j, i]` is proxy j's loss on the i-th selected sample (shards concatenated in order).
-    Shard sizes stay as they are: shard j receives as many samples as it sends. Samples are placed
-    greedily, most clear-cut preference first; one whose every other shard is full stays home.
+    `proxy_losses(candidates)[j, i]` is proxy j's loss on candidates[i], the selected samples with
+    the shards concatenated in order. Shard sizes stay as they are: shard j receives as many samples
+    as it sends. Samples are placed greedily, most clear-cut preference first; one whose every other
+    shard is full stays home.
     """
     indices, sources = _flatten_selection(selected)
     capacity = np.array([len(s) for s in selected])
-    preference = losses.astype(np.float64).copy()
+    preference = np.asarray(proxy_losses(indices), dtype=np.float64).copy()
     preference[sources, np.arange(len(indices))] = -np.inf  # never back to the proxy that memorized it
     destinations = sources.copy()
     for i in np.argsort(-preference.max(axis=0), kind="stable"):
@@ -102,6 +108,20 @@ def least_familiar_destinations(selected: list[np.ndarray], losses: np.ndarray) 
                 break
     moving = destinations != sources
     return Moves(indices[moving], sources[moving], destinations[moving])
+
+
+# msr.rule names a destination rule here; a new rule is one function above and one entry below.
+DESTINATION_RULES: dict[str, DestinationRule] = {
+    "ring": ring_destinations,
+    "least-familiar": least_familiar_destinations,
+}
+
+
+def destination_rule(name: str) -> DestinationRule:
+    """The rule registered as `name` (the setting msr.rule), or a one-line error naming the choices."""
+    if name not in DESTINATION_RULES:
+        raise MemshardError(f"msr.rule = {name!r} is not a destination rule: choose one of {', '.join(DESTINATION_RULES)}")
+    return DESTINATION_RULES[name]
 
 
 def _flatten_selection(selected: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,9 +6,6 @@ leaves it FAILED (mlflow.start_run's context does that) and registers nothing.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
 import sys
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -21,18 +18,16 @@ import ray
 from tqdm import tqdm
 
 from memshard.orchestrator.checkpoint import load_checkpoint, save_checkpoint
-from memshard.orchestrator.cluster import connect_ray, place_shard_actors, release
+from memshard.orchestrator.cluster import connect_ray
 from memshard.config import Config, build_partial, flatten, from_dict, to_dict, validate
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.pipeline_model import log_pipeline_model
 from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
-from memshard.orchestrator.rounds import IETDriver, RoundReport
-from memshard.orchestrator.sharding import split_into_shards
+from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
+from memshard.orchestrator.sharding import destination_rule, split_into_shards
 from memshard.orchestrator.tracking import connect_mlflow, log_table, redact_uri, resolve_tracking_uri, with_retries
-from memshard.shard_worker.actor import ShardWorker
-
-log = logging.getLogger("memshard.train")
+from memshard.shard_worker.faults import FaultPlan
 
 
 @dataclass(frozen=True)
@@ -50,6 +45,8 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
 
     For a resume, `cfg` must be the run's saved configuration (see `resume_config`).
     """
+    destination_rule(cfg.msr.rule)  # the one setting config.validate cannot check: the rules live here
+    faults = FaultPlan.from_environment()  # test-only; None in a real run
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = connect_mlflow(tracking_uri, cfg.mlflow.experiment)
     checkpoint = load_checkpoint(checkpoint_dir(cfg, resume_run_id)) if resume_run_id else None
@@ -62,13 +59,11 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
             f"(fingerprint differs): restore it, or start a new run"
         )
     shards = initial_shards(cfg, dataset)
-    cfg = dataclasses.replace(cfg, faults=dataclasses.replace(
-        cfg.faults, marker_dir=str(Path(cfg.faults.marker_dir).resolve())))  # actors may run elsewhere
     started_ray = connect_ray(cfg.ray.address)
     try:
         run_args = {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id}
         with mlflow.start_run(**run_args) as run:
-            return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint)
+            return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults)
     finally:
         if started_ray:
             ray.shutdown()
@@ -112,7 +107,8 @@ def initial_shards(cfg: Config, dataset: ImageDataset) -> list[np.ndarray]:
 
 
 def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], run_id: str,
-                  tracking_uri: str, show_progress: bool, checkpoint: dict | None) -> TrainResult:
+                  tracking_uri: str, show_progress: bool, checkpoint: dict | None,
+                  faults: FaultPlan | None) -> TrainResult:
     num_shards = cfg.iet.shards
     if checkpoint is None:
         params = {**flatten(cfg), "dataset.path": dataset.path, "dataset.fingerprint": dataset.fingerprint,
@@ -123,22 +119,13 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
     with_retries(mlflow.set_tags, {"memshard.version": version("memshard"),
                                    "ray.address": ray.get_runtime_context().gcs_address})
 
-    # The dataset goes into the object store once; every actor reads it by reference.
-    images_ref, ids_ref = ray.put(dataset.images), ray.put(dataset.sample_ids)
-    actors, group = [], None
-    try:
-        actors, group, resources, start_actor = place_shard_actors(
-            cfg, num_shards, ShardWorker,
-            lambda k, resources: (cfg, images_ref, ids_ref, k, max(1, int(resources.cpus))),
-        )
-        placement = ray.get([actor.describe.remote() for actor in actors])
+    with start_shard_driver(cfg, dataset.images, shards, faults) as (driver, resources):
+        placement = driver.placement()
         with_retries(mlflow.set_tags, {
             "devices": ",".join(sorted({p["device"] for p in placement})),
             "nodes": len({p["node_id"] for p in placement}),
             "actor.resources": str(resources.bundle()),
         })
-        weights, ema_weights = ray.get(actors[0].get_weights.remote())  # all proxies start equal
-        driver = IETDriver(cfg, actors, shards, len(dataset), weights, ema_weights, start_actor)
         owners = [_owners(driver.shards, len(dataset))]
         if checkpoint is not None:
             driver.load_state(checkpoint["driver"])
@@ -162,8 +149,8 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                     "config": to_dict(cfg), "dataset_fingerprint": dataset.fingerprint,
                     "driver": driver.state(), "owners": np.stack(owners),
                 })
-            if cfg.faults.driver_exit_after_round == round_index:
-                os._exit(3)  # test-only: the driver process dies right after a checkpoint
+            if faults is not None:
+                faults.after_checkpoint(round_index)
         rounds.close()
 
         # The final model is written locally first, then logged and registered.
@@ -180,8 +167,6 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
             ) from None
         return TrainResult(run_id, tracking_uri, info.model_uri, cfg.mlflow.register_as,
                            str(info.registered_model_version), local_pipeline)
-    finally:
-        release(actors, group)  # the driver replaces dead actors in this same list
 
 
 def _log_failures(driver: IETDriver, round_index: int) -> None:

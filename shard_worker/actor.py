@@ -7,15 +7,16 @@ import ray
 import torch
 
 from memshard.config import Config
+from memshard.shard_worker.faults import FaultPlan
 from memshard.shard_worker.trainer import ProxyTrainer
 
 
 @ray.remote
 class ShardWorker(ProxyTrainer):
-    def __init__(self, cfg: Config, images: np.ndarray, sample_ids: np.ndarray, shard: int, torch_threads: int):
+    def __init__(self, cfg: Config, images: np.ndarray, shard: int, torch_threads: int, faults: FaultPlan | None = None):
         # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; match torch to what the actor was given.
         torch.set_num_threads(max(1, torch_threads))
-        super().__init__(cfg, images, sample_ids, shard)
+        super().__init__(cfg, images, shard, faults)
 
     def describe(self) -> dict:
         """Where this proxy runs: node and device, for MLflow tags and placement checks."""

@@ -1,4 +1,4 @@
-"""One proxy model and its local training: per-sample DDPM loss, AGC, TAA, AdamW, warm-up, EMA.
+"""One proxy model and its local training: per-sample DDPM loss, AGC, TAA, AdamW, warm-up.
 
 The training step reads top to bottom like diffusers' `train_unconditional.py`; the extra lines are
 AGC (which samples count), TAA (how hard each sample is augmented) and per-sample bookkeeping, all
@@ -7,18 +7,16 @@ kept on the device so a round syncs with the host once, at its end.
 
 from __future__ import annotations
 
-import copy
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from memshard.config import Config
-from memshard.shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
 from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device, state_to_numpy, to_model_range
+from memshard.shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
+from memshard.shard_worker.faults import FaultPlan
 from memshard.shard_worker.scoring import per_sample_loss, score_samples
 from memshard.shard_worker.taa import augment, augmentation_strength
 
@@ -36,11 +34,10 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class RoundResult:
-    """What a proxy reports after a round; per-sample arrays are aligned with `sample_ids`."""
+    """What a proxy reports after a round; per-sample arrays are aligned with `indices`."""
 
     shard: int
     indices: np.ndarray  # global dataset indices of the shard's samples this round
-    sample_ids: np.ndarray
     skip_counts: np.ndarray  # times AGC dropped the sample this round
     mean_loss: np.ndarray  # mean training loss of the sample this round (NaN if never drawn)
     seen_counts: np.ndarray
@@ -56,13 +53,14 @@ class ProxyTrainer:
 
     `images` is the whole dataset (N, C, H, W) uint8 — through Ray, a zero-copy view of one object
     in the object store shared by every actor on the node; only the shard's rows go to the device.
+    `faults` is a test-only plan (shard_worker.faults); None in every real run.
     """
 
-    def __init__(self, cfg: Config, images: np.ndarray, sample_ids: np.ndarray, shard: int):
+    def __init__(self, cfg: Config, images: np.ndarray, shard: int, faults: FaultPlan | None = None):
         self.cfg = cfg
         self.shard = shard
         self.images = images
-        self.sample_ids = np.asarray(sample_ids)
+        self.faults = faults
         self.device = resolve_device(cfg.training.device)
         seed = cfg.training.seed
         # Same initial weights on every proxy (seeded by the run seed alone); shard-specific stream
@@ -70,7 +68,6 @@ class ProxyTrainer:
         torch.manual_seed(seed)
         channels = images.shape[1]
         self.model = build_unet(cfg, channels).to(self.device).train()
-        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.scheduler = build_scheduler(cfg)
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
         t = cfg.training
@@ -88,12 +85,11 @@ class ProxyTrainer:
         self._permutation = torch.empty(0, dtype=torch.long, device=self.device)
 
     # ---- weights in and out (CPU numpy, for the object store and aggregation) ----
-    def get_weights(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        return state_to_numpy(self.model), state_to_numpy(self.ema_model)
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return state_to_numpy(self.model)
 
-    def set_weights(self, weights: dict[str, np.ndarray], ema_weights: dict[str, np.ndarray]) -> None:
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         load_numpy_state(self.model, weights)
-        load_numpy_state(self.ema_model, ema_weights)
 
     # ---- local training ----
     def train_round(self, indices: np.ndarray, steps: int) -> RoundResult:
@@ -115,7 +111,8 @@ class ProxyTrainer:
         first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # read once, at the end
         start = time.perf_counter()
         for _ in range(steps):
-            self._inject_faults()
+            if self.faults is not None:
+                self.faults.before_step(self.shard, self.global_step)
             rows = self._next_batch_rows(n, batch)
             x0 = to_model_range(shard_images[rows])
             if cfg.uses_taa:
@@ -124,8 +121,8 @@ class ProxyTrainer:
             timesteps = torch.randint(0, cfg.model.num_train_timesteps, (batch,), generator=self.generator, device=device)
             with autocast:
                 losses = per_sample_loss(self.model, self.scheduler, x0, timesteps, noise)
-            if cfg.faults.shard == self.shard and cfg.faults.nan_at_step == self.global_step:
-                losses = losses * float("nan")  # test-only: a real NaN through the real step
+            if self.faults is not None:
+                losses = self.faults.losses(losses, self.shard, self.global_step)
             detached = losses.detach()
             bad_now = ~torch.isfinite(detached).all() & (first_bad_step < 0)
             first_bad_step = torch.where(bad_now, self.global_step, first_bad_step)
@@ -149,9 +146,6 @@ class ProxyTrainer:
             self.optimizer.step()
             self.lr_schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                ema_params = list(self.ema_model.parameters())
-                torch._foreach_lerp_(ema_params, list(self.model.parameters()), 1.0 - cfg.training.ema_decay)
             self.global_step += 1
 
         # One host sync per round.
@@ -165,7 +159,6 @@ class ProxyTrainer:
         return RoundResult(
             shard=self.shard,
             indices=indices,
-            sample_ids=self.sample_ids[indices],
             skip_counts=skip_np.astype(np.int64),
             mean_loss=mean_loss,
             seen_counts=seen_np.astype(np.int64),
@@ -176,21 +169,6 @@ class ProxyTrainer:
             seconds=seconds,
         )
 
-    def _inject_faults(self) -> None:
-        """Test-only: exit this process (a real crash, not an exception) or stall, at a step, once."""
-        faults = self.cfg.faults
-        if faults.shard != self.shard:
-            return
-        for kind, steps in (("exit", faults.exit_at_steps), ("stall", faults.stall_at_steps)):
-            marker = Path(faults.marker_dir) / f"{kind}-shard{self.shard}-step{self.global_step}"
-            if self.global_step not in steps or marker.exists():
-                continue
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            if kind == "exit":
-                os._exit(17)
-            time.sleep(3600)
-
     def _next_batch_rows(self, n: int, batch: int) -> torch.Tensor:
         """The next `batch` shard rows: seeded epochs without repeats, the short tail dropped."""
         if self._permutation.numel() < batch:
@@ -199,16 +177,14 @@ class ProxyTrainer:
         return rows
 
     # ---- scoring ----
-    def score(self, indices: np.ndarray, seed: int, repeats: int = 4, use_ema: bool = False) -> np.ndarray:
+    def score(self, indices: np.ndarray, seed: int, repeats: int = 4) -> np.ndarray:
         """This proxy's loss on `indices` at fixed, seeded (t, ε) (MSR least-familiar, evaluation)."""
-        model = self.ema_model if use_ema else self.model
-        return score_samples(model, self.scheduler, self.images, indices, seed, repeats)
+        return score_samples(self.model, self.scheduler, self.images, indices, seed, repeats)
 
     # ---- checkpoint (all per-proxy state; tensors only, so torch.load(weights_only=True) reads it) ----
     def state_dict(self) -> dict:
         return {
             "model": self.model.state_dict(),
-            "ema_model": self.ema_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "memory_bank": self.memory_bank.cpu(),
@@ -221,7 +197,6 @@ class ProxyTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.ema_model.load_state_dict(state["ema_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.memory_bank = state["memory_bank"].to(self.device)

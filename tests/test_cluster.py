@@ -31,12 +31,13 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from memshard.cli import build_parser
-from memshard.orchestrator.cluster import node_resources, place_shard_actors, plan_actor_resources, release
+from memshard.orchestrator.cluster import node_resources, plan_actor_resources
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
+from memshard.orchestrator.rounds import start_shard_driver
+from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import train
 from conftest import all_runs
-from memshard.shard_worker.actor import ShardWorker
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # `ray` and `memshard` of the Python running the tests
@@ -357,12 +358,8 @@ def test_more_shards_than_gpus_get_fractional_gpus_on_the_gpu_nodes(ray_cluster,
         assert run.data.tags["actor.resources"] == str({"CPU": 0.5, "GPU": 0.5})
 
         dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
-        images, ids = ray.put(dataset.images), ray.put(dataset.sample_ids)
-        actors, group, _, _ = place_shard_actors(cfg, 4, ShardWorker, lambda k, r: (cfg, images, ids, k, 1))
-        try:
-            placed = ray.get([actor.describe.remote() for actor in actors])
-        finally:
-            release(actors, group)
+        with start_shard_driver(cfg, dataset.images, split_into_shards(len(dataset), 4, seed=0)) as (driver, _):
+            placed = driver.placement()
         assert {p["node_id"] for p in placed} == {node.node_id for node in gpu_nodes}
     finally:
         for node in gpu_nodes:

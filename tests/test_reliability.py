@@ -1,7 +1,12 @@
-"""Failures: actors that die or stall, a driver that dies, NaN losses, bad input — all on real processes."""
+"""Failures: actors that die or stall, a driver that dies, NaN losses, bad input — all on real processes.
+
+Faults are injected with a test-only plan (memshard.shard_worker.faults) in the MEMSHARD_TEST_FAULTS
+environment variable, never through the run's configuration.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,20 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from conftest import all_runs
+from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
 
-from memshard.orchestrator.checkpoint import load_checkpoint
 from memshard.cli import main
 from memshard.config import build_config
 from memshard.errors import MemshardError
+from memshard.orchestrator.checkpoint import load_checkpoint
 from memshard.orchestrator.tracking import redact_uri
 from memshard.orchestrator.train import checkpoint_dir, resume_config, train
+from memshard.shard_worker.faults import FAULTS_ENV
 
 
 def tiny(store: str, *sets: str):
     return build_config("tiny", overrides={"mlflow.tracking_uri": store}, sets=list(sets))
+
+
+def inject(monkeypatch, **plan) -> None:
+    """Faults for the runs this test starts in this process (a FaultPlan's fields)."""
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(plan))
 
 
 def final_weights(result) -> dict[str, np.ndarray]:
@@ -52,22 +63,27 @@ def reference_weights(ray_cluster, tmp_path_factory):
 
 
 def test_an_actor_killed_mid_round_is_replaced_and_the_run_ends_as_if_nothing_happened(
-    ray_cluster, mlflow_store, tmp_path, reference_weights
+    ray_cluster, mlflow_store, tmp_path, reference_weights, monkeypatch
 ):
     reference = reference_weights
     # tiny: 3 local steps per round, so global step 4 is inside round 2.
-    cfg = tiny(mlflow_store, "iet.rounds=3", "faults.shard=1", "faults.exit_at_steps=4")
+    inject(monkeypatch, shard=1, exit_at_steps=[4])
+    cfg = tiny(mlflow_store, "iet.rounds=3")
     result = train(cfg, show_progress=False)
     client = MlflowClient(mlflow_store)
-    assert client.get_run(result.run_id).info.status == "FINISHED"
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert not [name for name in run.data.params if "fault" in name]  # the run logs only real settings
+    assert "fault" not in Path(client.download_artifacts(result.run_id, "config.json", str(tmp_path))).read_text()
     restarts = client.get_metric_history(result.run_id, "actor_restarts")
     assert [(m.step, m.value) for m in restarts] == [(2, 1.0)]
     assert (tmp_path / ".memshard" / "faults" / "exit-shard1-step4").exists()  # the process really exited
     assert_same_weights(final_weights(result), reference)  # recovery re-ran exactly what was lost
 
 
-def test_a_stalled_shard_is_failed_after_the_round_timeout_and_replaced(ray_cluster, mlflow_store, tmp_path):
-    cfg = tiny(mlflow_store, "faults.shard=0", "faults.stall_at_steps=1", "ray.round_timeout_s=10")
+def test_a_stalled_shard_is_failed_after_the_round_timeout_and_replaced(ray_cluster, mlflow_store, tmp_path, monkeypatch):
+    inject(monkeypatch, shard=0, stall_at_steps=[1])
+    cfg = tiny(mlflow_store, "ray.round_timeout_s=10")
     result = train(cfg, show_progress=False)
     client = MlflowClient(mlflow_store)
     assert client.get_run(result.run_id).info.status == "FINISHED"
@@ -76,10 +92,12 @@ def test_a_stalled_shard_is_failed_after_the_round_timeout_and_replaced(ray_clus
     assert "round_timeout_s" in Path(events).read_text()
 
 
-def test_past_the_restart_budget_the_run_fails_cleanly_and_keeps_its_checkpoint(ray_cluster, mlflow_store, capsys):
+def test_past_the_restart_budget_the_run_fails_cleanly_and_keeps_its_checkpoint(
+    ray_cluster, mlflow_store, capsys, monkeypatch
+):
+    inject(monkeypatch, shard=0, exit_at_steps=[4, 5])
     code = main(["train", "--preset", "tiny", "--no-progress", "--rounds", "3",
-                 "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "faults.shard=0",
-                 "--set", "faults.exit_at_steps=4,5", "--set", "ray.max_actor_restarts=1"])
+                 "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "ray.max_actor_restarts=1"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "shard 0 failed in round 2" in err and "ray.max_actor_restarts" in err
@@ -89,8 +107,9 @@ def test_past_the_restart_budget_the_run_fails_cleanly_and_keeps_its_checkpoint(
     assert not MlflowClient(mlflow_store).search_registered_models()
 
 
-def test_a_nan_loss_names_the_shard_and_step_and_rolls_the_round_back(ray_cluster, mlflow_store):
-    cfg = tiny(mlflow_store, "iet.rounds=3", "faults.shard=1", "faults.nan_at_step=4")
+def test_a_nan_loss_names_the_shard_and_step_and_rolls_the_round_back(ray_cluster, mlflow_store, monkeypatch):
+    inject(monkeypatch, shard=1, nan_at_step=4)
+    cfg = tiny(mlflow_store, "iet.rounds=3")
     with pytest.raises(MemshardError, match="shard 1 produced a non-finite loss at step 4 in round 2") as error:
         train(cfg, show_progress=False)
     assert "\n" not in str(error.value)
@@ -102,10 +121,10 @@ def test_a_nan_loss_names_the_shard_and_step_and_rolls_the_round_back(ray_cluste
 
 def test_resume_after_the_driver_dies_equals_an_uninterrupted_run(ray_cluster, mlflow_store, tmp_path, reference_weights):
     reference = reference_weights
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, FAULTS_ENV: json.dumps({"driver_exit_after_round": 1})}
     completed = subprocess.run(
         [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
-         "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "faults.driver_exit_after_round=1"],
+         "--set", f"mlflow.tracking_uri={mlflow_store}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 3, completed.stderr[-2000:]  # the driver process died after round 1
@@ -153,6 +172,8 @@ def test_checkpoints_hold_no_pickled_code(ray_cluster, mlflow_store):
         (["--data", "one.npy", "--shards", "1"], "training needs at least 2"),
         (["--data", "corrupt.parquet"], "corrupt.parquet"),
         (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "does not answer"),
+        (["--set", "msr.rule=random"], "msr.rule = 'random' is not a destination rule: choose one of ring, least-familiar"),
+        (["--set", "faults.shard=0"], "'faults.shard'"),  # fault injection is not a setting
     ],
 )
 def test_bad_input_is_one_line_and_starts_no_run(ray_cluster, mlflow_store, tmp_path, cli_rejects, args, message):
@@ -169,12 +190,13 @@ def test_credentials_never_reach_logged_params():
 
 
 @pytest.mark.slow
-def test_soak_many_rounds_with_several_failures(ray_cluster, mlflow_store):
-    cfg = tiny(mlflow_store, "iet.rounds=12", "iet.shards=3", "faults.shard=2",
-               "faults.exit_at_steps=2,8,17,29", "msr.schedule=every", "ray.max_actor_restarts=4")
+def test_soak_many_rounds_with_several_failures(ray_cluster, mlflow_store, monkeypatch):
+    inject(monkeypatch, shard=2, exit_at_steps=[2, 8, 17, 29])
+    cfg = tiny(mlflow_store, "iet.rounds=12", "iet.shards=3", "msr.schedule=every", "ray.max_actor_restarts=4")
     result = train(cfg, show_progress=False)
     client = MlflowClient(mlflow_store)
     assert client.get_run(result.run_id).info.status == "FINISHED"
     assert client.get_metric_history(result.run_id, "actor_restarts")[-1].value == 4
+    monkeypatch.delenv(FAULTS_ENV)
     reference = train(tiny(mlflow_store, "iet.rounds=12", "iet.shards=3", "msr.schedule=every"), show_progress=False)
     assert_same_weights(final_weights(result), final_weights(reference))

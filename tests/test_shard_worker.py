@@ -7,19 +7,18 @@ from sklearn.datasets import load_digits
 
 from memshard.config import build_config
 from memshard.shard_worker import ProxyTrainer
+from memshard.shard_worker.faults import FAULTS_ENV, FaultPlan
+from memshard.shard_worker.trainer import NonFiniteLossError
 
 
 @pytest.fixture(scope="module")
 def digits_8x8():
-    images = np.round(load_digits().images * 255 / 16).astype(np.uint8)[:, None]
-    ids = np.array([f"digits-{i:05d}" for i in range(len(images))])
-    return images, ids
+    return np.round(load_digits().images * 255 / 16).astype(np.uint8)[:, None]
 
 
 def make_trainer(digits_8x8, shard=0, **sets):
-    images, ids = digits_8x8
     cfg = build_config("tiny", sets=[f"{k}={v}" for k, v in sets.items()])
-    return ProxyTrainer(cfg, images, ids, shard)
+    return ProxyTrainer(cfg, digits_8x8, shard)
 
 
 def test_model_matches_config(digits_8x8):
@@ -39,13 +38,12 @@ def test_local_steps_lower_the_loss_on_a_tiny_shard(digits_8x8):
     assert result.steps == 60 and result.images_per_second > 0 and np.isfinite(result.mean_loss_all)
 
 
-def test_round_result_is_keyed_by_sample_id_and_counts_agc_skips(digits_8x8):
+def test_round_result_is_aligned_with_the_shard_and_counts_agc_skips(digits_8x8):
     trainer = make_trainer(digits_8x8, **{"training.learning_rate": 1e-3})
     shard = np.arange(100, 148)
     trainer.train_round(shard, 20)  # fill the memory bank
     result = trainer.train_round(shard, 30)
-    images, ids = digits_8x8
-    np.testing.assert_array_equal(result.sample_ids, ids[shard])
+    np.testing.assert_array_equal(result.indices, shard)
     assert result.seen_counts.sum() == 30 * 16
     assert result.skip_counts.sum() > 0 and 0 < result.kept_fraction < 1
     assert result.kept_fraction == pytest.approx(1 - result.skip_counts.sum() / result.seen_counts.sum())
@@ -68,23 +66,21 @@ def test_training_is_deterministic_given_the_seeds(digits_8x8):
     for _ in range(2):
         trainer = make_trainer(digits_8x8, shard=1)
         trainer.train_round(shard, 8)
-        runs.append(trainer.get_weights()[0])
+        runs.append(trainer.get_weights())
     for name in runs[0]:
         np.testing.assert_array_equal(runs[0][name], runs[1][name])
     other_shard = make_trainer(digits_8x8, shard=2)
     other_shard.train_round(shard, 8)
-    assert any(not np.array_equal(runs[0][n], w) for n, w in other_shard.get_weights()[0].items())
+    assert any(not np.array_equal(runs[0][n], w) for n, w in other_shard.get_weights().items())
 
 
 def test_weights_round_trip_as_cpu_numpy(digits_8x8):
     a, b = make_trainer(digits_8x8), make_trainer(digits_8x8)
     a.train_round(np.arange(32), 5)
-    weights, ema = a.get_weights()
+    weights = a.get_weights()
     assert all(isinstance(w, np.ndarray) for w in weights.values())
-    b.set_weights(weights, ema)
+    b.set_weights(weights)
     np.testing.assert_allclose(a.score(np.arange(8), seed=0), b.score(np.arange(8), seed=0), rtol=1e-6)
-    ema_loss = a.score(np.arange(8), seed=0, use_ema=True)
-    assert not np.allclose(ema_loss, a.score(np.arange(8), seed=0))
 
 
 def test_score_depends_only_on_seed_and_sample(digits_8x8):
@@ -106,6 +102,31 @@ def test_state_dict_resumes_bitwise(digits_8x8):
     resumed = make_trainer(digits_8x8)
     resumed.load_state_dict(state)
     resumed.train_round(shard, 4)
-    for name, weight in straight.get_weights()[0].items():
-        np.testing.assert_array_equal(resumed.get_weights()[0][name], weight)
+    for name, weight in straight.get_weights().items():
+        np.testing.assert_array_equal(resumed.get_weights()[name], weight)
     torch.testing.assert_close(resumed.memory_bank, straight.memory_bank, rtol=0, atol=0)
+
+
+def test_a_test_fault_plan_makes_a_real_nan_on_its_shard_only(digits_8x8):
+    shard = np.arange(32)
+    planned = make_trainer(digits_8x8, shard=1)
+    planned.faults = FaultPlan(shard=1, nan_at_step=5)
+    planned.train_round(shard, 3)  # steps 0-2
+    with pytest.raises(NonFiniteLossError) as error:
+        planned.train_round(shard, 3)  # steps 3-5
+    assert (error.value.shard, error.value.step) == (1, 5)
+    other = make_trainer(digits_8x8, shard=0)
+    other.faults = FaultPlan(shard=1, nan_at_step=2)
+    assert np.isfinite(other.train_round(shard, 4).mean_loss_all)
+
+
+def test_fault_plans_come_only_from_the_test_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    assert FaultPlan.from_environment() is None
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(FAULTS_ENV, '{"shard": 1, "exit_at_steps": [4, 5]}')
+    assert FaultPlan.from_environment() == FaultPlan(shard=1, exit_at_steps=(4, 5),
+                                                     marker_dir=str(tmp_path / ".memshard" / "faults"))
+    monkeypatch.setenv(FAULTS_ENV, '{"shard": 1, "explode_at": 3}')
+    with pytest.raises(ValueError, match="explode_at"):
+        FaultPlan.from_environment()

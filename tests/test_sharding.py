@@ -1,18 +1,27 @@
-"""Initial split and MSR as pure functions: conservation, fractions, destinations."""
+"""Initial split and MSR as pure functions: conservation, fractions, destinations, the rule registry."""
 
 import numpy as np
 import pytest
 
+from memshard.config import build_config
 from memshard.errors import MemshardError
 from memshard.orchestrator.sharding import (
+    DESTINATION_RULES,
+    Moves,
     apply_moves,
     check_partition,
+    destination_rule,
     is_exchange_round,
     least_familiar_destinations,
     ring_destinations,
     select_memorized_samples,
     split_into_shards,
 )
+from memshard.orchestrator.train import train
+
+
+def no_losses(candidates):
+    raise AssertionError("this rule must not ask the proxies for losses")
 
 
 def test_split_is_a_seeded_near_equal_partition():
@@ -20,7 +29,7 @@ def test_split_is_a_seeded_near_equal_partition():
     assert sorted(len(s) for s in shards) == [25, 26, 26, 26]
     check_partition(shards, 103)
     again = split_into_shards(103, 4, seed=1)
-    assert all(np.array_equal(a, b) for a, b in zip(shards, again))
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again, strict=True))
     assert not np.array_equal(split_into_shards(103, 4, seed=2)[0], shards[0])
 
 
@@ -55,11 +64,11 @@ def test_ring_moves_the_configured_fraction_to_the_next_shard():
     shards = split_into_shards(120, 3, seed=0)
     skips = np.random.default_rng(0).integers(0, 5, 120)
     selected = select_memorized_samples(shards, skips, np.ones(120), fraction=0.25)
-    moves = ring_destinations(selected)
+    moves = destination_rule("ring")(selected, no_losses)
     assert len(moves.indices) == sum(round(0.25 * len(s)) for s in shards) == 30
     np.testing.assert_array_equal(moves.destinations, (moves.sources + 1) % 3)
     new = apply_moves(shards, moves, 120)
-    for index, destination in zip(moves.indices, moves.destinations):
+    for index, destination in zip(moves.indices, moves.destinations, strict=True):
         assert index in new[destination]
     assert [len(s) for s in new] == [len(s) for s in shards]
     assert moves.matrix(3).tolist() == [[0, 10, 0], [0, 0, 10], [10, 0, 0]]
@@ -73,8 +82,10 @@ def test_least_familiar_sends_each_sample_to_the_proxy_that_knows_it_least():
         [0.7, 0.3, 0.1, 0.1, 0.2, 0.9],
         [0.2, 0.8, 0.3, 0.9, 0.1, 0.1],
     ])
-    moves = least_familiar_destinations(selected, losses)
-    destination = dict(zip(moves.indices.tolist(), moves.destinations.tolist()))
+    asked = []
+    moves = destination_rule("least-familiar")(selected, lambda candidates: asked.append(candidates) or losses)
+    np.testing.assert_array_equal(asked[0], [0, 1, 10, 11, 20, 21])  # every selected sample, shards in order
+    destination = dict(zip(moves.indices.tolist(), moves.destinations.tolist(), strict=True))
     assert destination == {0: 1, 1: 2, 10: 0, 11: 2, 20: 0, 21: 1}
     shards = [np.arange(0, 10), np.arange(10, 20), np.arange(20, 30)]
     new = apply_moves(shards, moves, 30)
@@ -85,7 +96,7 @@ def test_least_familiar_sends_each_sample_to_the_proxy_that_knows_it_least():
 def test_least_familiar_keeps_sizes_when_everyone_prefers_one_shard():
     selected = [np.arange(0, 4), np.arange(10, 14), np.arange(20, 24)]
     losses = np.tile(np.array([[0.1], [0.2], [0.9]]), (1, 12))  # proxy 2 knows everything least
-    moves = least_familiar_destinations(selected, losses)
+    moves = least_familiar_destinations(selected, lambda candidates: losses)
     matrix = moves.matrix(3)
     assert matrix.sum(axis=0).tolist() == matrix.sum(axis=1).tolist()  # each receives what it sends
     assert np.all(moves.destinations != moves.sources)
@@ -93,7 +104,7 @@ def test_least_familiar_keeps_sizes_when_everyone_prefers_one_shard():
 
 def test_apply_moves_rejects_a_move_from_the_wrong_shard():
     shards = [np.array([0, 1]), np.array([2, 3])]
-    bad = ring_destinations([np.array([2]), np.array([])])  # claims shard 0 holds sample 2
+    bad = ring_destinations([np.array([2]), np.array([])], no_losses)  # claims shard 0 holds sample 2
     with pytest.raises(AssertionError, match="source shard"):
         apply_moves(shards, bad, 4)
 
@@ -101,3 +112,32 @@ def test_apply_moves_rejects_a_move_from_the_wrong_shard():
 def test_exchange_schedule():
     assert [is_exchange_round(r, "alternate") for r in range(1, 6)] == [True, False, True, False, True]
     assert all(is_exchange_round(r, "every") for r in range(1, 6))
+
+
+def test_the_registry_holds_the_published_rule_and_ours():
+    assert DESTINATION_RULES == {"ring": ring_destinations, "least-familiar": least_familiar_destinations}
+    assert build_config("tiny").msr.rule in DESTINATION_RULES
+
+
+@pytest.mark.parametrize("start", [destination_rule, lambda name: train(build_config("tiny", sets=[f"msr.rule={name}"]))])
+def test_an_unknown_rule_is_a_one_line_error_naming_the_registered_rules(start, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # train() must fail before it creates an MLflow store or starts Ray
+    with pytest.raises(MemshardError) as error:
+        start("random")
+    assert str(error.value) == "msr.rule = 'random' is not a destination rule: choose one of ring, least-familiar"
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_new_rule_is_one_function_and_one_registry_entry(monkeypatch):
+    def stay_home_but_one(selected, proxy_losses):
+        """Moves only shard 0's first selected sample, to the shard whose proxy knows it least."""
+        losses = proxy_losses(selected[0][:1])
+        return Moves(selected[0][:1], np.zeros(1, dtype=np.int64), np.argmax(losses, axis=0))
+
+    monkeypatch.setitem(DESTINATION_RULES, "stay-home-but-one", stay_home_but_one)
+    cfg = build_config("tiny", sets=["msr.rule=stay-home-but-one"])  # the config takes any registered name
+    rule = destination_rule(cfg.msr.rule)
+    shards = [np.arange(0, 4), np.arange(4, 8)]
+    moves = rule([np.array([2, 3]), np.array([5])], lambda candidates: np.array([[0.1], [0.7]]))
+    assert moves.indices.tolist() == [2] and moves.destinations.tolist() == [1]
+    assert [s.tolist() for s in apply_moves(shards, moves, 8)] == [[0, 1, 3], [2, 4, 5, 6, 7]]

@@ -16,13 +16,11 @@ from diffusers import DDPMPipeline
 from mlflow.tracking import MlflowClient
 
 from memshard.aggregation import weighted_average
-from memshard.orchestrator.cluster import place_shard_actors, release
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
-from memshard.orchestrator.rounds import IETDriver
+from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import train
-from memshard.shard_worker.actor import ShardWorker
 
 
 def tiny_config(store: str, *sets: str, **overrides):
@@ -106,22 +104,16 @@ def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster,
     shards = split_into_shards(len(dataset), 3, seed=0)
     shards[0] = shards[0][:200]  # unequal sizes make the weighting visible
     shards[1] = np.sort(np.concatenate([shards[1], split_into_shards(len(dataset), 3, seed=0)[0][200:]]))
-    images_ref, ids_ref = ray.put(dataset.images), ray.put(dataset.sample_ids)
-    actors, group, _, _ = place_shard_actors(cfg, 3, ShardWorker, lambda k, r: (cfg, images_ref, ids_ref, k, 1))
-    try:
-        weights, ema = ray.get(actors[0].get_weights.remote())
-        driver = IETDriver(cfg, actors, shards, len(dataset), weights, ema)
+    with start_shard_driver(cfg, dataset.images, shards) as (driver, _):
         sizes = [len(s) for s in driver.shards]
         report = driver.run_round(1, is_last=False)
-        held = ray.get([actor.get_weights.remote() for actor in actors])  # local weights, not yet overwritten
-        expected = weighted_average([(w, n) for (w, _), n in zip(held, sizes)])
+        held = ray.get([actor.get_weights.remote() for actor in driver.actors])  # local weights, not yet overwritten
+        expected = weighted_average(list(zip(held, sizes, strict=True)))
         for name, value in expected.items():
             np.testing.assert_allclose(driver.weights[name], value, rtol=1e-6, atol=1e-7)
-        unweighted = weighted_average([(w, 1) for w, _ in held])
+        unweighted = weighted_average([(w, 1) for w in held])
         assert any(not np.allclose(unweighted[n], expected[n]) for n in expected)
         assert report.samples_moved > 0 and sum(len(s) for s in driver.shards) == len(dataset)
-    finally:
-        release(actors, group)
 
 
 def test_actors_spread_across_nodes_by_custom_resource(ray_cluster, mlflow_store):
