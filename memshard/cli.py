@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memshard.errors import MemshardError
+from memshard.errors import MemshardError, one_line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in memshard's form: one `error: ...` line, exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {one_line(message)} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memshard", description=__doc__)
+    parser = _Parser(prog="memshard", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="prepare and inspect image datasets")
