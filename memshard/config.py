@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from memshard.errors import MemshardError
+from memshard.errors import MemshardError, shown
 
 METHODS = ("ddpm", "iet", "iet-agc", "iet-agc-plus")
 MSR_SCHEDULES = ("every", "alternate")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # DDPMScheduler's
+MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is a few hundred bytes; past this it is not one
+_INT64 = 1 << 63
 
 
 @dataclass
@@ -211,29 +216,58 @@ def fold_baseline_to_equal_compute(cfg: Config) -> None:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or TOML file as a tree; bounded: at most MAX_CONFIG_FILE_BYTES, no YAML anchors/aliases."""
     path = Path(path)
     if not path.is_file():
         raise MemshardError(f"config file {path} does not exist: check the path given to --config")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise MemshardError(f"config file {path} is neither .yaml/.yml nor .toml: rename it")
     try:
-        if path.suffix == ".toml":
-            tree = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            tree = yaml.safe_load(text) or {}
-        else:
-            raise MemshardError(f"config file {path} is neither .yaml/.yml nor .toml: rename it")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        first_line = str(exc).splitlines()[0]
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_FILE_BYTES + 1)
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MemshardError(f"config file {path} cannot be read as UTF-8 text ({exc}): "
+                            "check the path given to --config") from None
+    if len(data) > MAX_CONFIG_FILE_BYTES:
+        raise MemshardError(f"config file {path} is larger than {MAX_CONFIG_FILE_BYTES >> 10} KiB: "
+                            "a config file holds a few settings; check the path given to --config")
+    try:
+        tree = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_NoAliasLoader) or {}
+    except _AliasRefused as exc:
+        raise MemshardError(f"config file {path}: {exc}") from None
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise MemshardError(f"config file {path} does not parse ({first_line}): fix its syntax") from None
     if not isinstance(tree, dict):
         raise MemshardError(f"config file {path} must hold sections (data:, training:, ...) at the top")
     return tree
 
 
+class _AliasRefused(yaml.YAMLError):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases: a few hundred bytes of nested aliases ("billion
+    laughs") expand to gigabytes, and a config file never needs them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise _AliasRefused(f"line {event.start_mark.line + 1} uses the YAML {kind}{event.anchor[:40]}; "
+                                "memshard does not expand anchors and aliases: write the values out")
+        return super().compose_node(parent, index)
+
+
 def apply_tree(cfg: Config, tree: dict[str, Any], origin: str) -> None:
+    if not isinstance(tree, dict):
+        raise MemshardError(f"{origin}: the settings must be sections of keys (data, training, ...), "
+                            f"not {type(tree).__name__}")
     for section, values in tree.items():
         if not isinstance(values, dict):
-            raise MemshardError(f"{origin}: {section!r} must be a section of keys, e.g. {section}: {{...}}")
+            raise MemshardError(f"{origin}: {shown(section)} must be a section of keys, e.g. {shown(section)}: {{...}}")
         for key, value in values.items():
             set_dotted(cfg, f"{section}.{key}", value, origin)
 
@@ -243,20 +277,21 @@ def set_dotted(cfg: Config, dotted: str, value: Any, origin: str) -> None:
     sections = {f.name for f in dataclasses.fields(Config)}
     if section_name not in sections or not key:
         raise MemshardError(
-            f"{origin}: unknown setting {dotted!r}: sections are {', '.join(sorted(sections))}"
+            f"{origin}: unknown setting {shown(dotted)}: sections are {', '.join(sorted(sections))}"
         )
     section = getattr(cfg, section_name)
     hints = typing.get_type_hints(type(section))
     if key not in hints:
         raise MemshardError(
-            f"{origin}: unknown key {dotted!r}: {section_name} has {', '.join(hints)}"
+            f"{origin}: unknown key {shown(dotted)}: {section_name} has {', '.join(hints)}"
         )
     setattr(section, key, coerce(value, hints[key], dotted, origin))
 
 
 def coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
     """Check `value` against the field's type; ints widen to floats, lists become tuples."""
-    wrong = MemshardError(f"{origin}: {dotted} = {value!r} has the wrong type: expected {_type_name(hint)}")
+    wrong = MemshardError(f"{origin}: {shown(dotted)[1:-1]} = {shown(value)} has the wrong type: "
+                          f"expected {_type_name(hint)}")
     origin_type = typing.get_origin(hint)
     if origin_type in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
@@ -289,11 +324,21 @@ def coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
         raise wrong
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -_INT64 <= value < _INT64:
+                raise MemshardError(f"{origin}: {shown(dotted)[1:-1]} = {shown(value)} is out of range: "
+                                    "give a 64-bit integer")
             return value
         raise wrong
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise MemshardError(f"{origin}: {shown(dotted)[1:-1]} = {shown(value)} is not a finite number: "
+                                    "give a finite one")
+            return number
         raise wrong
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -309,11 +354,35 @@ def _type_name(hint: Any) -> str:
 
 
 def parse_scalar(text: str) -> Any:
-    """`--set` values are YAML scalars: 3 -> int, 0.5 -> float, true -> bool, null -> None."""
+    """`--set` values are YAML scalars: 3 -> int, 0.5 -> float, true -> bool, null -> None.
+
+    No anchors or aliases; text that does not parse (or would not be a scalar's worth) stays text."""
     try:
-        return yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
+        return yaml.load(text, Loader=_NoAliasLoader) if text else ""
+    except (yaml.YAMLError, ValueError, RecursionError):
         return text
+
+
+def parse_sets(sets: list[str], hints: dict[str, Any], example: str) -> dict[str, Any]:
+    """`--set key=value` items for settings outside the training Config (unlearning's): `hints` maps
+    each accepted key to its type. Values are read by `parse_scalar` and checked by `coerce`, so a
+    missing '=', an unknown key or a wrong type is the same one-line error as for a training setting."""
+    chosen: dict[str, Any] = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise MemshardError(f"--set {item!r} has no '=': write --set {example}")
+        if key not in hints:
+            raise MemshardError(f"--set: unknown setting {key!r}: use one of {', '.join(hints)}")
+        chosen[key] = coerce(parse_scalar(text.strip()), hints[key], key, "--set")
+    return chosen
+
+
+def field_hints(cls: type, prefix: str = "") -> dict[str, Any]:
+    """`prefix + name` -> type of each field of dataclass `cls` (string annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {prefix + f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def validate(cfg: Config) -> None:
@@ -334,9 +403,11 @@ def validate(cfg: Config) -> None:
     require(0.0 <= m.dropout < 1.0, f"model.dropout = {m.dropout}: must be in [0, 1)")
     require(m.num_train_timesteps >= 2, f"model.num_train_timesteps = {m.num_train_timesteps}: need at least 2")
     require(0 < m.beta_start < m.beta_end < 1, f"model betas {m.beta_start}..{m.beta_end}: need 0 < start < end < 1")
+    require(m.beta_schedule in BETA_SCHEDULES,
+            f"model.beta_schedule = {shown(m.beta_schedule)}: choose one of {', '.join(BETA_SCHEDULES)}")
     r = cfg.data.resolution
     factor = 2 ** (len(m.block_out_channels) - 1)
-    require(r >= 8 and r % 8 == 0 and r % factor == 0,
+    require(8 <= r <= 1024 and r % 8 == 0 and r % factor == 0,
             f"data.resolution = {r} cannot be used: the UNet halves it {len(m.block_out_channels) - 1} times; "
             f"choose a multiple of {max(8, factor)} such as {max(8, factor) * 4}")
     require(all(a in _feature_map_sizes(r, len(m.block_out_channels)) for a in m.attention_resolutions),
@@ -349,7 +420,11 @@ def validate(cfg: Config) -> None:
     require(t.warmup_steps >= 0, f"training.warmup_steps = {t.warmup_steps}: must be >= 0")
     require(t.grad_clip > 0, f"training.grad_clip = {t.grad_clip}: must be > 0")
     require(t.mixed_precision in ("no", "bf16"), f"training.mixed_precision = {t.mixed_precision!r}: use no or bf16")
-    require(t.device in ("auto", "cpu", "cuda"), f"training.device = {t.device!r}: use auto, cpu or cuda")
+    require(t.device in ("auto", "cpu", "cuda"), f"training.device = {shown(t.device)}: use auto, cpu or cuda")
+    require(not (t.device == "cuda" and cfg.ray.gpus_per_actor != "auto" and _is_nonnegative_number(
+        cfg.ray.gpus_per_actor) and float(cfg.ray.gpus_per_actor) == 0),
+            "training.device = cuda but ray.gpus_per_actor = 0 gives the actors no GPU: use auto or a number > 0")
+    require(0 <= t.seed < _INT64, f"training.seed = {t.seed}: must be in [0, 2**63)")
     require(cfg.agc.lam > 0, f"agc.lam = {cfg.agc.lam}: must be > 0 (published: 2.0)")
     require(0.0 <= cfg.agc.decay < 1.0, f"agc.decay = {cfg.agc.decay}: must be in [0, 1) (published: 0.8)")
     require(0.0 < cfg.msr.fraction <= 1.0, f"msr.fraction = {cfg.msr.fraction}: must be in (0, 1] (published: 0.25)")
@@ -372,6 +447,9 @@ def validate(cfg: Config) -> None:
     require(cfg.mlflow.sample_grid_every >= 0, "mlflow.sample_grid_every must be >= 0 (0 turns it off)")
     require(cfg.mlflow.sample_grid_images >= 1, "mlflow.sample_grid_images must be >= 1")
     require(bool(cfg.mlflow.register_as.strip()), "mlflow.register_as is empty: give a model name")
+    require(not any(c in cfg.mlflow.register_as for c in "/:"),
+            f"mlflow.register_as = {shown(cfg.mlflow.register_as)}: a model name cannot hold '/' or ':' (MLflow)")
+    require(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment is empty: give an experiment name (--experiment)")
     require(cfg.mlflow.sample_grid_steps >= 1, "mlflow.sample_grid_steps must be >= 1")
     require(cfg.mlflow.checkpoint_every >= 1, "mlflow.checkpoint_every must be >= 1")
 
@@ -382,8 +460,8 @@ def _feature_map_sizes(resolution: int, levels: int) -> list[int]:
 
 def _is_nonnegative_number(text: str) -> bool:
     try:
-        return float(text) >= 0
-    except ValueError:
+        return math.isfinite(float(text)) and float(text) >= 0
+    except (ValueError, OverflowError):
         return False
 
 
@@ -392,11 +470,42 @@ def _is_positive_number(text: str) -> bool:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The configuration as it may be written anywhere (config.json, checkpoints, params, Ray task
+    arguments): credentials in `mlflow.tracking_uri` are replaced by `***` — the one place that does
+    it, so no writer can leak them. The URI is a where-setting: a resume or retrain is given it again."""
+    tree = dataclasses.asdict(cfg)
+    if tree["mlflow"]["tracking_uri"] is not None:
+        tree["mlflow"]["tracking_uri"] = redact_uri(tree["mlflow"]["tracking_uri"])
+    return tree
+
+
+REDACTED = "***"
+
+
+def redact_uri(uri: str) -> str:
+    """Drop credentials (user:password@) from a URI before it is logged, saved or printed."""
+    try:
+        parts = urlsplit(uri)
+        has_credentials = parts.username is not None or parts.password is not None
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # a malformed port or netloc: keep nothing of the netloc that could be a secret
+        return f"{uri.split('://', 1)[0]}://{REDACTED}" if "://" in uri and "@" in uri else uri
+    if not has_credentials:
+        return uri
+    if port:
+        host += f":{port}"
+    return urlunsplit((parts.scheme, f"{REDACTED}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def is_redacted(uri: str | None) -> bool:
+    """True for a URI whose credentials `redact_uri` removed (it cannot be used as is)."""
+    return uri is not None and (f"://{REDACTED}@" in uri or uri.endswith(f"://{REDACTED}"))
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `to_dict` (checkpoints, MLflow lineage); validated like any other."""
+    if not isinstance(tree, dict):
+        raise MemshardError(f"the saved config is a {type(tree).__name__}, not sections of settings: it is damaged")
     cfg = Config()
     apply_tree(cfg, _without_retired(tree), origin="saved config")
     validate(cfg)
