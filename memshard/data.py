@@ -19,8 +19,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -30,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from memshard.errors import MemshardError
+from memshard.errors import MemshardError, shown
 
 DATASET_FILE = "images.parquet"
 FORMAT_VERSION = "1"
@@ -39,6 +42,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _META = "memshard."
 _ROW_GROUP_BYTES = 256 << 20  # bounds the memory of one row group while loading
 _NON_IMAGE_COLUMNS = ["sample_id", "label", "source", "content_hash"]
+_INT64_MAX = (1 << 63) - 1
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
@@ -149,7 +153,7 @@ def _read_parquet(files: list[Path]) -> tuple[Iterator[_Raw], tuple[str, ...]]:
     image_col = _image_column(schemas[0], files[0])
     label_col = next((c for c in ("label", "labels") if c in schemas[0].names), None)
     id_col = next((c for c in ("id", "sample_id", "image_id") if c in schemas[0].names), None)
-    names = _class_label_names(schemas[0], label_col)
+    names = _class_label_names(schemas[0], label_col, files[0])
     return _parquet_rows(files, image_col, label_col, id_col), names
 
 
@@ -173,11 +177,29 @@ def _image_column(schema: pa.Schema, file: Path) -> str:
                         f"datasets writes); its columns are {schema.names}")
 
 
-def _class_label_names(schema: pa.Schema, label_col: str | None) -> tuple[str, ...]:
-    hf = json.loads((schema.metadata or {}).get(b"huggingface", b"{}") or "{}")
-    feature = hf.get("info", {}).get("features", {}).get(label_col or "", {})
+def _class_label_names(schema: pa.Schema, label_col: str | None, file: Path) -> tuple[str, ...]:
+    """Label names from the Hugging Face `datasets` schema metadata (a ClassLabel's `names`), if any."""
+    def bad(why: str) -> MemshardError:
+        return MemshardError(f"{file} has Hugging Face metadata that {why}: re-export the dataset, or "
+                             "drop the 'huggingface' schema metadata")
+
+    try:
+        hf = json.loads((schema.metadata or {}).get(b"huggingface", b"{}") or "{}")
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"is not JSON ({_one_line(exc)[:100]})") from None
+    if not isinstance(hf, dict):
+        raise bad(f"is a JSON {type(hf).__name__}, not an object")
+    info = hf.get("info", {})
+    features = info.get("features", {}) if isinstance(info, dict) else None
+    if not isinstance(features, (dict, list)):
+        raise bad("has no 'info.features' object")
+    feature = features.get(label_col or "", {}) if isinstance(features, dict) else {}
     names = feature.get("names") if isinstance(feature, dict) else None
-    return tuple(str(n) for n in names) if names else ()
+    if names is None:
+        return ()
+    if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+        raise bad(f"gives the label names as {shown(names)}, not a list of names")
+    return tuple(str(n) for n in names)
 
 
 def _parquet_rows(files, image_col, label_col, id_col) -> Iterator[_Raw]:
@@ -214,11 +236,18 @@ def _image_bytes(blob: bytes | None, rel: str | None, file: Path, source: str) -
 
 def _parquet_label(label: object, source: str) -> int | str | None:
     if isinstance(label, int) and not isinstance(label, bool):
-        return None if label < 0 else label  # HF uses -1 for "no label"
+        return None if label < 0 else _label_in_range(label, source)  # HF uses -1 for "no label"
     if label is None or isinstance(label, str):
         return label
     raise MemshardError(f"row {source} has label {label!r}; labels must be integers or strings "
                         "(drop or rename the label column)")
+
+
+def _label_in_range(label: int, source: str) -> int:
+    if label > _INT64_MAX:
+        raise MemshardError(f"{source} has label {shown(label)}, which does not fit a 64-bit signed integer: "
+                            "renumber the labels (0, 1, 2, ...)")
+    return label
 
 
 def _parquet_id(sid: object, id_col: str | None, source: str) -> str | None:
@@ -235,8 +264,12 @@ def _read_arrays(file: Path) -> Iterator[_Raw]:
     elif labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
         raise MemshardError(f"{file}: labels must be integers of shape ({len(images)},), got "
                             f"{labels.dtype} {labels.shape}: fix the labels array")
+    elif labels.size and labels.max() > _INT64_MAX:  # uint64: checked before any image is converted
+        row = int(np.argmax(labels > _INT64_MAX))
+        _label_in_range(int(labels[row]), f"{file}#{row}")
     for row, (pixels, label) in enumerate(zip(images, labels.tolist())):
-        yield _Raw(Image.fromarray(pixels), label if label >= 0 else None, f"{file}#{row}", None)
+        source = f"{file}#{row}"
+        yield _Raw(Image.fromarray(pixels), _label_in_range(label, source) if label >= 0 else None, source, None)
 
 
 def _load_arrays(file: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -252,9 +285,13 @@ def _load_arrays(file: Path) -> tuple[np.ndarray, np.ndarray | None]:
             images = loaded[key]
             label_key = next((k for k in ("labels", "y") if k in loaded.files), None)
             labels = loaded[label_key] if label_key else None
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
+        # a truncated .npy/.npz, a damaged zip member, an object array (no pickles are loaded)
         raise MemshardError(f"{file} is not a readable numpy file ({_one_line(exc)}): "
                             "save it again with numpy.save / numpy.savez") from None
+    except MemoryError:  # a header that claims more elements than memory holds
+        raise MemshardError(f"{file} declares an array larger than this machine's memory: "
+                            "check the file, or prepare the images in parts") from None
     return images, labels
 
 
@@ -458,16 +495,35 @@ def prepare_dataset(source: str, out_dir: str | Path, resolution: int | None = N
     if out_dir.exists() and not _replaceable(out_dir):
         raise MemshardError(f"{out_dir} exists and is not a memshard dataset: choose another output "
                             "directory or remove it yourself")
-    table = _build_table(str(source), resolution, channels)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Where it goes is checked before any image is decoded: an unwritable output fails in a second.
+    ensure_writable_dir(out_dir.parent, f"the output {out_dir}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    rows_per_group = max(1, _ROW_GROUP_BYTES // table.schema.field("image").type.byte_width)
     try:
+        table = _build_table(str(source), resolution, channels)
+        rows_per_group = max(1, _ROW_GROUP_BYTES // table.schema.field("image").type.byte_width)
         pq.write_table(table, tmp / DATASET_FILE, row_group_size=rows_per_group)
         _move_into_place(tmp, out_dir)
+    except OSError as exc:  # disk full, the folder removed or made read-only while preparing
+        raise MemshardError(f"cannot write the dataset to {out_dir} ({exc.strerror or _one_line(exc)}): "
+                            "free space or choose another output directory") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def ensure_writable_dir(path: str | Path, what: str) -> Path:
+    """Create the directory `path` if needed and prove a file can be written in it, or fail in one
+    line naming `what` (a flag or setting). Used before work starts: --out, data.cache_dir,
+    mlflow.checkpoint_dir."""
+    path = Path(path).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or _one_line(exc)
+        raise MemshardError(f"{what}: {path} is not a writable directory ({reason}): choose another") from None
+    return path
 
 
 def _replaceable(out_dir: Path) -> bool:
@@ -496,20 +552,78 @@ def _dataset_file(path: str | Path) -> Path:
     file = path if path.suffix == ".parquet" and path.is_file() else path / DATASET_FILE
     if not file.is_file():
         raise MemshardError(f"{path} is not a prepared dataset (no {DATASET_FILE}): run "
-                            "`memshard prepare` on your images first")
+                            "`memshard data prepare` on your images first")
     return file
 
 
-def _read_metadata(file: Path, schema: pa.Schema) -> dict[str, str]:
+def _read_metadata(file: Path, schema: pa.Schema, check: bool = True) -> dict[str, str]:
+    """The `memshard.*` metadata; with `check`, every field and the column types are verified, so
+    later reads can trust them (a damaged or hand-edited file fails here, in one line)."""
     raw = schema.metadata or {}
-    meta = {k.decode()[len(_META):]: v.decode() for k, v in raw.items() if k.startswith(_META.encode())}
+    meta = {k.decode(errors="replace")[len(_META):]: v.decode(errors="replace")
+            for k, v in raw.items() if k.startswith(_META.encode())}
     if meta.get("format_version") != FORMAT_VERSION:
         raise MemshardError(f"{file} has no memshard metadata (format version "
-                            f"{meta.get('format_version')}): prepare the dataset again")
+                            f"{shown(meta.get('format_version'))}): prepare the dataset again")
+    if check:
+        problem = _metadata_problem(meta, schema)
+        if problem:
+            raise _corrupt(file, problem)
     return meta
 
 
+_COLUMN_TYPES = {"sample_id": pa.string(), "label": pa.int64(), "source": pa.string(), "content_hash": pa.string()}
+
+
+def _metadata_problem(meta: dict[str, str], schema: pa.Schema) -> str | None:
+    """What is wrong with a dataset's metadata and schema, or None."""
+    numbers = {}
+    for name in ("resolution", "channels", "count"):
+        if not re.fullmatch(r"[0-9]{1,15}", meta.get(name, "")):
+            return f"metadata {name} is {shown(meta.get(name))}, not a count"
+        numbers[name] = int(meta[name])
+    if numbers["channels"] not in (1, 3) or not 1 <= numbers["resolution"] <= 1024:
+        return f"metadata says {numbers['channels']} channels at {numbers['resolution']} px"
+    try:
+        names = json.loads(meta.get("label_names", ""))
+    except (ValueError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"metadata label_names is {shown(meta.get('label_names'))}, not a JSON list of names"
+    if not re.fullmatch(r"[0-9a-f]{64}", meta.get("fingerprint", "")):
+        return f"metadata fingerprint is {shown(meta.get('fingerprint'))}"
+    for column, kind in _COLUMN_TYPES.items():
+        if schema.get_field_index(column) < 0 or schema.field(column).type != kind:
+            return f"column {column} is missing or not {kind}"
+    width = numbers["channels"] * numbers["resolution"] ** 2
+    image = schema.field("image").type if schema.get_field_index("image") >= 0 else None
+    if image is None or _image_width(image) != width:
+        return f"the image column does not hold {numbers['channels']}x{numbers['resolution']}x{numbers['resolution']} images"
+    return None
+
+
+def _image_width(kind: pa.DataType) -> int | None:
+    """Bytes per image of an image column type (fixed-size binary, or a fixed-shape tensor / list)."""
+    if isinstance(kind, pa.BaseExtensionType):
+        kind = kind.storage_type
+    if pa.types.is_fixed_size_binary(kind):
+        return kind.byte_width
+    if pa.types.is_fixed_size_list(kind) and kind.value_type == pa.uint8():
+        return kind.list_size
+    return None
+
+
 def is_prepared_dataset(path: str | Path) -> bool:
+    """True when `path` holds a memshard dataset (it may still turn out damaged when read)."""
+    try:
+        file = _dataset_file(path)
+        _read_metadata(file, _parquet_schema(file), check=False)
+        return True
+    except MemshardError:
+        return False
+
+
+def _is_intact_dataset(path: str | Path) -> bool:
     try:
         file = _dataset_file(path)
         _read_metadata(file, _parquet_schema(file))
@@ -528,7 +642,7 @@ def _read_table(path: str | Path, columns: list[str]) -> tuple[Path, pa.Table, d
     meta = _read_metadata(file, _parquet_schema(file))
     try:
         table = pq.read_table(file, columns=columns)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, MemoryError) as exc:  # MemoryError: a damaged length field
         raise _corrupt(file, exc) from None
     if table.num_rows != int(meta["count"]):
         raise _corrupt(file, f"{table.num_rows} rows, metadata says {meta['count']}")
@@ -547,7 +661,7 @@ def _read_images(file: Path, shape: tuple[int, int, int, int]) -> np.ndarray:
                 values = _chunk_bytes(chunk)
                 flat[start:start + values.size] = values
                 start += values.size
-    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: sizes do not fit
+    except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:  # ValueError: sizes do not fit
         raise _corrupt(file, exc) from None
     if start != flat.size:
         raise _corrupt(file, f"{start} image bytes, expected {flat.size}")
@@ -649,6 +763,7 @@ def resolve_dataset(data: str, resolution: int | None, channels: int | None,
         raise _missing_source(data)
     key = json.dumps([FORMAT_VERSION, _source_signature(data), resolution, channels])
     target = Path(cache_dir).absolute() / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if is_prepared_dataset(target):
+    if _is_intact_dataset(target):
         return target
+    ensure_writable_dir(cache_dir, "data.cache_dir")
     return prepare_dataset(data, target, resolution, channels)
