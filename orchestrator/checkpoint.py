@@ -14,9 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memshard.data import ensure_writable_dir
 from memshard.errors import MemshardError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# What every checkpoint holds, and the type each entry must have for a resume to trust it.
+REQUIRED_ENTRIES = {"config": dict, "dataset_fingerprint": str, "driver": dict, "owners": np.ndarray}
+
+
+def check_checkpoint_root(root: str | Path) -> Path:
+    """Fail before training when checkpoints could not be written under `root` (mlflow.checkpoint_dir)."""
+    return ensure_writable_dir(root, "mlflow.checkpoint_dir")
 
 
 def save_checkpoint(directory: str | Path, state: dict) -> Path:
@@ -34,9 +42,24 @@ def load_checkpoint(directory: str | Path) -> dict:
     if not path.is_file():
         raise MemshardError(f"no checkpoint at {path}: the run never completed a round, start it again")
     try:
-        return _to_numpy(torch.load(path, weights_only=True, map_location="cpu"))
+        state = _to_numpy(torch.load(path, weights_only=True, map_location="cpu"))
     except Exception as error:  # a torn or foreign file: say which, do not show a pickle traceback
         raise MemshardError(f"checkpoint {path} cannot be read ({type(error).__name__}): it is damaged, start the run again") from None
+    problem = _problem(state)
+    if problem:
+        raise MemshardError(f"damaged checkpoint {path} ({problem}): start the run again")
+    return state
+
+
+def _problem(state) -> str | None:
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint"
+    for key, kind in REQUIRED_ENTRIES.items():
+        if key not in state:
+            return f"no {key!r} entry"
+        if not isinstance(state[key], kind):
+            return f"its {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+    return None
 
 
 def _to_tensors(value):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
@@ -31,13 +32,28 @@ def connect_ray(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
+            _check_address_answers(address)
             ray.init(address=address, log_to_driver=True)
         else:
             # A local instance sized to this machine, without a dashboard.
             ray.init(address="local", include_dashboard=False)
-    except ConnectionError as error:
+    except (ConnectionError, OSError, ValueError) as error:  # OSError: refused, no route; ValueError: a malformed address
         raise MemshardError(f"cannot reach the Ray cluster at {address} ({error}): check RAY_ADDRESS / ray.address") from None
     return True
+
+
+def _check_address_answers(address: str, timeout_s: float = 5.0) -> None:
+    """A plain TCP connect to a `host:port` (or `ray://host:port`) address first: Ray itself retries a
+    closed port for minutes before it gives up."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port, auto or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ConnectionError(f"nothing answers on {host}:{port}: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
+from memshard.config import REDACTED, redact_uri
 from memshard.errors import MemshardError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -27,16 +28,73 @@ def resolve_tracking_uri(setting: str | None) -> str:
 
 def connect_mlflow(tracking_uri: str, experiment: str) -> str:
     """Point MLflow at the store and the experiment; fail before any training if it does not answer."""
+    check_tracking_store(tracking_uri)
+    if not experiment.strip():
+        raise MemshardError("the MLflow experiment name is empty: give one (--experiment NAME)")
+    try:
+        return mlflow.set_experiment(experiment).experiment_id
+    except Exception as error:  # the store answered: it refuses the name (deleted, too long, ...)
+        raise MemshardError(
+            f"MLflow experiment {experiment[:100]!r} cannot be used in {redact_uri(tracking_uri)} "
+            f"({_reason(error, tracking_uri)}): choose another name (--experiment) or restore it"
+        ) from None
+
+
+def check_tracking_store(tracking_uri: str) -> MlflowClient:
+    """Point MLflow at the store and return its client once it answers; for commands that choose the
+    experiment later (evaluate, unlearn) but must fail in seconds, not after MLflow's minutes of retries.
+
+    A URI with credentials also turns off MLflow's own "View run at" lines, which print the URI as given.
+    """
+    if redact_uri(tracking_uri) != tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(tracking_uri)
     _check_server_listens(tracking_uri)
+    client = MlflowClient(tracking_uri)
     try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
-        return mlflow.set_experiment(experiment).experiment_id
+        client.search_experiments(max_results=1)
     except Exception as error:  # connection refused, bad URI, locked database, auth: all user-fixable
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise _store_error(tracking_uri, error) from None
+    return client
+
+
+def require_run(tracking_uri: str, run_id: str) -> None:
+    """Fail in one line, before any work, when `run_id` is not a run of this (answering) store."""
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except Exception as error:  # RESOURCE_DOES_NOT_EXIST, or an id this store cannot parse
         raise MemshardError(
-            f"MLflow tracking store {tracking_uri} does not answer ({reason}): start it or fix MLFLOW_TRACKING_URI"
+            f"run {run_id} is not in the MLflow tracking store {redact_uri(tracking_uri)} "
+            f"({_reason(error, tracking_uri)}): give the store it was trained in "
+            f"(--set mlflow.tracking_uri=URI or MLFLOW_TRACKING_URI)"
         ) from None
+
+
+def _store_error(tracking_uri: str, error: Exception) -> MemshardError:
+    return MemshardError(
+        f"MLflow tracking store {redact_uri(tracking_uri)} does not answer ({_reason(error, tracking_uri)}): "
+        f"start it or fix MLFLOW_TRACKING_URI"
+    )
+
+
+def _reason(error: BaseException, tracking_uri: str) -> str:
+    text = str(error).splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return scrub(text, tracking_uri)
+
+
+def scrub(text: str, tracking_uri: str) -> str:
+    """`text` with the tracking URI's credentials removed wherever they appear (errors quote URLs)."""
+    try:
+        parts = urlsplit(tracking_uri)
+        userinfo = parts.netloc.rpartition("@")[0]
+        secrets = [parts.password] if parts.password else [parts.username] if parts.username else []
+    except ValueError:  # unparsable: hide the whole URI
+        return text.replace(tracking_uri, redact_uri(tracking_uri))
+    for secret in ([userinfo] if userinfo else []) + secrets:
+        for form in {secret, unquote(secret)}:
+            if form:
+                text = text.replace(form, REDACTED)
+    return text
 
 
 def _check_server_listens(tracking_uri: str) -> None:
@@ -55,7 +113,12 @@ def _check_server_listens(tracking_uri: str) -> None:
 
 
 def ui_command(tracking_uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    """What opens the MLflow UI for this store, without its credentials: a server's own address, or
+    `mlflow ui` over a local store."""
+    parts = urlsplit(redact_uri(tracking_uri))
+    if parts.scheme in ("http", "https"):
+        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return f"mlflow ui --backend-store-uri {redact_uri(tracking_uri)}"
 
 
 def log_table(table: pa.Table, artifact_file: str) -> None:
@@ -80,18 +143,7 @@ def with_retries(action, *args, attempts: int = 5, first_delay_s: float = 0.5, *
         except Exception as error:  # network errors, 5xx, a locked sqlite file
             if attempt == attempts or isinstance(error, MemshardError):
                 raise
-            log.warning("MLflow call %s failed (%s); retry %d/%d in %.1f s",
-                        getattr(action, "__name__", action), error, attempt, attempts - 1, delay)
+            log.warning("MLflow call %s failed (%s); retry %d/%d in %.1f s", getattr(action, "__name__", action),
+                        scrub(str(error), mlflow.get_tracking_uri()), attempt, attempts - 1, delay)
             time.sleep(delay)
             delay *= 2
-
-
-def redact_uri(uri: str) -> str:
-    """Drop credentials (user:password@) from a URI before it is logged as a param."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

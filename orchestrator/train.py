@@ -6,6 +6,8 @@ leaves it FAILED (mlflow.start_run's context does that) and registers nothing.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -17,16 +19,17 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from memshard.orchestrator.checkpoint import load_checkpoint, save_checkpoint
+from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
 from memshard.orchestrator.cluster import connect_ray
-from memshard.config import Config, build_partial, flatten, from_dict, to_dict, validate
+from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict, validate
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.pipeline_model import log_pipeline_model
 from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
 from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
 from memshard.orchestrator.sharding import destination_rule, split_into_shards
-from memshard.orchestrator.tracking import connect_mlflow, log_table, redact_uri, resolve_tracking_uri, with_retries
+from memshard.orchestrator.tracking import (connect_mlflow, log_table, redact_uri, require_run, resolve_tracking_uri,
+                                            with_retries)
 from memshard.shard_worker.faults import FaultPlan
 
 
@@ -47,8 +50,11 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
     """
     destination_rule(cfg.msr.rule)  # the one setting config.validate cannot check: the rules live here
     faults = FaultPlan.from_environment()  # test-only; None in a real run
+    check_checkpoint_root(cfg.mlflow.checkpoint_dir)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = connect_mlflow(tracking_uri, cfg.mlflow.experiment)
+    if resume_run_id:
+        require_run(tracking_uri, resume_run_id)
     checkpoint = load_checkpoint(checkpoint_dir(cfg, resume_run_id)) if resume_run_id else None
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
     if len(dataset) < 2:
@@ -61,6 +67,7 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
     shards = initial_shards(cfg, dataset)
     started_ray = connect_ray(cfg.ray.address)
     try:
+        _check_cluster_has_gpu(cfg)
         run_args = {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id}
         with mlflow.start_run(**run_args) as run:
             return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults)
@@ -73,6 +80,13 @@ def checkpoint_dir(cfg: Config, run_id: str) -> Path:
     return Path(cfg.mlflow.checkpoint_dir) / run_id
 
 
+def _check_cluster_has_gpu(cfg: Config) -> None:
+    """training.device=cuda needs a GPU in the cluster (the driver itself may have none): checked before the run."""
+    if cfg.training.device == "cuda" and ray.cluster_resources().get("GPU", 0) < 1e-9:
+        raise MemshardError("training.device = cuda but the Ray cluster has no GPU: use training.device=auto "
+                            "(or cpu), or add GPU nodes")
+
+
 # Settings a resumed run may change: where things are and how patient to be, never what is trained.
 RESUMABLE_SETTINGS = {"mlflow.tracking_uri", "mlflow.checkpoint_dir", "ray.address", "ray.round_timeout_s",
                       "ray.max_actor_restarts", "ray.placement_timeout_s", "ray.placement_strategy"}
@@ -80,9 +94,23 @@ RESUMABLE_SETTINGS = {"mlflow.tracking_uri", "mlflow.checkpoint_dir", "ray.addre
 
 def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
     """The saved configuration of `run_id`; explicit flags may only change RESUMABLE_SETTINGS."""
+    if not re.fullmatch(r"[a-zA-Z0-9][\w\-]{0,255}", run_id):  # MLflow's run id rule; also no path tricks
+        raise MemshardError(f"--resume {run_id[:80]!r} is not a run id: give the id `memshard train` printed")
     requested = build_partial(overrides, sets)
     root = requested.get("mlflow.checkpoint_dir", Config().mlflow.checkpoint_dir)
-    saved = from_dict(load_checkpoint(Path(root) / run_id)["config"])
+    directory = Path(root) / run_id
+    saved_tree = load_checkpoint(directory)["config"]
+    try:
+        saved = from_dict(saved_tree)
+    except MemshardError as error:
+        raise MemshardError(f"damaged checkpoint in {directory} (its config: {error}): start the run again") from None
+    if is_redacted(saved.mlflow.tracking_uri) and "mlflow.tracking_uri" not in requested:
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # credentials are never saved: the user gives them again
+            raise MemshardError(
+                f"run {run_id} was trained against {saved.mlflow.tracking_uri}, whose credentials are not saved: "
+                f"give the URI again (--set mlflow.tracking_uri=URI or MLFLOW_TRACKING_URI)"
+            )
+        saved.mlflow.tracking_uri = None
     for key, value in requested.items():
         section, name = key.split(".", 1)
         current = getattr(getattr(saved, section), name)
@@ -128,7 +156,11 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
         })
         owners = [_owners(driver.shards, len(dataset))]
         if checkpoint is not None:
-            driver.load_state(checkpoint["driver"])
+            try:
+                driver.load_state(checkpoint["driver"])
+            except (KeyError, IndexError, TypeError, ValueError) as error:
+                raise MemshardError(f"damaged checkpoint for run {run_id} (its driver state: {type(error).__name__} "
+                                    f"{str(error)[:80]}): start the run again") from None
             owners = list(checkpoint["owners"])
             tqdm.write(f"resuming run {run_id} after round {driver.rounds_done}", file=sys.stderr)
         rounds = tqdm(range(driver.rounds_done + 1, cfg.iet.rounds + 1), desc="rounds", initial=driver.rounds_done,
