@@ -437,13 +437,34 @@ def fingerprint_of(sample_ids: Iterable[str], images: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def content_hash(chw: np.ndarray) -> str:
+    """sha256 of one C×H×W uint8 image's bytes: the `content_hash` column of a prepared dataset."""
+    return hashlib.sha256(np.ascontiguousarray(chw).data).hexdigest()
+
+
+def image_file_content_hash(path: Path, image_shape: tuple[int, int, int]) -> str:
+    """The content hash an image file has as a sample of a dataset of C×H×W `image_shape` images:
+    decoded and converted to C channels the way `prepare_dataset` reads a folder, never resized,
+    so the file matches the stored samples it is a pixel-exact copy of."""
+    channels, height, width = image_shape
+    try:
+        img = _decode(path, str(path))
+    except MemshardError:
+        raise MemshardError(f"cannot read image {path} (not a readable image file): pass a PNG or JPEG file") from None
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (width, height):
+        raise MemshardError(f"image {path} is {img.width}x{img.height} but the training images are "
+                            f"{width}x{height}: pass the image as stored in the prepared dataset")
+    return content_hash(_to_chw(img))
+
+
 def _build_table(source: str, resolution: int | None, channels: int | None) -> pa.Table:
     raws, declared_names = _open_source(source)
     rows = list(_canonical_images(raws, resolution, channels))
     if not rows:
         raise MemshardError(f"data source {source} holds no images: add PNG/JPEG files or rows")
     images = np.stack([chw for _, chw in rows])
-    hashes = [hashlib.sha256(chw.data).hexdigest() for _, chw in rows]
+    hashes = [content_hash(chw) for _, chw in rows]
     given = [raw.sample_id for raw, _ in rows]
     ids = _content_ids(hashes) if given[0] is None else given
     _check_unique(ids, [raw.source for raw, _ in rows])

@@ -3,9 +3,10 @@
 SPEC is one of
 - comma-separated sample ids:            `digits-00012,digits-00013`
 - a text file of ids (one per line or comma-separated, `#` starts a comment)
-- image files or a folder of images, matched to the dataset by content hash (every sample whose
-  stored bytes equal the image's is forgotten, so all exact duplicates go together); ids and image
-  paths may be mixed in one comma-separated list
+- image files or a folder of images (the suffixes `memshard.data` reads), matched to the dataset by
+  content hash (`memshard.data.image_file_content_hash`: every sample whose stored bytes equal the
+  image's is forgotten, so all exact duplicates go together); ids and image paths may be mixed in
+  one comma-separated list
 - `evaluation:RUN_ID`: the training samples an evaluation run found copied (resolved by the caller,
   which passes `evaluation_ids`; this module reads no tracking store).
 
@@ -16,15 +17,37 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from memshard.data import IMAGE_SUFFIXES, image_file_content_hash
 from memshard.errors import MemshardError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 EVALUATION_PREFIX = "evaluation:"
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
+class ForgetSet:
+    """A forget set A within training data X: its rows, the rows of X \\ A, and A's sample ids."""
+
+    rows: np.ndarray  # sorted global rows of A
+    keep_rows: np.ndarray  # sorted global rows of X minus A
+    ids: tuple[str, ...]
+
+    @property
+    def hash(self) -> str:
+        """Names the forget set in tags, whatever order its ids were given in."""
+        return hashlib.sha256("\n".join(sorted(self.ids)).encode()).hexdigest()
+
+
+def forget_set(spec: str, sample_ids: np.ndarray, content_hashes: np.ndarray, image_shape: tuple[int, int, int],
+               evaluation_ids: Callable[[str], list[str]] | None = None) -> ForgetSet:
+    """The ForgetSet that `spec` names (see `parse_forget_spec`)."""
+    rows = parse_forget_spec(spec, sample_ids, content_hashes, image_shape, evaluation_ids)
+    keep = np.setdiff1d(np.arange(len(sample_ids)), rows)
+    return ForgetSet(rows, keep, tuple(str(i) for i in np.asarray(sample_ids)[rows]))
 
 
 def parse_forget_spec(
@@ -113,27 +136,11 @@ def _rows_of_ids(ids: list[str], id_to_row: dict[str, int], origin: str) -> set[
     return {id_to_row[i] for i in ids}
 
 
-def image_content_hash(path: Path, image_shape: tuple[int, int, int]) -> str:
-    """sha256 of the image's C×H×W uint8 bytes, the way the data layer hashes a stored sample."""
-    channels, height, width = image_shape
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            pixels = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as error:
-        raise MemshardError(f"cannot read image {path} ({type(error).__name__}): pass a PNG/JPEG file") from None
-    if pixels.shape[:2] != (height, width):
-        raise MemshardError(f"image {path} is {pixels.shape[1]}x{pixels.shape[0]} but the training images are "
-                            f"{width}x{height}: pass the image as stored in the prepared dataset")
-    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return hashlib.sha256(np.ascontiguousarray(chw).data).hexdigest()
-
-
 def _rows_of_images(images: list[Path], content_hashes: np.ndarray, image_shape: tuple[int, int, int]) -> set[int]:
     hashes = np.asarray(content_hashes).astype(str)
     rows: set[int] = set()
     for path in images:
-        matches = np.flatnonzero(hashes == image_content_hash(path, image_shape))
+        matches = np.flatnonzero(hashes == image_file_content_hash(path, image_shape))
         if len(matches) == 0:
             raise MemshardError(f"image {path} matches no training sample (no image with the same pixels): pass the "
                                 "exact image as stored in the dataset, or its sample id")
