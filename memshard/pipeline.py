@@ -5,6 +5,7 @@ Saved with `save_pretrained` (safetensors) so anyone can load it with plain diff
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -69,8 +70,36 @@ def load_pipeline(path: str | Path, device: str | None = None) -> DDPMPipeline:
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise MemshardError(f"{path} is not a saved pipeline (no model_index.json): give the directory save_pipeline wrote")
-    pipeline = DDPMPipeline.from_pretrained(path)
-    return pipeline.to(resolve_device(device))
+    target = resolve_device(device)  # a bad device is the user's error before any loading
+    _check_model_index(path / "model_index.json")
+    try:
+        pipeline = DDPMPipeline.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # diffusers on a damaged folder
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise MemshardError(f"the saved pipeline in {path} cannot be loaded ({reason}): give the directory "
+                            "save_pipeline wrote, undamaged") from None
+    return pipeline.to(target)
+
+
+def _check_model_index(file: Path) -> None:
+    """model_index.json must name a DDPMPipeline with a unet and a scheduler; diffusers would otherwise
+    fail with a KeyError or TypeError deep inside from_pretrained."""
+    try:
+        index = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MemshardError(f"{file} is not valid JSON ({type(error).__name__}): the saved pipeline is damaged; "
+                            "save it again, or give the directory save_pipeline wrote") from None
+    components = ("unet", "scheduler")
+    if not isinstance(index, dict) or index.get("_class_name") != "DDPMPipeline" or not all(
+            isinstance(index.get(name), list) and len(index[name]) == 2 for name in components):
+        raise MemshardError(f"{file} does not describe a DDPMPipeline with a unet and a scheduler: the saved pipeline "
+                            "is damaged or of another kind; give the directory save_pipeline wrote")
+
+
+def image_shape(pipeline: DDPMPipeline) -> tuple[int, int, int]:
+    """(C, H, W) of the images the pipeline makes."""
+    resolution = int(pipeline.unet.config.sample_size)
+    return int(pipeline.unet.config.in_channels), resolution, resolution
 
 
 def generate_images(
