@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import mlflow
 import numpy as np
@@ -11,10 +12,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from memshard.evaluation.memorization import THRESHOLDS
 from memshard.cli import main
+from memshard.commands.evaluate import evaluate_model
 from memshard.config import build_config
-from memshard.commands.evaluate import EvaluateSettings, evaluate
+from memshard.evaluation.evaluate import EvaluateSettings
+from memshard.evaluation.memorization import THRESHOLDS
 from memshard.orchestrator.train import train
 
 SPACE = "pixels-random-projection-64"  # offline: no Inception weights on a test machine
@@ -36,7 +38,7 @@ def store(ray_cluster, tmp_path_factory):
             cfg = build_config("tiny", overrides={"mlflow.tracking_uri": uri, "iet.method": method,
                                                   "mlflow.register_as": f"eval-{method}"})
             trained[method] = train(cfg, show_progress=False)
-        evaluated = {method: evaluate(f"models:/eval-{method}/1", SETTINGS, tracking_uri=uri, show_progress=False)
+        evaluated = {method: evaluate_model(f"models:/eval-{method}/1", SETTINGS, tracking_uri=uri, show_progress=False)
                      for method in trained}
         yield {"uri": uri, "root": root, "trained": trained, "evaluated": evaluated}
         if mlflow.active_run():
@@ -80,8 +82,8 @@ def test_report_table_and_figures_agree_with_the_metrics(store, tmp_path):
 
 def test_the_same_seed_gives_the_same_numbers_from_a_runs_uri_and_a_local_checkpoint(store):
     source = store["trained"]["ddpm"]
-    by_run = evaluate(f"runs:/{source.run_id}/model", SETTINGS, tracking_uri=store["uri"], show_progress=False)
-    by_dir = evaluate(str(source.local_pipeline), SETTINGS, tracking_uri=store["uri"], show_progress=False)
+    by_run = evaluate_model(f"runs:/{source.run_id}/model", SETTINGS, tracking_uri=store["uri"], show_progress=False)
+    by_dir = evaluate_model(str(source.local_pipeline), SETTINGS, tracking_uri=store["uri"], show_progress=False)
     assert by_run.source_run_id == by_dir.source_run_id == source.run_id  # the checkpoint dir names its run
     assert by_run.metrics == by_dir.metrics == store["evaluated"]["ddpm"].metrics
 
@@ -109,7 +111,7 @@ def test_compare_two_training_runs_at_equal_compute(store, capsys, tmp_path):
 
 
 def test_cli_evaluate_prints_the_numbers(store, capsys):
-    code = main(["evaluate", f"models:/eval-iet-agc-plus/1", "--num-images", "8", "--sampler", "ddpm",
+    code = main(["evaluate", "models:/eval-iet-agc-plus/1", "--num-images", "8", "--sampler", "ddpm",
                  "--sampling-steps", "3", "--feature-space", "none", "--tracking-uri", store["uri"], "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "MQ@0.5: " in out and "of 8" in out and "FID" not in out
@@ -145,3 +147,18 @@ def test_a_local_pipeline_without_a_run_needs_data_and_compare_needs_an_evaluati
     compare_id = capsys.readouterr().out.rsplit("compare run id: ", 1)[1].split()[0]
     assert main(["compare", compare_id, "--tracking-uri", store["uri"]]) == 2
     assert "run `memshard evaluate" in capsys.readouterr().err
+
+
+def test_bad_settings_a_damaged_folder_and_a_dead_store_are_refused_before_any_work(cli_rejects, mlflow_store,
+                                                                                     tmp_path):
+    evaluate = ["evaluate", "--feature-space", "none", "--no-progress"]
+    store = ["--tracking-uri", mlflow_store]
+    cli_rejects([*evaluate, "models:/any/1", "--seed", "-1", *store], "--seed -1")
+    cli_rejects([*evaluate, "models:/any/1", "--device", "bogus", *store], "'bogus'")
+    for name, index in (("garbled", "{not json"), ("foreign", '{"_class_name": "StableDiffusionPipeline"}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(index)
+        cli_rejects([*evaluate, str(tmp_path / name), *store], "model_index.json")
+    started = time.monotonic()
+    line = cli_rejects([*evaluate, "models:/any/1", "--tracking-uri", "http://u:PW@127.0.0.1:9"], "does not answer")
+    assert time.monotonic() - started < 30 and "PW" not in line and "***@127.0.0.1:9" in line
