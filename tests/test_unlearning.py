@@ -4,6 +4,7 @@ many times (so it copies that image), on the session's real Ray cluster and a re
 from __future__ import annotations
 
 import json
+import tempfile
 
 import mlflow
 import numpy as np
@@ -14,12 +15,13 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from memshard.cli import main
+from memshard.commands.unlearn import parse_unlearn_sets, unlearn_model
 from memshard.config import build_config
-from memshard.data import load_dataset
+from memshard.data import content_hash, load_dataset
 from memshard.errors import MemshardError
-from memshard.orchestrator.train import train
-from memshard.commands.unlearn import unlearn_model
 from memshard.model import build_scheduler, build_unet
+from memshard.orchestrator.train import train
+from memshard.unlearning.audit import AuditSettings
 from memshard.unlearning.forget_set import parse_forget_spec
 from memshard.unlearning.methods import METHODS, UnlearnSettings, siss_log_weights, unlearn
 
@@ -53,22 +55,24 @@ def versions(store: str, name: str = "planted") -> list[int]:
     return sorted(int(v.version) for v in MlflowClient(store).search_model_versions(f"name='{name}'"))
 
 
-def test_siss_forgets_the_planted_image_more_than_it_moves_the_rest(planted, monkeypatch):
+def test_siss_forgets_the_planted_image_more_than_it_moves_the_rest(planted, monkeypatch, tmp_path):
     monkeypatch.chdir(planted["root"])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the system temp dir, for this process
     before_versions = versions(planted["store"])
     result = unlearn_model("models:/planted/1", str(planted["root"] / "planted.png"), "siss", steps=60,
                            sets=planted["sets"] + AUDIT + ["batch_size=32"])
+    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.glob("memshard-*"))
     report = result.report
-    assert report["forget_size"] == PLANTED_COPIES  # the image matched every duplicate by content hash
-    forget_rise = report["after"]["forget_loss"] - report["before"]["forget_loss"]
-    keep_change = abs(report["after"]["keep_loss"] - report["before"]["keep_loss"])
+    assert report.forget_size == PLANTED_COPIES  # the image matched every duplicate by content hash
+    forget_rise = report.after.forget_loss - report.before.forget_loss
+    keep_change = abs(report.after.keep_loss - report.before.keep_loss)
     assert forget_rise > 2 * keep_change and forget_rise > 0.05, report
-    assert report["before"]["copy_fraction_mean"] > 0.1, "the trained model should copy the planted image"
-    assert report["after"]["copy_fraction_mean"] < report["before"]["copy_fraction_mean"], report
+    assert report.before.copy_fraction_mean > 0.1, "the trained model should copy the planted image"
+    assert report.after.copy_fraction_mean < report.before.copy_fraction_mean, report
 
     # The report: every field, the same numbers in JSON, markdown and MLflow, the exactness caveat.
     saved = json.loads((result.report_dir / "report.json").read_text())
-    assert saved["before"] == report["before"] and saved["after"] == report["after"]
+    assert saved == report.to_json() and saved["before"] == report.before.to_json()
     for side in ("before", "after"):
         assert set(saved[side]) >= {"forget_loss", "keep_loss", "copy_fraction_mean", "copy_fraction_max",
                                     "per_image", "fid", "fid_feature_space"}
@@ -82,7 +86,7 @@ def test_siss_forgets_the_planted_image_more_than_it_moves_the_rest(planted, mon
     assert run.data.tags["memshard.source_run_id"] == planted["run_id"]
     assert run.data.tags["memshard.unlearn_method"] == "siss" and run.data.tags["memshard.unlearn_steps"] == "60"
     assert run.data.tags["memshard.forget_size"] == str(PLANTED_COPIES)
-    assert run.data.metrics["forget_loss_after"] == pytest.approx(report["after"]["forget_loss"])
+    assert run.data.metrics["forget_loss_after"] == pytest.approx(report.after.forget_loss)
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "audit")}
     assert artifacts == {"audit/report.json", "audit/report.md", "audit/nearest.png"}
 
@@ -101,10 +105,10 @@ def test_each_baseline_runs_through_the_same_interface(planted, monkeypatch, met
     ids = ",".join(planted["planted_ids"][:3])
     result = unlearn_model("planted/1", ids, method, steps=5,
                            sets=planted["sets"] + ["audit.num_images=4", "audit.sampling_steps=2", "batch_size=8"])
-    assert result.report["method"] == method and result.report["forget_size"] == 3
+    assert result.report.method == method and result.report.forget_size == 3
     run = MlflowClient(planted["store"]).get_run(result.run_id)
     assert run.data.tags["memshard.unlearn_method"] == method and run.info.status == "FINISHED"
-    assert np.isfinite(result.report["after"]["forget_loss"])
+    assert np.isfinite(result.report.after.forget_loss)
 
 
 def test_retrain_is_the_exact_reference_and_later_reports_compare_to_it(planted, monkeypatch):
@@ -122,13 +126,16 @@ def test_retrain_is_the_exact_reference_and_later_reports_compare_to_it(planted,
     assert client.get_model_version("planted", retrained.registered_version).tags["memshard.unlearn_method"] == "retrain"
 
     approx = unlearn_model("models:/planted/1", ids, "naive", steps=2, sets=small + ["batch_size=8"])
-    assert approx.report["retrain"]["run_id"] == retrained.run_id
-    assert approx.report["retrain"]["steps"] == 300 and approx.report["retrain"]["seconds"] > 0
+    assert approx.report.retrain.run_id == retrained.run_id
+    assert approx.report.retrain.steps == 300 and approx.report.retrain.seconds > 0
     assert "retrained" in (approx.report_dir / "report.md").read_text()
 
 
 def test_bad_input_is_one_line_and_registers_nothing(planted, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(planted["root"])
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     everything = tmp_path / "all.txt"
     everything.write_text("\n".join(str(i) for i in planted["dataset"].sample_ids))
     mlflow.set_tracking_uri(planted["store"])
@@ -153,14 +160,29 @@ def test_bad_input_is_one_line_and_registers_nothing(planted, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == 2 and "no training lineage" in err and "Traceback" not in err
     assert versions(planted["store"]) == before
+    assert list(system_tmp.iterdir()) == []  # the source's config.json was read in a folder removed at once
+
+
+def test_unlearn_sets_go_through_the_config_parser():
+    options = parse_unlearn_sets(["lam=0.25", "c=1", "audit.num_images=8", "mlflow.experiment=x"], steps=7)
+    assert options.settings == UnlearnSettings(lam=0.25, c=1.0, steps=7)
+    assert options.audit == AuditSettings(num_images=8) and options.experiment == "x" and options.tracking_uri is None
+    for sets, message in [(["lam=half"], "lam = 'half' has the wrong type: expected float"),
+                          (["steps=2.5"], "steps = 2.5 has the wrong type: expected int"),
+                          (["audit.nope=1"], "unknown setting 'audit.nope'"),
+                          (["mlflow.register_as=x"], "unknown setting 'mlflow.register_as'"),
+                          (["c"], "has no '='"),
+                          (["audit.num_images=1"], "audit settings"),
+                          (["lam=2"], "lam=2.0 must lie strictly between 0 and 1")]:
+        with pytest.raises(MemshardError, match=message):
+            parse_unlearn_sets(sets)
 
 
 def test_forget_spec_forms(tmp_path):
     ids = np.array(["a", "b", "c", "d"])
     images = np.arange(4 * 4, dtype=np.uint8).reshape(4, 1, 2, 2) * 10
     images[3] = images[1]
-    import hashlib
-    hashes = np.array([hashlib.sha256(np.ascontiguousarray(im).data).hexdigest() for im in images])
+    hashes = np.array([content_hash(im) for im in images])
     shape = (1, 2, 2)
     assert parse_forget_spec("c, a", ids, hashes, shape).tolist() == [0, 2]
     (tmp_path / "ids.txt").write_text("b  # the second\nc,d\n")

@@ -1,6 +1,9 @@
-"""Data unlearning for diffusion models: pure algorithms over a UNet, a scheduler and uint8 images.
+"""Data unlearning for diffusion models.
 
-No MLflow, no Ray here: `memshard.commands.unlearn` drives these functions and records what they did.
+`methods` (SISS and the baselines) and `forget_set` are pure algorithms over a UNet, a scheduler and
+uint8 images; `audit` measures models before and after, without MLflow or Ray; `runner` brings in the
+model's lineage, runs a method as a Ray task or retrains, and finds a retrain to compare with. The
+MLflow runs and registered versions are `memshard.commands.unlearn`'s.
 SISS follows "Data Unlearning in Diffusion Models" (Alberti et al., ICLR 2025); see method.md §6.
 """
 

@@ -1,0 +1,206 @@
+"""Unlearning a trained model: its lineage, the forget set's evaluation source, an approximate method
+on a Ray task, a retrain on X \\ A, and the audit of the result against the retrain when one exists.
+
+The model's training run supplies the lineage: params `dataset.path` / `dataset.fingerprint` and the
+artifact `config.json` (`orchestrator.registry`). Approximate methods (`unlearning.methods`) run as
+one Ray task, on a GPU where the cluster has one; `retrain` reruns `orchestrator.train` on the kept
+data with the source run's configuration (the exact gold standard). MLflow runs, artifacts and the
+registered version are the command's (`memshard.commands.unlearn`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from diffusers import DDPMPipeline
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from memshard.config import Config, from_dict, to_dict
+from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
+from memshard.errors import MemshardError
+from memshard.evaluation.evaluate import COPIES_TABLE
+from memshard.model import state_to_numpy
+from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.registry import (
+    SOURCE_RUN_TAG,
+    ResolvedModel,
+    get_run,
+    load_model_pipeline,
+    recorded_dataset,
+    resolve_model,
+)
+from memshard.orchestrator.train import TrainResult, train
+from memshard.unlearning.audit import AuditReport, AuditSettings, RetrainReference, UnlearnCompute, measure
+from memshard.unlearning.forget_set import ForgetSet
+from memshard.unlearning.methods import METHODS as APPROXIMATE_METHODS
+from memshard.unlearning.methods import UnlearnSettings, UnlearnStats, unlearn
+
+ALL_METHODS = (*APPROXIMATE_METHODS, "retrain")
+METHOD_TAG, FORGET_HASH_TAG, STEPS_TAG = "memshard.unlearn_method", "memshard.forget_hash", "memshard.unlearn_steps"
+
+
+@dataclass(frozen=True)
+class UnlearnSource:
+    """A model with the lineage unlearning needs: its training run, configuration and training data."""
+
+    model: ResolvedModel
+    run_id: str
+    registered_name: str  # the new version goes here
+    config: Config
+    dataset: ImageDataset
+
+
+@dataclass(frozen=True)
+class UnlearnedWeights:
+    weights: dict[str, np.ndarray]
+    stats: UnlearnStats
+    device: str
+
+
+@dataclass(frozen=True)
+class Retrained:
+    result: TrainResult
+    steps: int  # optimizer steps over all proxies
+    seconds: float
+
+
+def check_method(method: str) -> None:
+    if method not in ALL_METHODS:
+        raise MemshardError(f"unknown unlearning method {method!r}: choose one of {', '.join(ALL_METHODS)}")
+
+
+def unlearn_source(resolved: ResolvedModel) -> UnlearnSource:
+    """The resolved model's lineage, or a one-line error when it was not trained by memshard train."""
+    run = resolved.source_run
+    if run is None:
+        raise MemshardError(f"model {resolved.given} has no training run in this tracking store: unlearning needs "
+                            "a model trained by memshard train (and its store: --set mlflow.tracking_uri=...)")
+    params = run.data.params
+    if "dataset.path" not in params or "dataset.fingerprint" not in params:
+        raise MemshardError(f"model {resolved.given} has no training lineage (its run {run.info.run_id} logged no "
+                            "dataset.path / dataset.fingerprint): unlearning needs a model trained by memshard train")
+    if resolved.config is None:
+        raise MemshardError(f"model {resolved.given} has no training lineage (its run {run.info.run_id} has no "
+                            "config.json): unlearning needs a model trained by memshard train")
+    dataset = recorded_dataset(run, fix="restore the original data")
+    name = resolved.registered_name or resolved.config.mlflow.register_as
+    return UnlearnSource(resolved, run.info.run_id, name, resolved.config, dataset)
+
+
+def copied_ids(client: MlflowClient, evaluation_run_id: str, source_run_id: str) -> list[str]:
+    """The sample ids an evaluation run of the source found copied at least once (its copies table)."""
+    run = get_run(client, evaluation_run_id)
+    evaluated = run.data.tags.get(SOURCE_RUN_TAG)
+    if evaluated != source_run_id:
+        raise MemshardError(f"evaluation run {evaluation_run_id} evaluated run {evaluated}, not this model's run "
+                            f"{source_run_id}: pass an evaluation of this model")
+    with tempfile.TemporaryDirectory(prefix="memshard-copies-") as tmp:
+        try:
+            path = client.download_artifacts(evaluation_run_id, COPIES_TABLE, tmp)
+        except (MlflowException, OSError):
+            raise MemshardError(f"evaluation run {evaluation_run_id} has no {COPIES_TABLE}: run memshard evaluate "
+                                "on the model first") from None
+        table = pq.read_table(path, columns=["sample_id", "copies"]).to_pandas()
+    return table.loc[table["copies"] > 0, "sample_id"].astype(str).tolist()
+
+
+@ray.remote
+def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_images, settings):
+    from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device
+
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    torch.set_num_threads(max(1, cpus))
+    cfg = from_dict(config_tree)
+    device = resolve_device("auto")
+    unet = build_unet(cfg, channels)
+    load_numpy_state(unet, weights)
+    unet.to(device)
+    stats = unlearn(method, unet, build_scheduler(cfg), keep_images, forget_images, settings)
+    return UnlearnedWeights(state_to_numpy(unet), stats, str(device))
+
+
+def unlearn_on_ray(method: str, pipeline: DDPMPipeline, source: UnlearnSource, forget: ForgetSet,
+                   settings: UnlearnSettings) -> UnlearnedWeights:
+    """One Ray task runs `method` on the source's UNet: on a GPU when the cluster has one, else one CPU."""
+    started_ray = connect_ray(source.config.ray.address)
+    try:
+        gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        options = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
+        images = source.dataset.images
+        task = _unlearn_task.options(**options).remote(
+            method, state_to_numpy(pipeline.unet), to_dict(source.config), source.dataset.channels,
+            images[forget.keep_rows], images[forget.rows], settings)
+        return ray.get(task)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def retrain_without(source: UnlearnSource, forget: ForgetSet, tracking_uri: str) -> Retrained:
+    """`memshard train` again with the source run's configuration, on the kept data only; its model is
+    registered as a new version of the source's registered model."""
+    cfg = from_dict(to_dict(source.config))
+    data_dir = Path(cfg.data.cache_dir).absolute() / f"unlearn-{forget.hash[:16]}"
+    cfg.data.path = str(write_subset(source.dataset, forget.keep_rows, data_dir))
+    cfg.mlflow.tracking_uri = tracking_uri
+    cfg.mlflow.register_as = source.registered_name
+    steps = cfg.iet.rounds * cfg.iet.local_steps * (1 if cfg.iet.method == "ddpm" else cfg.iet.shards)
+    started = time.perf_counter()
+    result = train(cfg, show_progress=False)
+    return Retrained(result, steps, time.perf_counter() - started)
+
+
+def write_subset(dataset: ImageDataset, rows: np.ndarray, out_dir: Path) -> Path:
+    """The prepared dataset restricted to `rows`, ids and bytes unchanged, metadata updated."""
+    table = pq.read_table(Path(dataset.path) / DATASET_FILE)
+    subset = table.take(pa.array(rows))
+    meta = dict(table.schema.metadata or {})
+    meta[b"memshard.count"] = str(len(rows)).encode()
+    meta[b"memshard.fingerprint"] = fingerprint_of(dataset.sample_ids[rows], dataset.images[rows]).encode()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{DATASET_FILE}.tmp"
+    pq.write_table(subset.replace_schema_metadata(meta), tmp)
+    tmp.replace(out_dir / DATASET_FILE)
+    return out_dir
+
+
+def audit_unlearning(client: MlflowClient, source: UnlearnSource, forget: ForgetSet, before: DDPMPipeline,
+                     after: DDPMPipeline, compute: UnlearnCompute, settings: AuditSettings) -> AuditReport:
+    """Before vs after on the same seeded draws; an approximate method is also set beside the latest
+    retrain of the same forget set, when there is one."""
+    dataset = source.dataset
+    retrain = None if compute.method == "retrain" else find_retrain(client, source, forget, settings)
+    return AuditReport(
+        source_run_id=source.run_id, registered_model=source.registered_name, forget_hash=forget.hash,
+        forget_size=len(forget.rows), keep_size=len(forget.keep_rows), method=compute.method, settings=settings,
+        before=measure(before, dataset, forget, settings), after=measure(after, dataset, forget, settings),
+        compute=compute, retrain=retrain)
+
+
+def find_retrain(client: MlflowClient, source: UnlearnSource, forget: ForgetSet,
+                 settings: AuditSettings) -> RetrainReference | None:
+    """The latest registered retrain of `source` without `forget`, measured like the other models."""
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=(f"tags.`{SOURCE_RUN_TAG}` = '{source.run_id}' and tags.`{METHOD_TAG}` = 'retrain' "
+                       f"and tags.`{FORGET_HASH_TAG}` = '{forget.hash}'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
+    if not versions:
+        return None
+    uri = f"models:/{versions[0].name}/{versions[0].version}"
+    retrained = load_model_pipeline(resolve_model(uri, client), client)
+    return RetrainReference(run.info.run_id, uri, int(run.data.tags.get(STEPS_TAG, 0)),
+                            run.data.metrics.get("unlearn_seconds"), measure(retrained, source.dataset, forget, settings))
