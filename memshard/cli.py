@@ -7,6 +7,10 @@ import sys
 
 from memshard.errors import MemshardError, one_line
 
+# The MODEL forms memshard.orchestrator.registry resolves, written out so that --help imports no MLflow.
+MODEL_HELP = ("models:/NAME/VERSION or NAME/VERSION, models:/NAME or NAME (latest version), runs:/RUN_ID/model, "
+              "or a folder holding a saved pipeline")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors in memshard's form: one `error: ...` line, exit 2 (no usage block)."""
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last checkpoint, into the same MLflow run")
 
     evaluate = commands.add_parser("evaluate", help="measure how often a model copies its training images, and FID")
-    evaluate.add_argument("model", help="models:/NAME/VERSION, runs:/RUN_ID/model, or a saved pipeline directory")
+    evaluate.add_argument("model", help=MODEL_HELP)
     evaluate.add_argument("--data", help="training data to scan (default: the dataset the model's training run used)")
     evaluate.add_argument("--num-images", type=int, default=65_536, help="generations M (default 65,536, published)")
     evaluate.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="default ddpm (published)")
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
     unlearn = commands.add_parser("unlearn", help="remove a forget set from a trained model, register it, audit it")
-    unlearn.add_argument("model", help="models:/NAME/VERSION, NAME/VERSION, NAME (latest) or runs:/RUN_ID/model")
+    unlearn.add_argument("model", help=MODEL_HELP)
     unlearn.add_argument("--forget", required=True, metavar="SPEC",
                          help="sample ids (comma-separated), a file of ids, image files or a folder, or evaluation:RUN_ID")
     unlearn.add_argument("--method", default="siss", help="siss (default), naive, neggrad, erasediff or retrain")
