@@ -218,7 +218,11 @@ def fold_baseline_to_equal_compute(cfg: Config) -> None:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML or TOML file as a tree; bounded: at most MAX_CONFIG_FILE_BYTES, no YAML anchors/aliases."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for the file system
+        is_file = False
+    if not is_file:
         raise MemshardError(f"config file {path} does not exist: check the path given to --config")
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise MemshardError(f"config file {path} is neither .yaml/.yml nor .toml: rename it")
@@ -391,6 +395,9 @@ def validate(cfg: Config) -> None:
             raise MemshardError(message)
 
     m, t, i = cfg.model, cfg.training, cfg.iet
+    for section in dataclasses.fields(cfg):
+        for name, value in vars(getattr(cfg, section.name)).items():
+            require(not (isinstance(value, str) and "\x00" in value), f"{section.name}.{name} holds a NUL character: remove it")
     require(i.method in METHODS, f"unknown method {i.method!r}: choose one of {', '.join(METHODS)}")
     require(i.shards >= 1, f"iet.shards = {i.shards}: need at least 1 shard")
     require(i.rounds >= 1, f"iet.rounds = {i.rounds}: need at least 1 round (--rounds)")
@@ -401,7 +408,8 @@ def validate(cfg: Config) -> None:
             f"model.block_out_channels = {m.block_out_channels}: widths must be multiples of 8 (GroupNorm groups)")
     require(m.layers_per_block >= 1, f"model.layers_per_block = {m.layers_per_block}: need at least 1")
     require(0.0 <= m.dropout < 1.0, f"model.dropout = {m.dropout}: must be in [0, 1)")
-    require(m.num_train_timesteps >= 2, f"model.num_train_timesteps = {m.num_train_timesteps}: need at least 2")
+    require(2 <= m.num_train_timesteps <= 100_000,
+            f"model.num_train_timesteps = {m.num_train_timesteps}: need 2 to 100,000 (published: 1000)")
     require(0 < m.beta_start < m.beta_end < 1, f"model betas {m.beta_start}..{m.beta_end}: need 0 < start < end < 1")
     require(m.beta_schedule in BETA_SCHEDULES,
             f"model.beta_schedule = {shown(m.beta_schedule)}: choose one of {', '.join(BETA_SCHEDULES)}")
@@ -435,6 +443,9 @@ def validate(cfg: Config) -> None:
         require(0.0 <= value <= 1.0, f"taa.{name} = {value}: must be in [0, 1]")
     require(cfg.ray.cpus_per_actor == "auto" or _is_positive_number(cfg.ray.cpus_per_actor),
             f"ray.cpus_per_actor = {cfg.ray.cpus_per_actor!r}: use auto or a number > 0")
+    require(all(k.strip() and k not in ("CPU", "GPU", "memory", "object_store_memory") for k in cfg.ray.actor_resources),
+            f"ray.actor_resources = {shown(cfg.ray.actor_resources)}: name custom resources only "
+            "(CPU and GPU are ray.cpus_per_actor / ray.gpus_per_actor)")
     require(all(v > 0 for v in cfg.ray.actor_resources.values()),
             f"ray.actor_resources = {cfg.ray.actor_resources}: amounts must be > 0")
     require(cfg.ray.placement_timeout_s > 0, f"ray.placement_timeout_s = {cfg.ray.placement_timeout_s}: must be > 0")

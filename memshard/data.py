@@ -22,11 +22,10 @@ import os
 import re
 import shutil
 import tempfile
-import zipfile
-import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +81,20 @@ class _Raw(NamedTuple):
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+def checked_path(text: str | Path, what: str) -> Path:
+    """A user-given path, checked once where it comes in: a NUL byte or a name too long for the file
+    system is a one-line error here instead of an OSError wherever the path is first used."""
+    path = Path(text)
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # a missing path is the caller's to name
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+        raise MemshardError(f"{what} {shown(str(text))} cannot be used as a path ({reason}): fix it") from None
+    return path
 
 
 def check_resolution(resolution: int) -> int:
@@ -160,7 +173,7 @@ def _read_parquet(files: list[Path]) -> tuple[Iterator[_Raw], tuple[str, ...]]:
 def _parquet_schema(file: Path) -> pa.Schema:
     try:
         return pq.read_schema(file)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:  # ValueError: a damaged name (UTF-8)
         raise MemshardError(f"{file} is not a readable Parquet file ({_one_line(exc)}): "
                             "re-export or re-download it") from None
 
@@ -215,12 +228,12 @@ def _parquet_rows(files, image_col, label_col, id_col) -> Iterator[_Raw]:
                 paths = images.field("path").to_pylist() if has_path else [None] * len(batch)
                 labels = batch.column(label_col).to_pylist() if label_col else [None] * len(batch)
                 ids = batch.column(id_col).to_pylist() if id_col else [None] * len(batch)
-                for blob, rel, label, sid in zip(data, paths, labels, ids):
+                for blob, rel, label, sid in zip(data, paths, labels, ids, strict=True):
                     source = f"{file}#{row}"
                     yield _Raw(_decode(_image_bytes(blob, rel, file, source), source),
                                _parquet_label(label, source), source, _parquet_id(sid, id_col, source))
                     row += 1
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
             raise MemshardError(f"{file} is not a readable Parquet file ({_one_line(exc)}): "
                                 "re-export or re-download it") from None
 
@@ -267,7 +280,7 @@ def _read_arrays(file: Path) -> Iterator[_Raw]:
     elif labels.size and labels.max() > _INT64_MAX:  # uint64: checked before any image is converted
         row = int(np.argmax(labels > _INT64_MAX))
         _label_in_range(int(labels[row]), f"{file}#{row}")
-    for row, (pixels, label) in enumerate(zip(images, labels.tolist())):
+    for row, (pixels, label) in enumerate(zip(images, labels.tolist(), strict=True)):
         source = f"{file}#{row}"
         yield _Raw(Image.fromarray(pixels), _label_in_range(label, source) if label >= 0 else None, source, None)
 
@@ -285,13 +298,15 @@ def _load_arrays(file: Path) -> tuple[np.ndarray, np.ndarray | None]:
             images = loaded[key]
             label_key = next((k for k in ("labels", "y") if k in loaded.files), None)
             labels = loaded[label_key] if label_key else None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
-        # a truncated .npy/.npz, a damaged zip member, an object array (no pickles are loaded)
-        raise MemshardError(f"{file} is not a readable numpy file ({_one_line(exc)}): "
-                            "save it again with numpy.save / numpy.savez") from None
+    except MemshardError:
+        raise
     except MemoryError:  # a header that claims more elements than memory holds
         raise MemshardError(f"{file} declares an array larger than this machine's memory: "
                             "check the file, or prepare the images in parts") from None
+    except Exception as exc:  # noqa: BLE001 — numpy raises many types for a broken file (ValueError, OSError,
+        # BadZipFile, zlib.error, tokenize.TokenError from a mangled header...); none loads a pickle
+        raise MemshardError(f"{file} is not a readable numpy file ({type(exc).__name__}: {_one_line(exc)}): "
+                            "save it again with numpy.save / numpy.savez") from None
     return images, labels
 
 
@@ -322,7 +337,7 @@ def _read_digits() -> Iterator[_Raw]:
 
     digits = load_digits()
     pixels = np.rint(digits.images * 255 / 16).astype(np.uint8)  # values 0..16 -> 0..255
-    for row, (image, label) in enumerate(zip(pixels, digits.target)):
+    for row, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
         yield _Raw(Image.fromarray(image), int(label), f"digits#{row}", f"digits-{row:05d}")
 
 
@@ -336,7 +351,7 @@ def _open_source(source: str) -> tuple[Iterator[_Raw], tuple[str, ...]]:
     """Pick the reader for `source`; returns the raw samples and any declared label names."""
     if source == "digits":  # the bundled name wins over a path called "digits"; use ./digits
         return _read_digits(), tuple(str(d) for d in range(10))
-    path = Path(source).absolute()
+    path = checked_path(source, "data source").absolute()
     if not path.exists():
         raise _missing_source(source)
     if path.is_dir():
@@ -512,7 +527,9 @@ def prepare_dataset(source: str, out_dir: str | Path, resolution: int | None = N
     if resolution is not None:
         resolution = check_resolution(resolution)
     _check_channels(channels)
-    out_dir = Path(out_dir).absolute()
+    if str(source) not in BUNDLED_SOURCES:
+        checked_path(source, "data source")
+    out_dir = checked_path(out_dir, "--out").absolute()
     if out_dir.exists() and not _replaceable(out_dir):
         raise MemshardError(f"{out_dir} exists and is not a memshard dataset: choose another output "
                             "directory or remove it yourself")
@@ -522,11 +539,12 @@ def prepare_dataset(source: str, out_dir: str | Path, resolution: int | None = N
     try:
         table = _build_table(str(source), resolution, channels)
         rows_per_group = max(1, _ROW_GROUP_BYTES // table.schema.field("image").type.byte_width)
-        pq.write_table(table, tmp / DATASET_FILE, row_group_size=rows_per_group)
-        _move_into_place(tmp, out_dir)
-    except OSError as exc:  # disk full, the folder removed or made read-only while preparing
-        raise MemshardError(f"cannot write the dataset to {out_dir} ({exc.strerror or _one_line(exc)}): "
-                            "free space or choose another output directory") from None
+        try:
+            pq.write_table(table, tmp / DATASET_FILE, row_group_size=rows_per_group)
+            _move_into_place(tmp, out_dir)
+        except OSError as exc:  # disk full, the folder removed or made read-only while preparing
+            raise MemshardError(f"cannot write the dataset to {out_dir} ({exc.strerror or _one_line(exc)}): "
+                                "free space or choose another output directory") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -536,7 +554,7 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
     """Create the directory `path` if needed and prove a file can be written in it, or fail in one
     line naming `what` (a flag or setting). Used before work starts: --out, data.cache_dir,
     mlflow.checkpoint_dir."""
-    path = Path(path).absolute()
+    path = checked_path(path, what).absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -569,7 +587,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _dataset_file(path: str | Path) -> Path:
-    path = Path(path)
+    path = checked_path(path, "dataset")
     file = path if path.suffix == ".parquet" and path.is_file() else path / DATASET_FILE
     if not file.is_file():
         raise MemshardError(f"{path} is not a prepared dataset (no {DATASET_FILE}): run "
@@ -663,7 +681,8 @@ def _read_table(path: str | Path, columns: list[str]) -> tuple[Path, pa.Table, d
     meta = _read_metadata(file, _parquet_schema(file))
     try:
         table = pq.read_table(file, columns=columns)
-    except (pa.ArrowException, OSError, MemoryError) as exc:  # MemoryError: a damaged length field
+        table.validate(full=True)  # e.g. a flipped bit that leaves a string column invalid UTF-8
+    except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:  # MemoryError: a damaged length field
         raise _corrupt(file, exc) from None
     if table.num_rows != int(meta["count"]):
         raise _corrupt(file, f"{table.num_rows} rows, metadata says {meta['count']}")
@@ -704,9 +723,13 @@ def load_dataset(path: str | Path) -> ImageDataset:
     """The whole dataset in memory; `images` is one read-only (N, C, H, W) uint8 array."""
     file, table, meta = _read_table(path, _NON_IMAGE_COLUMNS)
     res = int(meta["resolution"])
+    sample_ids = table.column("sample_id").to_numpy(zero_copy_only=False)
+    images = _read_images(file, (table.num_rows, int(meta["channels"]), res, res))
+    if fingerprint_of(sample_ids, images) != meta["fingerprint"]:  # one pass of sha256: what trains is what was prepared
+        raise _corrupt(file, "its images or ids differ from the fingerprint it was prepared with")
     return ImageDataset(
-        sample_ids=table.column("sample_id").to_numpy(zero_copy_only=False),
-        images=_read_images(file, (table.num_rows, int(meta["channels"]), res, res)),
+        sample_ids=sample_ids,
+        images=images,
         labels=table.column("label").fill_null(-1).to_numpy().astype(np.int64),
         sources=table.column("source").to_numpy(zero_copy_only=False),
         content_hashes=table.column("content_hash").to_numpy(zero_copy_only=False),
@@ -726,7 +749,7 @@ def inspect_dataset(path: str | Path) -> dict:
     labels = table.column("label").fill_null(-1).to_numpy()
     names = json.loads(meta["label_names"])
     values, counts = np.unique(labels[labels >= 0], return_counts=True)
-    histogram = {(names[v] if v < len(names) else str(v)): int(n) for v, n in zip(values, counts)}
+    histogram = {(names[v] if v < len(names) else str(v)): int(n) for v, n in zip(values, counts, strict=True)}
     _, inverse, sizes = np.unique(table.column("content_hash").to_numpy(zero_copy_only=False),
                                   return_inverse=True, return_counts=True)
     by_hash: dict[int, list[str]] = {}  # insertion order = first appearance in the dataset
@@ -770,6 +793,8 @@ def resolve_dataset(data: str, resolution: int | None, channels: int | None,
                     cache_dir: str | Path) -> Path:
     """A prepared dataset dir as is, or prepare `data` into the cache once and reuse it."""
     data = str(data)
+    if data not in BUNDLED_SOURCES:
+        checked_path(data, "data.path")
     if data not in BUNDLED_SOURCES and is_prepared_dataset(data):
         meta = _read_metadata(_dataset_file(data), _parquet_schema(_dataset_file(data)))
         for name, wanted in (("resolution", resolution), ("channels", channels)):

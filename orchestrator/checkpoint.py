@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memshard.data import ensure_writable_dir
+from memshard.data import checked_path, ensure_writable_dir
 from memshard.errors import MemshardError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -38,7 +38,7 @@ def save_checkpoint(directory: str | Path, state: dict) -> Path:
 
 
 def load_checkpoint(directory: str | Path) -> dict:
-    path = Path(directory) / CHECKPOINT_FILE
+    path = checked_path(Path(directory) / CHECKPOINT_FILE, "checkpoint")
     if not path.is_file():
         raise MemshardError(f"no checkpoint at {path}: the run never completed a round, start it again")
     try:
