@@ -83,6 +83,19 @@ class MSRConfig:
 
 
 @dataclass
+class AggregationConfig:
+    """The server step after FedAvg (method.md §8). None: the optimizer's own default (Flower's)."""
+
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi: checked when training starts
+    server_learning_rate: float | None = None  # fedavgm's η_s (default 1.0)
+    server_momentum: float | None = None  # fedavgm's β (default 0.9)
+    eta: float | None = None  # fedadam's / fedyogi's η (default 0.1 / 0.01)
+    beta_1: float | None = None  # fedadam, fedyogi (default 0.9)
+    beta_2: float | None = None  # fedadam, fedyogi (default 0.99)
+    tau: float | None = None  # fedadam's / fedyogi's τ (default 1e-9 / 1e-3)
+
+
+@dataclass
 class TAAConfig:
     max_translate: float = 0.125  # fraction of the image side at strength 1
     max_brightness: float = 0.2
@@ -123,6 +136,7 @@ class Config:
     agc: AGCConfig = field(default_factory=AGCConfig)
     msr: MSRConfig = field(default_factory=MSRConfig)
     taa: TAAConfig = field(default_factory=TAAConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
@@ -441,6 +455,11 @@ def validate(cfg: Config) -> None:
     for name in ("max_translate", "max_brightness", "max_contrast"):
         value = getattr(cfg.taa, name)
         require(0.0 <= value <= 1.0, f"taa.{name} = {value}: must be in [0, 1]")
+    for name, value in vars(cfg.aggregation).items():  # the name is checked when training starts (train.py)
+        if name != "server_optimizer" and value is not None:
+            decay = name in ("server_momentum", "beta_1", "beta_2")  # in [0, 1); rates and τ > 0
+            require(0.0 <= value < 1.0 if decay else value > 0,
+                    f"aggregation.{name} = {value}: must be {'in [0, 1)' if decay else '> 0'}")
     require(cfg.ray.cpus_per_actor == "auto" or _is_positive_number(cfg.ray.cpus_per_actor),
             f"ray.cpus_per_actor = {cfg.ray.cpus_per_actor!r}: use auto or a number > 0")
     require(all(k.strip() and k not in ("CPU", "GPU", "memory", "object_store_memory") for k in cfg.ray.actor_resources),

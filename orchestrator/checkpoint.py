@@ -2,8 +2,9 @@
 
 One file per run, replaced atomically after each checkpointed round: the global weights, every
 proxy's state (weights, optimizer, AGC memory bank, TAA strengths, RNG), the shard assignment,
-the driver's per-sample tables and the round number. Only tensors, numpy arrays and plain Python
-values go in, so `torch.load(weights_only=True)` reads it back — never a pickle of arbitrary code.
+the driver's per-sample tables, the server optimizer's moments and the round number. Only tensors,
+numpy arrays (of any shape, 0-d included) and plain Python values go in, so
+`torch.load(weights_only=True)` reads it back — never a pickle of arbitrary code.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _to_tensors(value):
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "US":
             return {"__strings__": value.astype(str).tolist()}
-        return {"__numpy__": torch.from_numpy(np.ascontiguousarray(value))}
+        # reshape: ascontiguousarray makes a 0-d array (a counter) 1-d; it must come back as it went in
+        return {"__numpy__": torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))}
     if isinstance(value, dict):
         return {key: _to_tensors(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -2,8 +2,9 @@
 
 A round: the global weights go into the object store once and every actor loads them by reference →
 all actors train their local steps concurrently → per-sample skip counts and losses come back →
-FedAvg weighted by the shard sizes the proxies trained on → MSR moves memorization-prone samples
-between shards (on exchange rounds) → the shard assignment is checked.
+FedAvg weighted by the shard sizes the proxies trained on, then the server optimizer's step
+(`aggregation.server_optimizer`, method.md §8; fedavg takes the average as it is) → MSR moves
+memorization-prone samples between shards (on exchange rounds) → the shard assignment is checked.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from memshard.aggregation import weighted_average
+from memshard.aggregation import SERVER_OPTIMIZERS, ServerState, server_update
 from memshard.config import Config
-from memshard.errors import MemshardError
+from memshard.errors import MemshardError, shown
 from memshard.orchestrator.cluster import ActorResources, place_shard_actors, release
 from memshard.orchestrator.sharding import (
     Moves,
@@ -71,6 +72,8 @@ class IETDriver:
         self.num_samples = num_samples
         self.weights = weights
         self.destination_rule = destination_rule(cfg.msr.rule)
+        self.server_hyperparameters = server_optimizer_settings(cfg)
+        self.server_state = ServerState()  # the server optimizer's moments: checkpointed with the driver
         self.skips_since_move = np.zeros(num_samples, dtype=np.int64)  # MSR's memorization score
         self.skips_total = np.zeros(num_samples, dtype=np.int64)  # over the whole run, for the report
         self.last_loss = np.full(num_samples, np.nan)
@@ -99,7 +102,9 @@ class IETDriver:
             local = ray.get([actor.get_weights.remote() for actor in self.actors])
         with _timed(seconds, "aggregate"):
             sizes = [len(shard) for shard in self.shards]  # the sizes each proxy trained on this round
-            self.weights = weighted_average(list(zip(local, sizes, strict=True)))
+            self.weights, self.server_state = server_update(
+                cfg.aggregation.server_optimizer, self.weights, list(zip(local, sizes, strict=True)),
+                self.server_state, self.server_hyperparameters)
         moves = None
         if cfg.uses_msr and not is_last and is_exchange_round(round_index, cfg.msr.schedule):
             with _timed(seconds, "redistribute"):
@@ -189,6 +194,7 @@ class IETDriver:
             "skips_total": self.skips_total,
             "last_loss": self.last_loss,
             "restarts": self.restarts,
+            "server_state": self.server_state.to_checkpoint(),
             "workers": ray.get(self.worker_states),
         }
 
@@ -202,12 +208,33 @@ class IETDriver:
         self.skips_total = state["skips_total"]
         self.last_loss = state["last_loss"]
         self.restarts = int(state["restarts"])
+        # Checkpoints from before the server optimizers were plain FedAvg, whose state is a round count.
+        saved = state.get("server_state")
+        self.server_state = ServerState(rounds=self.rounds_done) if saved is None else ServerState.from_checkpoint(saved)
         ray.get([actor.load_state_dict.remote(ws) for actor, ws in zip(self.actors, state["workers"], strict=True)])
         self.worker_states = [actor.state_dict.remote() for actor in self.actors]
 
     def placement(self) -> list[dict]:
         """Where each proxy runs: shard, node and device."""
         return ray.get([actor.describe.remote() for actor in self.actors])
+
+
+def server_optimizer_settings(cfg: Config) -> dict[str, float]:
+    """The hyperparameters `aggregation.server_optimizer` runs with: the ones set in `aggregation`, the
+    optimizer's own defaults (Flower's) for the rest. An unknown name, or a setting the chosen optimizer
+    does not take, is a one-line error; train() calls this before any work (the registry lives in aggregation)."""
+    name = cfg.aggregation.server_optimizer
+    if name not in SERVER_OPTIMIZERS:
+        raise MemshardError(f"aggregation.server_optimizer = {shown(name)} is not a server optimizer: "
+                            f"choose one of {', '.join(SERVER_OPTIMIZERS)}")
+    defaults = {key: value for key, value in (SERVER_OPTIMIZERS[name].__kwdefaults__ or {}).items() if key != "buffers"}
+    chosen = {key: value for key, value in vars(cfg.aggregation).items()
+              if key != "server_optimizer" and value is not None}
+    foreign = sorted(set(chosen) - set(defaults))
+    if foreign:
+        raise MemshardError(f"aggregation.{foreign[0]} is not a setting of the server optimizer {name} "
+                            f"(it takes {', '.join(defaults) or 'none'}): drop it, or choose the optimizer that uses it")
+    return {**defaults, **chosen}
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.pipeline_model import log_pipeline_model
 from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
-from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
+from memshard.orchestrator.rounds import IETDriver, RoundReport, server_optimizer_settings, start_shard_driver
 from memshard.orchestrator.sharding import destination_rule, split_into_shards
 from memshard.orchestrator.tracking import (connect_mlflow, log_table, redact_uri, require_run, resolve_tracking_uri,
                                             with_retries)
@@ -48,7 +48,8 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
 
     For a resume, `cfg` must be the run's saved configuration (see `resume_config`).
     """
-    destination_rule(cfg.msr.rule)  # the one setting config.validate cannot check: the rules live here
+    destination_rule(cfg.msr.rule)  # the settings config.validate cannot check: the rules live here,
+    server_optimizer_settings(cfg)  # the server optimizers in aggregation
     faults = FaultPlan.from_environment()  # test-only; None in a real run
     check_checkpoint_root(cfg.mlflow.checkpoint_dir)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -142,6 +143,8 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
         params = {**flatten(cfg), "dataset.path": dataset.path, "dataset.fingerprint": dataset.fingerprint,
                   "dataset.count": len(dataset), "shards": num_shards, "method": cfg.iet.method}
         params["mlflow.tracking_uri"] = redact_uri(tracking_uri)
+        # What the server optimizer ran with, its defaults included (the config keeps None for a default).
+        params.update({f"aggregation.{key}": value for key, value in server_optimizer_settings(cfg).items()})
         with_retries(mlflow.log_params, params)
         with_retries(mlflow.log_dict, to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
     with_retries(mlflow.set_tags, {"memshard.version": version("memshard"),

@@ -1,0 +1,133 @@
+"""The server optimizers (method.md §8) inside training: config, the driver's aggregate phase, the
+checkpoint and resume — on the session's real Ray cluster and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import ray
+from conftest import all_runs
+from mlflow.tracking import MlflowClient
+from test_reliability import assert_same_weights, final_weights
+
+from memshard.aggregation import weighted_average
+from memshard.config import build_config
+from memshard.data import load_dataset, resolve_dataset
+from memshard.errors import MemshardError
+from memshard.orchestrator.checkpoint import load_checkpoint
+from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
+from memshard.orchestrator.sharding import split_into_shards
+from memshard.orchestrator.train import checkpoint_dir, resume_config, train
+from memshard.shard_worker.faults import FAULTS_ENV
+
+
+def tiny(store: str, *sets: str):
+    return build_config("tiny", overrides={"mlflow.tracking_uri": store}, sets=list(sets))
+
+
+# ---------------------------------------------------------------- settings (no Ray)
+
+
+def test_the_default_is_plain_fedavg_and_unset_hyperparameters_take_the_optimizers_defaults():
+    assert build_config("tiny").aggregation.server_optimizer == "fedavg"
+    assert server_optimizer_settings(build_config("tiny")) == {}
+    adam = build_config("tiny", sets=["aggregation.server_optimizer=fedadam", "aggregation.eta=0.03"])
+    assert server_optimizer_settings(adam) == {"eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-9}
+    yogi = build_config("tiny", sets=["aggregation.server_optimizer=fedyogi"])
+    assert server_optimizer_settings(yogi) == {"eta": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
+    momentum = build_config("tiny", sets=["aggregation.server_optimizer=fedavgm"])
+    assert server_optimizer_settings(momentum) == {"server_learning_rate": 1.0, "server_momentum": 0.9}
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["aggregation.server_optimizer=adam"],
+     "aggregation.server_optimizer = 'adam' is not a server optimizer: choose one of fedavg, fedavgm, fedadam, fedyogi"),
+    (["aggregation.server_optimizer=fedavgm", "aggregation.eta=0.1"],
+     "aggregation.eta is not a setting of the server optimizer fedavgm (it takes server_learning_rate, server_momentum)"),
+    (["aggregation.server_momentum=0.5"], "aggregation.server_momentum is not a setting of the server optimizer fedavg (it takes none)"),
+])
+def test_an_unknown_optimizer_or_a_setting_it_does_not_take_is_one_line(sets, message):
+    with pytest.raises(MemshardError, match="^" + re.escape(message)) as error:
+        server_optimizer_settings(build_config("tiny", sets=sets))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("aggregation.server_momentum=1.0", "aggregation.server_momentum = 1.0: must be in [0, 1)"),
+    ("aggregation.beta_2=-0.1", "aggregation.beta_2 = -0.1: must be in [0, 1)"),
+    ("aggregation.eta=0", "aggregation.eta = 0.0: must be > 0"),
+    ("aggregation.tau=-0.001", "aggregation.tau = -0.001: must be > 0"),
+])
+def test_out_of_range_hyperparameters_are_config_errors(setting, message):
+    with pytest.raises(MemshardError, match=re.escape(message)):
+        build_config("tiny", sets=[setting])
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_default_fedavg_sets_exactly_the_size_weighted_average(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config("tiny", sets=["iet.shards=3"])
+    dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
+    shards = split_into_shards(len(dataset), 3, seed=0)
+    shards[1], shards[2] = shards[1][:300], np.sort(np.concatenate([shards[2], shards[1][300:]]))  # unequal sizes
+    with start_shard_driver(cfg, dataset.images, shards) as (driver, _):
+        sizes = [len(s) for s in driver.shards]
+        driver.run_round(1, is_last=True)
+        held = ray.get([actor.get_weights.remote() for actor in driver.actors])
+        assert_same_weights(driver.weights, weighted_average(list(zip(held, sizes, strict=True))))  # bitwise
+        assert driver.server_state.rounds == 1 and not driver.server_state.m and not driver.server_state.v
+
+
+def test_fedavgm_without_momentum_at_unit_rate_trains_bitwise_like_fedavg(ray_cluster, mlflow_store):
+    plain = train(tiny(mlflow_store, "iet.rounds=3"), show_progress=False)
+    momentum = train(tiny(mlflow_store, "iet.rounds=3", "aggregation.server_optimizer=fedavgm",
+                          "aggregation.server_momentum=0", "aggregation.server_learning_rate=1"), show_progress=False)
+    assert_same_weights(final_weights(momentum), final_weights(plain))
+    params = MlflowClient(mlflow_store).get_run(momentum.run_id).data.params
+    assert params["aggregation.server_optimizer"] == "fedavgm"
+    assert (params["aggregation.server_momentum"], params["aggregation.server_learning_rate"]) == ("0.0", "1.0")
+    adam_params = MlflowClient(mlflow_store).get_run(
+        train(tiny(mlflow_store, "aggregation.server_optimizer=fedadam"), show_progress=False).run_id).data.params
+    assert adam_params["aggregation.eta"] == "0.1" and adam_params["aggregation.tau"] == "1e-09"  # the defaults used
+
+
+def test_resume_with_fedadam_equals_an_uninterrupted_run(ray_cluster, mlflow_store, tmp_path):
+    adam = ("--set", "aggregation.server_optimizer=fedadam", "--set", "aggregation.eta=0.01")
+    reference = train(tiny(mlflow_store, "iet.rounds=3", "aggregation.server_optimizer=fedadam",
+                           "aggregation.eta=0.01", "mlflow.register_as=reference"), show_progress=False)
+    fedavg = train(tiny(mlflow_store, "iet.rounds=3", "mlflow.register_as=fedavg"), show_progress=False)
+    assert any(not np.array_equal(a, b) for a, b in zip(final_weights(reference).values(),
+                                                        final_weights(fedavg).values(), strict=True))
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, FAULTS_ENV: json.dumps({"driver_exit_after_round": 1})}
+    completed = subprocess.run(
+        [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
+         "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "mlflow.register_as=resumed", *adam],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 3, completed.stderr[-2000:]  # the driver process died after round 1
+    run = [r for r in all_runs(mlflow_store) if r.info.status == "RUNNING"]
+    assert len(run) == 1
+    run_id = run[0].info.run_id
+    saved = load_checkpoint(checkpoint_dir(tiny(mlflow_store), run_id))["driver"]["server_state"]
+    assert int(saved["rounds"]) == 1 and any(k.startswith("m/") for k in saved) and any(k.startswith("v/") for k in saved)
+
+    result = train(resume_config(run_id, {}, []), show_progress=False, resume_run_id=run_id)
+    assert MlflowClient(mlflow_store).get_run(run_id).info.status == "FINISHED"
+    assert_same_weights(final_weights(result), final_weights(reference))  # bitwise on CPU
+
+
+def test_an_unknown_server_optimizer_is_one_line_and_starts_no_run(mlflow_store, cli_rejects):
+    cli_rejects(["train", "--preset", "tiny", "--no-progress", "--set", f"mlflow.tracking_uri={mlflow_store}",
+                 "--set", "aggregation.server_optimizer=adam"],
+                "aggregation.server_optimizer = 'adam' is not a server optimizer: choose one of fedavg")
+    assert not all_runs(mlflow_store)
+    assert not os.path.exists(".memshard/checkpoints")  # stopped before any work
