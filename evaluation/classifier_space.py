@@ -296,47 +296,58 @@ class QualityReport:
 
 
 def quality_report(generated: np.ndarray, dataset: ImageDataset, space: FeatureSpace,
-                   seed: int = 0) -> QualityReport:
+                   seed: int = 0, rows: np.ndarray | None = None) -> QualityReport:
     """Quality of (M, C, H, W) uint8 `generated` images against `dataset` in `space`, with its real reference.
 
     In a ClassifierSpace the real reference is the held-out images (which the classifier never saw)
     against the rest of the training set. In another space (Inception, pixels) it is min(M, N/2)
     training images drawn with `seed` against the rest.
+
+    `rows` (None: all) restricts every reference to those training rows: the Fréchet reference, the
+    label histogram, the classes counted by coverage and the real reference's images. An unlearning
+    audit passes the kept rows X \\ A, the distribution the model should still produce.
     """
+    restricted = rows is not None
+    rows = np.arange(len(dataset)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
     classifier = isinstance(space, ClassifierSpace)
     if classifier:
         if space.fingerprint != dataset.fingerprint:
             raise MemshardError(f"{space.name} is the classifier of another dataset: build it from this one "
                                 f"({space_name(dataset.fingerprint, space.seed)})")
-        real_rows = space.held_out_rows
+        real_rows = np.intersect1d(space.held_out_rows, rows)
         train_features, train_probabilities = space.features_and_probabilities(dataset.images)
         generated_features, generated_probabilities = space.features_and_probabilities(generated)
     else:
         rng = np.random.Generator(np.random.PCG64(seed))
-        real_rows = np.sort(rng.choice(len(dataset), min(len(generated), len(dataset) // 2), replace=False))
+        real_rows = np.sort(rows[rng.choice(len(rows), min(len(generated), len(rows) // 2), replace=False)])
         train_features, generated_features = space.features(dataset.images), space.features(generated)
         train_probabilities = generated_probabilities = None
-    rest = np.setdiff1d(np.arange(len(dataset)), real_rows)
-    generated_figures = _figures(generated_features, gaussian_stats(train_features), generated_probabilities, dataset)
+    rest = np.setdiff1d(rows, real_rows)
+    labels = dataset.labels[rows]
+    generated_figures = _figures(generated_features, gaussian_stats(train_features[rows]), generated_probabilities,
+                                 labels)
     real_figures = _figures(train_features[real_rows], gaussian_stats(train_features[rest]),
-                            None if train_probabilities is None else train_probabilities[real_rows], dataset)
+                            None if train_probabilities is None else train_probabilities[real_rows], labels)
     which = f"the {len(real_rows)} held-out labelled images" if classifier else f"{len(real_rows)} training images (seed {seed})"
+    others = "reference images" if restricted else "training images"
     return QualityReport(space=space.name, generated=generated_figures, real=real_figures,
-                         real_reference=f"{which} vs the other {len(rest)} training images",
-                         classes=len(labelled_classes(dataset)) if classifier else None,
+                         real_reference=f"{which} vs the other {len(rest)} {others}",
+                         classes=len(np.unique(labels[labels >= 0])) if classifier else None,
                          classifier_held_out_accuracy=space.held_out_accuracy if classifier else None)
 
 
 def _figures(features: np.ndarray, reference_stats: tuple[np.ndarray, np.ndarray],
-             probabilities: np.ndarray | None, dataset: ImageDataset) -> QualityFigures:
+             probabilities: np.ndarray | None, labels: np.ndarray) -> QualityFigures:
+    """Fréchet to the reference; with probabilities, confidence and coverage of the classes in `labels`."""
     frechet = frechet_distance(*gaussian_stats(features), *reference_stats)
     if probabilities is None:
         return QualityFigures(images=len(features), frechet=frechet)
-    classes = labelled_classes(dataset)
+    labels = labels[labels >= 0]
+    classes = np.unique(labels)
     predicted = np.bincount(probabilities.argmax(1), minlength=probabilities.shape[1])
-    labels = np.bincount(dataset.labels[dataset.labels >= 0], minlength=probabilities.shape[1])
+    label_counts = np.bincount(labels, minlength=probabilities.shape[1])
     covered = int((predicted[classes] > 0).sum())
-    tv = 0.5 * float(np.abs(predicted / predicted.sum() - labels / labels.sum()).sum())
+    tv = 0.5 * float(np.abs(predicted / predicted.sum() - label_counts / label_counts.sum()).sum())
     return QualityFigures(images=len(features), frechet=frechet,
                           mean_confidence=float(probabilities.max(1).mean()), classes_predicted=covered,
                           coverage=covered / len(classes), tv_distance=tv)
