@@ -11,11 +11,12 @@ import os
 import shutil
 import uuid
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
 from memshard.config import Config
@@ -100,6 +101,58 @@ def image_shape(pipeline: DDPMPipeline) -> tuple[int, int, int]:
     """(C, H, W) of the images the pipeline makes."""
     resolution = int(pipeline.unet.config.sample_size)
     return int(pipeline.unet.config.in_channels), resolution, resolution
+
+
+# Samplers by name, and their default number of steps (None: the training timesteps, the published protocol).
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+DEFAULT_SAMPLING_STEPS = {"ddpm": None, "ddim": 100, "dpm-solver++": 20}
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """M generations with one sampler and number of steps, made in batches of `batch_size`.
+
+    Batch b holds images [b·B, (b+1)·B) and is seeded from the b-th state of SeedSequence(seed), so
+    an image depends on the model, the plan and the device kind only: not on how many processes
+    made the batches, nor in which order."""
+
+    num_images: int
+    sampler: str
+    steps: int
+    batch_size: int
+    seed: int
+
+    def batches(self) -> list[tuple[int, int]]:
+        """(image count, torch seed) of each batch, in image order."""
+        count = -(-self.num_images // self.batch_size)
+        seeds = np.random.SeedSequence(self.seed).generate_state(count, np.uint64)
+        return [(min(self.batch_size, self.num_images - b * self.batch_size), int(seeds[b] >> np.uint64(1)))
+                for b in range(count)]
+
+
+def generate_batch(pipeline: DDPMPipeline, plan: SamplingPlan, count: int, seed: int) -> np.ndarray:
+    """One batch of `plan` (see `SamplingPlan.batches`) as (count, C, H, W) uint8; the caller has
+    given the pipeline the plan's sampler (`use_sampler`)."""
+    images = generate_images(pipeline, count, seed=seed, num_inference_steps=plan.steps, batch_size=count)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+def use_sampler(pipeline: DDPMPipeline, sampler: str) -> DDPMPipeline:
+    """Give `pipeline` the scheduler named `sampler`, on the noise schedule it was trained with; returns it.
+
+    ddpm: ancestral DDPM (Ho et al. 2020); ddim: deterministic DDIM (eta 0, Song et al. 2021);
+    dpm-solver++: second-order multistep DPM-Solver++ (Lu et al. 2022), meant for 20-25 steps."""
+    config = pipeline.scheduler.config
+    if sampler == "ddpm":
+        scheduler = DDPMScheduler.from_config(config)
+    elif sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(config)
+    elif sampler == "dpm-solver++":
+        scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    else:
+        raise MemshardError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    pipeline.scheduler = scheduler
+    return pipeline
 
 
 def generate_images(

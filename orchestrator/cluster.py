@@ -33,7 +33,7 @@ def connect_ray(address: str | None) -> bool:
     try:
         if address:
             _check_address_answers(address)
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address)  # actor output reaches this terminal unless RAY_LOG_TO_DRIVER=0 (memshard.cli)
         else:
             # A local instance sized to this machine, without a dashboard.
             ray.init(address="local", include_dashboard=False)
@@ -54,6 +54,19 @@ def _check_address_answers(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as error:
         raise ConnectionError(f"nothing answers on {host}:{port}: {error.strerror or error}") from None
+
+
+@dataclass(frozen=True)
+class ActorRole:
+    """What a group of actors is, for the one-line errors: its name, the flag that sets how many, and
+    the settings (by resource) that size one actor (none: memshard sizes it, nothing to lower)."""
+
+    name: str
+    count_flag: str
+    settings: tuple[tuple[str, str], ...] = ()
+
+
+SHARD_ACTOR = ActorRole("shard actor", "--shards", (("CPU", "ray.cpus_per_actor"), ("GPU", "ray.gpus_per_actor")))
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,8 @@ def largest_packable_share(node_cpus: list[float], count: int) -> float:
     return max(0.01, math.floor(100 * max(fitting, default=0.01)) / 100)
 
 
-def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[str, float]]) -> None:
+def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[str, float]],
+                   role: ActorRole = SHARD_ACTOR) -> None:
     """Raise when no placement could ever hold the K actors (identical bundles pack node by node)."""
     bundle = resources.bundle()
 
@@ -110,17 +124,16 @@ def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[
         lacking = [name for name, amount in bundle.items() if all(n.get(name, 0.0) + 1e-9 < amount for n in nodes)]
         lacking = lacking or [name for name, amount in bundle.items() if any(n.get(name, 0.0) + 1e-9 < amount for n in nodes)]
         raise MemshardError(
-            f"no node can hold one shard actor needing {bundle}: nodes offer "
-            f"{_offers(nodes, bundle)}; {_lower(lacking)}, "
-            f"or add nodes with more {' and '.join(lacking)}"
+            f"no node can hold one {role.name} needing {bundle}: nodes offer "
+            f"{_offers(nodes, bundle)}; {_lower(lacking, role, ', or ')}add nodes with more {' and '.join(lacking)}"
         )
     if capacity < num_shards:
         # The resources that stop each node from holding one more actor.
         limiting = {name for node in nodes for name, amount in bundle.items()
                     if math.floor(node.get(name, 0.0) / amount + 1e-9) == holds(node)}
         raise MemshardError(
-            f"{num_shards} shard actors needing {bundle} each do not fit: the nodes hold {capacity}; "
-            f"use --shards {capacity} or fewer, {_lower(sorted(limiting))}, or add nodes"
+            f"{num_shards} {role.name}s needing {bundle} each do not fit: the nodes hold {capacity}; "
+            f"use {role.count_flag} {capacity} or fewer, {_lower(sorted(limiting), role, ', ')}or add nodes"
         )
 
 
@@ -130,12 +143,14 @@ def _offers(nodes: list[dict[str, float]], bundle: dict[str, float]) -> list[dic
     return sorted(offers, key=lambda offer: sorted(offer.items()), reverse=True)
 
 
-def _lower(names: list[str]) -> str:
-    """The settings that ask for these resources, as a fix."""
-    settings = {"CPU": "ray.cpus_per_actor", "GPU": "ray.gpus_per_actor"}
+def _lower(names: list[str], role: ActorRole, then: str) -> str:
+    """The settings that ask for these resources, as a fix followed by `then` (empty: none to lower)."""
+    if not role.settings:
+        return ""
+    settings = dict(role.settings)
     fixes = [f"lower {settings[n]} (auto fits the nodes)" if n in settings else f"lower or drop {n} in ray.actor_resources"
              for n in names]
-    return " / ".join(fixes)
+    return " / ".join(fixes) + then
 
 
 def node_resources() -> list[dict[str, float]]:
@@ -143,21 +158,28 @@ def node_resources() -> list[dict[str, float]]:
 
 
 def place_shard_actors(cfg: Config, num_shards: int, actor_class, make_args):
+    """Start K shard actors in one placement group (see `place_actors`)."""
+    return place_actors(cfg, num_shards, actor_class, make_args)
+
+
+def place_actors(cfg: Config, num_shards: int, actor_class, make_args, role: ActorRole = SHARD_ACTOR,
+                 resources: ActorResources | None = None):
     """Start K actors in one placement group; `make_args(k, resources)` gives actor k's arguments.
+    `resources` None: `plan_actor_resources` sizes them from `cfg.ray`.
 
     Returns (actors, placement group, resources, start_actor) where `start_actor(k)` starts a
-    replacement for shard k in the same bundle (used when an actor dies).
+    replacement for actor k in the same bundle (used when an actor dies).
     """
     nodes = node_resources()
-    resources = plan_actor_resources(cfg, num_shards, nodes)
-    check_feasible(resources, num_shards, nodes)
+    resources = resources or plan_actor_resources(cfg, num_shards, nodes)
+    check_feasible(resources, num_shards, nodes, role)
     group = placement_group([resources.bundle()] * num_shards, strategy=cfg.ray.placement_strategy)
     ready, _ = ray.wait([group.ready()], timeout=cfg.ray.placement_timeout_s)
     if not ready:
         remove_placement_group(group)
         raise MemshardError(
             f"the cluster did not free {num_shards} x {resources.bundle()} within {cfg.ray.placement_timeout_s:g} s "
-            f"(other jobs hold them?): retry later, use fewer --shards, or raise ray.placement_timeout_s"
+            f"(other jobs hold them?): retry later, use fewer {role.count_flag}, or raise ray.placement_timeout_s"
         )
 
     def start_actor(k: int):

@@ -1,0 +1,230 @@
+"""Generation on Ray: the batches of a SamplingPlan spread over actors that hold the loaded pipeline.
+
+The plan fixes every batch before a worker starts (`memshard.pipeline.SamplingPlan.batches`: batch
+b is seeded from the b-th state of SeedSequence(seed)), and the images come back in batch order, so
+they do not depend on how many workers made them; on CPUs they are bitwise the same for any W.
+
+Workers are placed like the shard actors, by `cluster.place_actors` in one placement group:
+- on a cluster with GPUs (and device auto or cuda): one worker per GPU by default; W workers get
+  1/⌈W/GPUs⌉ of a GPU and at most one CPU each, as `ray.gpus_per_actor=auto` sizes shard actors;
+- else one worker per CPU slot by default, each holding the auto CPU share and at least one whole
+  CPU (a generation worker is one sampling loop: less than a CPU only slows it down).
+A `--workers` count that can never fit is a one-line error, before any actor starts.
+
+The driver hands out batches as workers free up (two in flight per worker), draws one progress
+bar over all of them, prints an estimate of the total once the first batch is back, and replaces a
+worker that dies (its batches are made again: the same images).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import ray
+import torch
+from diffusers import DDPMPipeline
+from tqdm import tqdm
+
+from memshard.config import Config
+from memshard.errors import MemshardError
+from memshard.orchestrator.cluster import (
+    ActorResources,
+    ActorRole,
+    check_feasible,
+    node_resources,
+    place_actors,
+    plan_actor_resources,
+    release,
+)
+from memshard.pipeline import SamplingPlan, generate_batch, use_sampler
+
+GENERATION_WORKER = ActorRole("generation worker", "--workers")
+IN_FLIGHT = 2  # batches queued per worker: the next one starts while the last one's images travel
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many generation workers, each with which resources, on GPUs or not."""
+
+    count: int
+    resources: ActorResources
+    gpu: bool
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpu else "cpu"
+
+    def describe(self) -> str:
+        share = f"{self.resources.gpus:g} GPU, " if self.gpu else ""
+        return f"{self.count} generation worker{'s' * (self.count != 1)} ({share}{self.resources.cpus:g} CPU each)"
+
+
+def cluster_has_gpu(device: str = "auto") -> bool:
+    """Whether generation runs on GPUs: the cluster offers one and `device` (auto, cpu, cuda) allows it.
+    `device` cuda on a cluster without a GPU is a one-line error."""
+    gpus = sum(node.get("GPU", 0.0) for node in node_resources())
+    if device == "cuda" and gpus < 1:
+        raise MemshardError("--device cuda, but the Ray cluster has no GPU: use --device auto or cpu, or add GPU nodes")
+    return device != "cpu" and gpus >= 1
+
+
+def plan_workers(requested: int | None, device: str, batches: int) -> WorkerPlan:
+    """W workers (`requested`, else every GPU or CPU slot, at most one per batch) and their resources,
+    checked against the cluster: a W that can never fit is a one-line error."""
+    nodes = node_resources()
+    gpu = cluster_has_gpu(device)
+    slots = sum(math.floor(node.get("GPU" if gpu else "CPU", 0.0) + 1e-9) for node in nodes)
+    count = requested or max(1, min(slots, batches))
+    cfg = Config()  # default ray settings: auto CPU and GPU shares, no custom resources
+    cfg.ray.gpus_per_actor = "auto" if gpu else "0"
+    resources = plan_actor_resources(cfg, count, nodes)
+    if gpu:
+        resources = replace(resources, gpus=max(resources.gpus, 0.01))
+    else:
+        resources = replace(resources, cpus=max(resources.cpus, 1.0))
+    check_feasible(resources, count, nodes, GENERATION_WORKER)
+    return WorkerPlan(count, resources, gpu)
+
+
+@ray.remote
+class GenerationWorker:
+    """Holds one copy of the pipeline, with the plan's sampler, and makes batches on request."""
+
+    def __init__(self, pipeline: DDPMPipeline, plan: SamplingPlan, threads: int):
+        torch.set_num_threads(threads)
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.plan = plan
+        self.pipeline = use_sampler(pipeline, plan.sampler).to(device)
+
+    def describe(self) -> dict:
+        """Where this worker runs (waiting on it also waits for the pipeline to load)."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "device": self.pipeline.device.type,
+                "threads": torch.get_num_threads()}
+
+    def generate(self, count: int, seed: int) -> np.ndarray:
+        return generate_batch(self.pipeline, self.plan, count, seed)
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    images: np.ndarray = field(repr=False)  # (M, C, H, W) uint8, in batch order
+    workers: WorkerPlan
+    placement: list[dict]  # per worker: node id, device, torch threads
+    first_batch_seconds: float  # wall time until the first batch came back (workers already loaded)
+    estimated_seconds: float  # the estimate printed then
+    seconds: float  # wall time of the whole generation, placement and loading included
+    restarts: int
+
+    def details(self) -> dict:
+        """For report.json: how the images were made."""
+        return {"workers": self.workers.count, "worker_resources": self.workers.resources.bundle(),
+                "nodes": len({p["node_id"] for p in self.placement}), "device": self.workers.device,
+                "first_batch_seconds": round(self.first_batch_seconds, 3),
+                "estimated_seconds": round(self.estimated_seconds, 1), "worker_restarts": self.restarts}
+
+
+def generate_on_ray(pipeline: DDPMPipeline, plan: SamplingPlan, workers: WorkerPlan, show_progress: bool = True,
+                    max_restarts: int | None = None) -> GeneratedImages:
+    """The plan's images, made by `workers` placed on the cluster (see the module notes). The
+    estimate after the first batch is printed to stdout; the progress bar goes to stderr."""
+    started = time.perf_counter()
+    batches = plan.batches()
+    cfg = Config()
+    limit = cfg.ray.max_actor_restarts if max_restarts is None else max_restarts
+    pipeline_ref = ray.put(pipeline.to("cpu"))  # once into the object store; each worker loads its copy
+    actors, group = [], None
+    try:
+        actors, group, resources, start_actor = place_actors(
+            cfg, workers.count, GenerationWorker, lambda k, r: (pipeline_ref, plan, max(1, int(r.cpus))),
+            role=GENERATION_WORKER, resources=workers.resources)
+        placement = ray.get([actor.describe.remote() for actor in actors])
+        run = _BatchRun(actors, start_actor, batches, limit)
+        images, first, estimate = run.collect(plan, show_progress)
+        return GeneratedImages(np.ascontiguousarray(np.concatenate(images)), workers, placement, first, estimate,
+                               time.perf_counter() - started, run.restarts)
+    finally:
+        release(actors, group)
+
+
+class _BatchRun:
+    """The driver's loop: queue the batches, keep IN_FLIGHT per worker, gather them in order."""
+
+    def __init__(self, actors: list, start_actor: Callable[[int], object], batches: list[tuple[int, int]],
+                 max_restarts: int):
+        self.actors, self.start_actor, self.batches = actors, start_actor, batches
+        self.max_restarts, self.restarts = max_restarts, 0
+        self.queue = deque(range(len(batches)))
+        self.pending: dict = {}  # ObjectRef -> (worker k, batch b, the actor it was sent to)
+
+    def submit(self, k: int) -> None:
+        if self.queue:
+            b = self.queue.popleft()
+            count, seed = self.batches[b]
+            self.pending[self.actors[k].generate.remote(count, seed)] = (k, b, self.actors[k])
+
+    def collect(self, plan: SamplingPlan, show_progress: bool) -> tuple[list[np.ndarray], float, float]:
+        results: list[np.ndarray | None] = [None] * len(self.batches)
+        for _ in range(IN_FLIGHT):
+            for k in range(len(self.actors)):
+                self.submit(k)
+        start = time.perf_counter()
+        first = estimate = 0.0
+        bar = tqdm(total=plan.num_images, desc="generating", unit="img", disable=not show_progress, file=sys.stderr)
+        try:
+            while self.pending:
+                (ref,), _ = ray.wait(list(self.pending), num_returns=1)
+                k, b, actor = self.pending.pop(ref)
+                try:
+                    results[b] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:
+                    self._replace(k, actor, b, error)
+                    continue
+                except ray.exceptions.RayTaskError as error:
+                    raise _task_error(error, self.batches[b][0]) from None
+                if not first:
+                    first = time.perf_counter() - start
+                    estimate = first * math.ceil(len(self.batches) / len(self.actors))
+                    bar.write(f"first batch: {self.batches[b][0]} images in {_duration(first)} on "
+                              f"{len(self.actors)} worker{'s' * (len(self.actors) != 1)}; estimated generation "
+                              f"time for {plan.num_images:,} images: {_duration(estimate)}", file=sys.stdout)
+                    sys.stdout.flush()
+                bar.update(self.batches[b][0])
+                self.submit(k)
+        finally:
+            bar.close()
+        return results, first, estimate
+
+    def _replace(self, k: int, actor, b: int, error: Exception) -> None:
+        """Worker k died: its batch is made again by a fresh worker in the same bundle (one per death)."""
+        self.queue.appendleft(b)
+        if actor is self.actors[k]:  # else: already replaced while this batch was in flight
+            self.restarts += 1
+            if self.restarts > self.max_restarts:
+                raise MemshardError(f"generation worker {k} died ({type(error).__name__}) and the evaluation has used "
+                                    f"its {self.max_restarts} restarts: check the nodes' memory and logs, or use "
+                                    f"fewer --workers")
+            ray.kill(actor, no_restart=True)
+            self.actors[k] = self.start_actor(k)
+        self.submit(k)
+
+
+def _task_error(error: Exception, count: int) -> Exception:
+    """A worker's out-of-memory is the user's to fix (a smaller batch); anything else stays a traceback."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, torch.OutOfMemoryError | MemoryError):
+        return MemshardError(f"a generation worker ran out of memory on a batch of {count} images: "
+                             f"use a smaller --batch")
+    return error
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes < 90 else f"{minutes / 60:.1f} h"
