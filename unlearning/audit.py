@@ -1,13 +1,20 @@
 """The unlearning audit: the same measurements of a model before and after unlearning (and of the
 retrained model when one exists), as one report in JSON, markdown and a picture (method.md §6).
 
-Measured per model, all seeded so before and after see the same draws:
-- forget-set and keep-set loss at fixed (t, ε) (`shard_worker.scoring`);
-- for each distinct forget image, the fraction of generations within mean squared pixel distance
-  `copy_threshold` of it, and its nearest generation;
-- FID of the generations against the scored keep images, in the offline pixel-projection space.
+It answers what a reviewer asks first, in this order:
+1. Did the forget images stop appearing? For each distinct forget image, the generations within mean
+   squared pixel distance `copy_threshold` of it and its nearest generation, before and after (the
+   picture shows the image beside its nearest generation from each model).
+2. Is the model otherwise intact? Keep-set loss at fixed seeded (t, ε) (`shard_worker.scoring`) and
+   the quality of the generations against the kept images in the default quality space
+   (`evaluation.classifier_space`: the training set's own classifier for labelled data) beside its
+   real reference; the retrained model's figures beside them where a retrain exists.
+3. What did it cost? Optimizer steps and seconds (the forget checks included), as a fraction of the
+   source training run's steps and wall time, and the trajectory of the forget checks.
+4. That approximate unlearning is not exact removal (EXACTNESS).
 
-No MLflow and no Ray here: `memshard.commands.unlearn` logs what this module returns.
+All draws are seeded, so before, after and retrained see the same noise. No MLflow and no Ray here:
+`unlearning.runner` supplies the lineage and `memshard.commands.unlearn` logs what this returns.
 """
 
 from __future__ import annotations
@@ -21,26 +28,30 @@ from PIL import Image
 
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
-from memshard.evaluation.fid import PIXEL_PROJECTION, feature_space, fid
-from memshard.evaluation.nearest_neighbors import nearest_neighbors
+from memshard.evaluation.classifier_space import QualityReport, quality_report
+from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, feature_space, fid
 from memshard.pipeline import generate_images, image_grid
 from memshard.shard_worker.scoring import score_samples
+from memshard.unlearning.forget_check import COPY_THRESHOLD, CheckPoint, copy_distances
 from memshard.unlearning.forget_set import ForgetSet
 
 EXACTNESS = ("SISS and the naive, NegGrad and EraseDiff baselines are approximate: the forget set still shaped "
              "every training round (each round averages all shards), and these methods only push the model "
              "toward one trained without it. Retraining from scratch on the kept data is the only exact removal.")
 NEAREST_PICTURE_ROWS = 16
+STOP_WORDS = {"forgotten": "the forget checks found the forget set no longer reproduced",
+              "max_steps": "the step cap was reached first"}
 
 
 @dataclass(frozen=True)
 class AuditSettings:
-    num_images: int = 64  # generations per model
+    num_images: int = 256  # generations per model
     sampling_steps: int = 50  # DDPM steps per generation (the audit compares models, not absolute quality)
-    copy_threshold: float = 0.01  # a generation copies a forget image when mean((g − a)²) in [0, 1] pixels is below
+    copy_threshold: float = COPY_THRESHOLD  # a generation copies a forget image when mean((g − a)²) in [0, 1] is below
     keep_samples: int = 256  # keep-set samples scored for the keep loss
     seed: int = 0
     repeats: int = 4  # fixed (t, ε) draws per scored sample
+    quality: bool = True  # quality in the default quality space (the training set's classifier for labelled data)
 
     def check(self) -> None:
         if (self.num_images < 2 or self.sampling_steps < 1 or self.keep_samples < 1 or self.copy_threshold <= 0
@@ -53,7 +64,8 @@ class AuditSettings:
 class ForgetImageMeasure:
     sample_id: str
     copies_in_dataset: int  # samples with the same pixels (all forgotten together)
-    copy_fraction: float  # generations within copy_threshold of it
+    copies: int  # generations within copy_threshold of it
+    copy_fraction: float  # copies / generations
     nearest_generation: int
     nearest_mse: float
 
@@ -62,23 +74,42 @@ class ForgetImageMeasure:
 class AuditMeasures:
     forget_loss: float
     keep_loss: float
-    copy_fraction_mean: float
+    copies: int  # generations within copy_threshold of at least one forget image
+    generations: int
+    copy_fraction_mean: float  # over the distinct forget images
     copy_fraction_max: float
     per_image: tuple[ForgetImageMeasure, ...]
     fid: float
     fid_feature_space: str
+    quality: QualityReport | None  # None: no quality space (see the report's quality_note)
     generated: np.ndarray = field(repr=False, compare=False)  # (num_images, C, H, W) uint8
 
     def to_json(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "generated"}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name not in ("generated", "quality")}
+        out["quality"] = None if self.quality is None else self.quality.as_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class TrainingCompute:
+    """What the source model's training run spent: the scale unlearning's cost is given in."""
+
+    run_id: str
+    steps: int  # optimizer steps over all proxies
+    seconds: float | None  # the run's wall time (None: not recorded)
 
 
 @dataclass(frozen=True)
 class UnlearnCompute:
     method: str
-    steps: int
-    seconds: float
+    steps: int  # optimizer steps taken
+    seconds: float  # wall time, forget checks included
     device: str
+    check_seconds: float = 0.0
+    max_steps: int | None = None
+    stopped: str = ""  # "forgotten", "max_steps" ("" for retrain)
+    trajectory: tuple[CheckPoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,8 +135,19 @@ class AuditReport:
     before: AuditMeasures
     after: AuditMeasures
     compute: UnlearnCompute
+    training: TrainingCompute
     retrain: RetrainReference | None
+    quality_note: str = ""  # which quality space, and why (or why none)
     exactness: str = EXACTNESS
+
+    @property
+    def steps_fraction(self) -> float:
+        return self.compute.steps / self.training.steps if self.training.steps else float("nan")
+
+    @property
+    def seconds_fraction(self) -> float:
+        seconds = self.training.seconds
+        return self.compute.seconds / seconds if seconds else float("nan")
 
     def to_json(self) -> dict:
         """report.json: every field, the generations left out."""
@@ -115,63 +157,157 @@ class AuditReport:
             "forget_hash": self.forget_hash, "forget_size": self.forget_size, "keep_size": self.keep_size,
             "method": self.method, "audit_settings": dataclasses.asdict(self.settings),
             "before": self.before.to_json(), "after": self.after.to_json(),
-            "compute": dataclasses.asdict(self.compute),
+            "compute": {**dataclasses.asdict(self.compute), "steps_fraction_of_training": self.steps_fraction,
+                        "seconds_fraction_of_training": self.seconds_fraction},
+            "training": dataclasses.asdict(self.training),
             "retrain": None if retrain is None else {
                 "run_id": retrain.run_id, "model": retrain.model, "steps": retrain.steps,
                 "seconds": retrain.seconds, "measures": retrain.measures.to_json()},
+            "quality_note": self.quality_note,
             "exactness": self.exactness,
         }
 
     def metrics(self) -> dict[str, float]:
-        metrics = {f"{key}_{when}": getattr(measures, key)
+        metrics = {f"{key}_{when}": float(getattr(measures, key))
                    for when, measures in (("before", self.before), ("after", self.after))
-                   for key in ("forget_loss", "keep_loss", "copy_fraction_mean", "fid")}
+                   for key in ("forget_loss", "keep_loss", "copy_fraction_mean", "copies", "fid")}
+        for when, measures in (("before", self.before), ("after", self.after)):
+            if measures.quality is not None:
+                metrics[f"quality_frechet_{when}"] = measures.quality.generated.frechet
+                if measures.quality.generated.coverage is not None:
+                    metrics[f"quality_coverage_{when}"] = measures.quality.generated.coverage
+        metrics["unlearn_steps"] = float(self.compute.steps)
         metrics["unlearn_seconds"] = self.compute.seconds
+        metrics["unlearn_check_seconds"] = self.compute.check_seconds
+        for name, value in (("steps_fraction_of_training", self.steps_fraction),
+                            ("seconds_fraction_of_training", self.seconds_fraction)):
+            if np.isfinite(value):
+                metrics[name] = value
         return metrics
 
     def markdown(self) -> str:
-        b, a, c, retrain, s = self.before, self.after, self.compute, self.retrain, self.settings
-        rows = [("forget-set loss at fixed (t, ε)", "forget_loss"), ("keep-set loss at fixed (t, ε)", "keep_loss"),
-                ("fraction of generations copying a forget image (mean)", "copy_fraction_mean"),
-                ("same, worst forget image", "copy_fraction_max"), (f"FID vs keep set ({b.fid_feature_space})", "fid")]
-        head = "| measure | before | after |" + (" retrained |" if retrain else "")
+        b, a, retrain, s = self.before, self.after, self.retrain, self.settings
+        r = retrain.measures if retrain else None
+        distinct = len(b.per_image)
         lines = [f"# Unlearning audit: {self.method}", "",
-                 f"Source run {self.source_run_id}, model {self.registered_model}; forget set of "
-                 f"{self.forget_size} samples (hash {self.forget_hash[:16]}), {self.keep_size} kept.", "",
-                 head, "| --- | --- | --- |" + (" --- |" if retrain else "")]
-        for label, key in rows:
-            line = f"| {label} | {getattr(b, key):.4f} | {getattr(a, key):.4f} |"
-            if retrain:
-                line += f" {getattr(retrain.measures, key):.4f} |"
-            lines.append(line)
-        lines += ["", f"Copy: mean squared pixel distance in [0, 1] below {s.copy_threshold} among {s.num_images} "
-                  f"generations ({s.sampling_steps} DDPM steps, seed {s.seed}). FID here is in the offline "
-                  f"{b.fid_feature_space} space on {s.num_images} images: comparable only within this report.",
-                  "", f"Compute: {c.steps} steps in {c.seconds:.1f} s on {c.device}."]
-        if retrain:
-            seconds = float("nan") if retrain.seconds is None else retrain.seconds
-            lines.append(f"Retrain ({retrain.run_id}): {retrain.steps} steps in {seconds:.1f} s.")
-        elif self.method != "retrain":
-            lines.append("No retrain of this forget set exists yet: run `memshard unlearn ... --method retrain` for "
-                         "the exact reference.")
-        lines += ["", "Nearest generation to each forget image: audit/nearest.png (columns: forget image, before, "
-                  "after).", "", f"**Exactness.** {self.exactness}", ""]
+                 f"Model {self.registered_model} (training run {self.source_run_id}); forget set of "
+                 f"{self.forget_size} samples ({distinct} distinct image{'s' if distinct != 1 else ''}, hash "
+                 f"{self.forget_hash[:16]}), {self.keep_size} kept.", ""]
+        lines += self._forgetting_section(b, a, r, s)
+        lines += self._intact_section(b, a, r)
+        lines += self._cost_section()
+        lines += ["## Exact or approximate?", "", self.exactness, ""]
         return "\n".join(lines)
+
+    def _forgetting_section(self, b: AuditMeasures, a: AuditMeasures, r: AuditMeasures | None,
+                            s: AuditSettings) -> list[str]:
+        verdict = ("yes: no generation copies a forget image" if a.copies == 0
+                   else f"no: {a.copies} generation(s) still copy a forget image")
+        retrained = f" (retrained model: {r.copies} of {r.generations})" if r else ""
+        lines = ["## Did the forget images stop appearing?", "",
+                 f"**{verdict}.** Generations copying a forget image: {b.copies} of {b.generations} before → "
+                 f"{a.copies} of {a.generations} after{retrained}.", "",
+                 "| forget image | duplicates in data | copies before | copies after |"
+                 + (" copies retrained |" if r else "") + " nearest distance before | after |"
+                 + (" retrained |" if r else ""),
+                 "| --- | --- | --- | --- |" + (" --- |" if r else "") + " --- | --- |" + (" --- |" if r else "")]
+        rows = zip(b.per_image, a.per_image, r.per_image if r else [None] * len(b.per_image), strict=True)
+        for i, (pb, pa, pr) in enumerate(rows):
+            if i == NEAREST_PICTURE_ROWS:
+                lines.append(f"| ... {len(b.per_image) - i} more in report.json | | | |" + (" |" if r else "")
+                             + " | |" + (" |" if r else ""))
+                break
+            line = f"| {pb.sample_id} | {pb.copies_in_dataset} | {pb.copies} | {pa.copies} |"
+            line += f" {pr.copies} |" if pr else ""
+            line += f" {pb.nearest_mse:.4f} | {pa.nearest_mse:.4f} |" + (f" {pr.nearest_mse:.4f} |" if pr else "")
+            lines.append(line)
+        lines += ["", f"A generation copies a forget image when their mean squared pixel distance (pixels in [0, 1]) "
+                  f"is below {s.copy_threshold}; {s.num_images} generations per model ({s.sampling_steps} DDPM "
+                  f"steps, seed {s.seed}, the same noise for every model). Picture: audit/nearest.png, one row per "
+                  "forget image: the image, its nearest generation before, after" + (", retrained" if r else "")
+                  + ".", ""]
+        return lines
+
+    def _intact_section(self, b: AuditMeasures, a: AuditMeasures, r: AuditMeasures | None) -> list[str]:
+        head = "| measure | before | after | change |" + (" retrained |" if r else "")
+        rows: list[tuple[str, float | None, float | None, float | None]] = [
+            ("keep-set loss at fixed (t, ε)", b.keep_loss, a.keep_loss, r.keep_loss if r else None),
+            ("forget-set loss at fixed (t, ε)", b.forget_loss, a.forget_loss, r.forget_loss if r else None)]
+        quality_lines = [f"Quality: {self.quality_note}." if self.quality_note else "Quality: not measured."]
+        if b.quality is not None and a.quality is not None:
+            q = b.quality
+            rq = r.quality if r else None
+            rows += [(f"Fréchet distance in {q.space}", q.generated.frechet, a.quality.generated.frechet,
+                      rq.generated.frechet if rq else None)]
+            if q.generated.coverage is not None:
+                rows += [("class coverage", q.generated.coverage, a.quality.generated.coverage,
+                          rq.generated.coverage if rq else None),
+                         ("mean classifier confidence", q.generated.mean_confidence,
+                          a.quality.generated.mean_confidence, rq.generated.mean_confidence if rq else None)]
+            real = q.real
+            reference = f"Fréchet {real.frechet:.4f}"
+            if real.coverage is not None:
+                reference += f", coverage {real.coverage:.3f}, confidence {real.mean_confidence:.3f}"
+            quality_lines.append(f"Every quality figure is against the kept images (X \\ A), the distribution the "
+                                 f"model should still produce. Real reference in the same space ({q.real_reference}): "
+                                 f"{reference}.")
+        rows += [(f"FID in {b.fid_feature_space} (pixel statistics only)", b.fid, a.fid, r.fid if r else None)]
+        lines = ["## Is the model otherwise intact?", "", head,
+                 "| --- | --- | --- | --- |" + (" --- |" if r else "")]
+        for label, before, after, retrained in rows:
+            change = f"{100 * (after - before) / before:+.1f}%" if before else "n/a"
+            line = f"| {label} | {before:.4f} | {after:.4f} | {change} |"
+            if r:
+                line += f" {retrained:.4f} |" if retrained is not None else " n/a |"
+            lines.append(line)
+        lines += ["", *quality_lines, ""]
+        if r is None and self.method != "retrain":
+            lines += ["No retrain of this forget set exists yet: `memshard unlearn ... --method retrain` makes the "
+                      "exact reference, and later audits of this forget set compare with it.", ""]
+        return lines
+
+    def _cost_section(self) -> list[str]:
+        c, t = self.compute, self.training
+        lines = ["## What did it cost?", ""]
+        if self.method == "retrain":
+            lines.append(f"A full retrain: {c.steps} optimizer steps in {c.seconds:.1f} s.")
+        else:
+            stop = STOP_WORDS.get(c.stopped, c.stopped)
+            lines.append(f"{c.steps} optimizer steps (cap {c.max_steps}; stopped because {stop}) in {c.seconds:.1f} s "
+                         f"on {c.device}, {c.check_seconds:.1f} s of it forget checks.")
+        seconds = f"{t.seconds:.1f} s" if t.seconds else "an unrecorded time"
+        fraction = f"{100 * self.steps_fraction:.1f}% of its optimizer steps"
+        if np.isfinite(self.seconds_fraction):
+            fraction += f" and {100 * self.seconds_fraction:.1f}% of its wall time"
+        lines.append(f"The training run {t.run_id} took {t.steps} optimizer steps in {seconds}: this is {fraction}.")
+        if self.retrain:
+            rs = f"{self.retrain.seconds:.1f} s" if self.retrain.seconds else "an unrecorded time"
+            lines.append(f"The retrain {self.retrain.run_id}: {self.retrain.steps} steps in {rs}.")
+        lines.append("")
+        if c.trajectory:
+            n = c.trajectory[0].generations
+            lines += ["Forget checks (losses at fixed seeded (t, ε); copies among the same seeded generations each "
+                      "time):", "", f"| step | keep loss | forget loss | copies of {n} |", "| --- | --- | --- | --- |"]
+            lines += [f"| {p.step} | {p.keep_loss:.4f} | {p.forget_loss:.4f} | {p.copies} |" for p in c.trajectory]
+            lines.append("")
+        return lines
 
     def nearest_picture(self, dataset: ImageDataset) -> Image.Image:
         """One row per distinct forget image (at most NEAREST_PICTURE_ROWS): the image, its nearest
-        generation before, and after."""
+        generation before, after, and from the retrained model where there is one."""
+        models = [self.before, self.after] + ([self.retrain.measures] if self.retrain else [])
         tiles = []
-        for b, a in zip(self.before.per_image[:NEAREST_PICTURE_ROWS], self.after.per_image[:NEAREST_PICTURE_ROWS],
-                        strict=True):
-            row = int(np.flatnonzero(dataset.sample_ids == b.sample_id)[0])
-            tiles += [dataset.images[row], self.before.generated[b.nearest_generation],
-                      self.after.generated[a.nearest_generation]]
-        return image_grid(np.stack(tiles).transpose(0, 2, 3, 1), columns=3)
+        for i, first in enumerate(self.before.per_image[:NEAREST_PICTURE_ROWS]):
+            row = int(np.flatnonzero(dataset.sample_ids == first.sample_id)[0])
+            tiles.append(dataset.images[row])
+            tiles += [m.generated[m.per_image[i].nearest_generation] for m in models]
+        return image_grid(np.stack(tiles).transpose(0, 2, 3, 1), columns=1 + len(models))
 
 
-def measure(pipeline: DDPMPipeline, dataset: ImageDataset, forget: ForgetSet, settings: AuditSettings) -> AuditMeasures:
-    """Forget/keep losses at fixed (t, ε), copies of each distinct forget image among generations, FID."""
+def measure(pipeline: DDPMPipeline, dataset: ImageDataset, forget: ForgetSet, settings: AuditSettings,
+            space: FeatureSpace | None = None) -> AuditMeasures:
+    """Forget/keep losses at fixed (t, ε), copies of each distinct forget image among generations,
+    quality in `space` (None: none) and the pixel-projection FID."""
     unet, scheduler = pipeline.unet, pipeline.scheduler
     rng = np.random.default_rng(settings.seed)
     keep_scored = np.sort(rng.choice(forget.keep_rows, min(settings.keep_samples, len(forget.keep_rows)),
@@ -179,27 +315,29 @@ def measure(pipeline: DDPMPipeline, dataset: ImageDataset, forget: ForgetSet, se
     forget_loss = score_samples(unet, scheduler, dataset.images, forget.rows, settings.seed, settings.repeats)
     keep_loss = score_samples(unet, scheduler, dataset.images, keep_scored, settings.seed, settings.repeats)
     generated = generate_images(pipeline, settings.num_images, settings.seed, settings.sampling_steps)
-    generated = generated.transpose(0, 3, 1, 2)
-    distinct = _distinct_rows(dataset, forget.rows)
-    pixels = int(np.prod(dataset.images.shape[1:]))
-    near = nearest_neighbors(dataset.images[distinct], generated, k=len(generated), scale=1 / 255, device="cpu")
-    per_pixel = near.sq_distances / pixels  # (forget images, generations), ascending
-    copy_fraction = (per_pixel < settings.copy_threshold).mean(axis=1)
+    generated = np.ascontiguousarray(generated.transpose(0, 3, 1, 2))
+    distinct = distinct_rows(dataset, forget.rows)
+    per_pixel, indices = copy_distances(dataset.images[distinct], generated)  # (forget images, generations)
+    copying = per_pixel < settings.copy_threshold
     hashes = dataset.content_hashes[forget.rows]
     per_image = tuple(
         ForgetImageMeasure(sample_id=str(dataset.sample_ids[row]),
                            copies_in_dataset=int((hashes == dataset.content_hashes[row]).sum()),
-                           copy_fraction=float(copy_fraction[i]), nearest_generation=int(near.indices[i, 0]),
-                           nearest_mse=float(per_pixel[i, 0]))
+                           copies=int(copying[i].sum()), copy_fraction=float(copying[i].mean()),
+                           nearest_generation=int(indices[i, 0]), nearest_mse=float(per_pixel[i, 0]))
         for i, row in enumerate(distinct))
+    fractions = copying.mean(axis=1)
     return AuditMeasures(
         forget_loss=float(forget_loss.mean()), keep_loss=float(keep_loss.mean()),
-        copy_fraction_mean=float(copy_fraction.mean()), copy_fraction_max=float(copy_fraction.max()),
-        per_image=per_image, fid=fid(generated, dataset.images[keep_scored], feature_space(PIXEL_PROJECTION)),
-        fid_feature_space=PIXEL_PROJECTION, generated=generated)
+        copies=len(np.unique(indices[copying])), generations=len(generated),
+        copy_fraction_mean=float(fractions.mean()), copy_fraction_max=float(fractions.max()), per_image=per_image,
+        fid=fid(generated, dataset.images[keep_scored], feature_space(PIXEL_PROJECTION)),
+        fid_feature_space=PIXEL_PROJECTION,
+        quality=None if space is None else quality_report(generated, dataset, space, settings.seed, forget.keep_rows),
+        generated=generated)
 
 
-def _distinct_rows(dataset: ImageDataset, rows: np.ndarray) -> np.ndarray:
+def distinct_rows(dataset: ImageDataset, rows: np.ndarray) -> np.ndarray:
     """The first row of each distinct image among `rows`: exact duplicates are measured once."""
     _, first = np.unique(dataset.content_hashes[rows], return_index=True)
     return rows[np.sort(first)]

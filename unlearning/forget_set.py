@@ -8,7 +8,9 @@ SPEC is one of
   image's is forgotten, so all exact duplicates go together); ids and image paths may be mixed in
   one comma-separated list
 - `evaluation:RUN_ID`: the training samples an evaluation run found copied (resolved by the caller,
-  which passes `evaluation_ids`; this module reads no tracking store).
+  which passes `evaluation_ids`; this module reads no tracking store), with every exact duplicate of
+  them: an evaluation credits a copy to one row of a group of identical images, and forgetting one
+  row while its duplicates stay in the keep set would teach the image straight back.
 
 Pure except for reading the named files. Every problem is a one-line MemshardError.
 """
@@ -73,6 +75,7 @@ def parse_forget_spec(
             raise MemshardError(f"evaluation run {run_id} found no copied training samples, so the forget set is "
                                 "empty: nothing to unlearn (pick ids yourself with --forget ID,...)")
         rows |= _rows_of_ids(ids, id_to_row, f"evaluation run {run_id}")
+        rows |= _same_pixels(rows, content_hashes)
     else:
         ids, images = _split_tokens(spec)
         if ids:
@@ -134,6 +137,12 @@ def _rows_of_ids(ids: list[str], id_to_row: dict[str, int], origin: str) -> set[
         raise MemshardError(f"{len(unknown)} sample id(s) from {origin} are not in the model's training data "
                             f"({shown}): use ids of the dataset the model was trained on (memshard data inspect)")
     return {id_to_row[i] for i in ids}
+
+
+def _same_pixels(rows: set[int], content_hashes: np.ndarray) -> set[int]:
+    """Every row whose stored image equals that of one of `rows` (content hash)."""
+    hashes = np.asarray(content_hashes).astype(str)
+    return {int(r) for r in np.flatnonzero(np.isin(hashes, hashes[sorted(rows)]))}
 
 
 def _rows_of_images(images: list[Path], content_hashes: np.ndarray, image_shape: tuple[int, int, int]) -> set[int]:

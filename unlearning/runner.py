@@ -27,7 +27,9 @@ from mlflow.tracking import MlflowClient
 from memshard.config import Config, from_dict, to_dict
 from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
 from memshard.errors import MemshardError
+from memshard.evaluation.classifier_space import default_quality_space
 from memshard.evaluation.evaluate import COPIES_TABLE
+from memshard.evaluation.fid import FeatureSpace
 from memshard.model import state_to_numpy
 from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.registry import (
@@ -39,7 +41,14 @@ from memshard.orchestrator.registry import (
     resolve_model,
 )
 from memshard.orchestrator.train import TrainResult, train
-from memshard.unlearning.audit import AuditReport, AuditSettings, RetrainReference, UnlearnCompute, measure
+from memshard.unlearning.audit import (
+    AuditReport,
+    AuditSettings,
+    RetrainReference,
+    TrainingCompute,
+    UnlearnCompute,
+    measure,
+)
 from memshard.unlearning.forget_set import ForgetSet
 from memshard.unlearning.methods import METHODS as APPROXIMATE_METHODS
 from memshard.unlearning.methods import UnlearnSettings, UnlearnStats, unlearn
@@ -113,8 +122,20 @@ def copied_ids(client: MlflowClient, evaluation_run_id: str, source_run_id: str)
     return table.loc[table["copies"] > 0, "sample_id"].astype(str).tolist()
 
 
+def training_steps(cfg: Config) -> int:
+    """Optimizer steps of a training run with `cfg`, over all proxies (ddpm is folded to one shard)."""
+    return cfg.iet.rounds * cfg.iet.local_steps * cfg.iet.shards
+
+
+def training_compute(source: UnlearnSource) -> TrainingCompute:
+    """The source run's optimizer steps (from its config) and wall time (from MLflow's start and end)."""
+    info = source.model.source_run.info
+    seconds = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+    return TrainingCompute(source.run_id, training_steps(source.config), seconds)
+
+
 @ray.remote
-def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_images, settings):
+def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_images, settings, copy_threshold):
     from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device
 
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
@@ -124,12 +145,12 @@ def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_im
     unet = build_unet(cfg, channels)
     load_numpy_state(unet, weights)
     unet.to(device)
-    stats = unlearn(method, unet, build_scheduler(cfg), keep_images, forget_images, settings)
+    stats = unlearn(method, unet, build_scheduler(cfg), keep_images, forget_images, settings, copy_threshold)
     return UnlearnedWeights(state_to_numpy(unet), stats, str(device))
 
 
 def unlearn_on_ray(method: str, pipeline: DDPMPipeline, source: UnlearnSource, forget: ForgetSet,
-                   settings: UnlearnSettings) -> UnlearnedWeights:
+                   settings: UnlearnSettings, copy_threshold: float) -> UnlearnedWeights:
     """One Ray task runs `method` on the source's UNet: on a GPU when the cluster has one, else one CPU."""
     started_ray = connect_ray(source.config.ray.address)
     try:
@@ -138,7 +159,7 @@ def unlearn_on_ray(method: str, pipeline: DDPMPipeline, source: UnlearnSource, f
         images = source.dataset.images
         task = _unlearn_task.options(**options).remote(
             method, state_to_numpy(pipeline.unet), to_dict(source.config), source.dataset.channels,
-            images[forget.keep_rows], images[forget.rows], settings)
+            images[forget.keep_rows], images[forget.rows], settings, copy_threshold)
         return ray.get(task)
     finally:
         if started_ray:
@@ -153,7 +174,7 @@ def retrain_without(source: UnlearnSource, forget: ForgetSet, tracking_uri: str)
     cfg.data.path = str(write_subset(source.dataset, forget.keep_rows, data_dir))
     cfg.mlflow.tracking_uri = tracking_uri
     cfg.mlflow.register_as = source.registered_name
-    steps = cfg.iet.rounds * cfg.iet.local_steps * (1 if cfg.iet.method == "ddpm" else cfg.iet.shards)
+    steps = training_steps(cfg)
     started = time.perf_counter()
     result = train(cfg, show_progress=False)
     return Retrained(result, steps, time.perf_counter() - started)
@@ -175,19 +196,28 @@ def write_subset(dataset: ImageDataset, rows: np.ndarray, out_dir: Path) -> Path
 
 def audit_unlearning(client: MlflowClient, source: UnlearnSource, forget: ForgetSet, before: DDPMPipeline,
                      after: DDPMPipeline, compute: UnlearnCompute, settings: AuditSettings) -> AuditReport:
-    """Before vs after on the same seeded draws; an approximate method is also set beside the latest
-    retrain of the same forget set, when there is one."""
+    """Before vs after on the same seeded draws, quality in the default quality space; an approximate
+    method is also set beside the latest retrain of the same forget set, when there is one."""
     dataset = source.dataset
-    retrain = None if compute.method == "retrain" else find_retrain(client, source, forget, settings)
+    space, note = quality_space(dataset, settings)
+    retrain = None if compute.method == "retrain" else find_retrain(client, source, forget, settings, space)
     return AuditReport(
         source_run_id=source.run_id, registered_model=source.registered_name, forget_hash=forget.hash,
         forget_size=len(forget.rows), keep_size=len(forget.keep_rows), method=compute.method, settings=settings,
-        before=measure(before, dataset, forget, settings), after=measure(after, dataset, forget, settings),
-        compute=compute, retrain=retrain)
+        before=measure(before, dataset, forget, settings, space), after=measure(after, dataset, forget, settings, space),
+        compute=compute, training=training_compute(source), retrain=retrain, quality_note=note)
 
 
-def find_retrain(client: MlflowClient, source: UnlearnSource, forget: ForgetSet,
-                 settings: AuditSettings) -> RetrainReference | None:
+def quality_space(dataset: ImageDataset, settings: AuditSettings) -> tuple[FeatureSpace | None, str]:
+    """The audit's quality space (`default_quality_space`: the training set's classifier for labelled
+    digits) and one line saying which and why."""
+    if not settings.quality:
+        return None, "not measured (audit.quality=false)"
+    return default_quality_space(dataset)
+
+
+def find_retrain(client: MlflowClient, source: UnlearnSource, forget: ForgetSet, settings: AuditSettings,
+                 space: FeatureSpace | None = None) -> RetrainReference | None:
     """The latest registered retrain of `source` without `forget`, measured like the other models."""
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
@@ -203,4 +233,5 @@ def find_retrain(client: MlflowClient, source: UnlearnSource, forget: ForgetSet,
     uri = f"models:/{versions[0].name}/{versions[0].version}"
     retrained = load_model_pipeline(resolve_model(uri, client), client)
     return RetrainReference(run.info.run_id, uri, int(run.data.tags.get(STEPS_TAG, 0)),
-                            run.data.metrics.get("unlearn_seconds"), measure(retrained, source.dataset, forget, settings))
+                            run.data.metrics.get("unlearn_seconds"),
+                            measure(retrained, source.dataset, forget, settings, space))

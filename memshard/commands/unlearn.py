@@ -44,6 +44,7 @@ from memshard.unlearning.runner import (
 )
 
 MLFLOW_SETTINGS = ("mlflow.tracking_uri", "mlflow.experiment")  # where to log; the rest is the source's
+STOPPED_TAG = "memshard.unlearn_stopped"  # forgotten (the checks said so) or max_steps
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,16 @@ class UnlearnResult:
 
 
 def parse_unlearn_sets(sets: list[str], steps: int | None = None) -> UnlearnOptions:
-    """`--set` keys: unlearning settings by name (lam, c, ...), `audit.NAME`, `mlflow.tracking_uri|experiment`;
-    read and checked by the training config's machinery (`memshard.config.parse_sets`)."""
+    """`--set` keys: unlearning settings by name (rho, forget_scale_mode, check_every, ...), `audit.NAME`,
+    `mlflow.tracking_uri|experiment`; read and checked by the training config's machinery
+    (`memshard.config.parse_sets`). `steps` (--steps) is the cap, max_steps."""
     mlflow_hints = field_hints(MLflowConfig, "mlflow.")
     hints = {**field_hints(UnlearnSettings), **field_hints(AuditSettings, "audit."),
              **{key: mlflow_hints[key] for key in MLFLOW_SETTINGS}}
-    chosen = parse_sets(sets, hints, example="c=5")
+    chosen = parse_sets(sets, hints, example="rho=0.1")
     unlearn_values = {key: value for key, value in chosen.items() if "." not in key}
     if steps is not None:
-        unlearn_values["steps"] = steps
+        unlearn_values["max_steps"] = steps
     audit = AuditSettings(**{key[len("audit."):]: value for key, value in chosen.items() if key.startswith("audit.")})
     audit.check()
     settings = UnlearnSettings(**unlearn_values)
@@ -92,10 +94,16 @@ class UnlearnRequest:
     before: DDPMPipeline = dataclasses.field(repr=False)
     options: UnlearnOptions
 
-    def tags(self, steps: int) -> dict[str, str]:
-        """On the unlearned run and its registered version: lineage, the forget set, the method."""
-        return {SOURCE_RUN_TAG: self.source.run_id, FORGET_HASH_TAG: self.forget.hash,
-                "memshard.forget_size": str(len(self.forget.rows)), METHOD_TAG: self.method, STEPS_TAG: str(steps)}
+    def tags(self, steps: int | None = None, stopped: str = "") -> dict[str, str]:
+        """On the unlearned run and its registered version: lineage, the forget set, the method, and
+        once known the steps taken and why it stopped."""
+        tags = {SOURCE_RUN_TAG: self.source.run_id, FORGET_HASH_TAG: self.forget.hash,
+                "memshard.forget_size": str(len(self.forget.rows)), METHOD_TAG: self.method}
+        if steps is not None:
+            tags[STEPS_TAG] = str(steps)
+        if stopped:
+            tags[STOPPED_TAG] = stopped
+        return tags
 
 
 def unlearn_model(model: str, forget: str, method: str = "siss", steps: int | None = None,
@@ -117,9 +125,9 @@ def unlearn_model(model: str, forget: str, method: str = "siss", steps: int | No
 
 def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult:
     source, chosen, options = request.source, request.forget, request.options
-    dataset, tags = source.dataset, request.tags(options.settings.steps)
+    dataset = source.dataset
     with mlflow.start_run() as run:
-        with_retries(mlflow.set_tags, tags)
+        with_retries(mlflow.set_tags, request.tags())
         with_retries(mlflow.log_params, {
             **{f"unlearn.{k}": v for k, v in dataclasses.asdict(options.settings).items()},
             **{f"audit.{k}": v for k, v in dataclasses.asdict(options.audit).items()},
@@ -128,12 +136,21 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
         })
         with_retries(mlflow.log_dict, to_dict(source.config), "config.json")  # lineage for the next unlearn
         with_retries(mlflow.log_text, "\n".join(chosen.ids) + "\n", "forget_ids.txt")
-        unlearned = unlearn_on_ray(request.method, request.before, source, chosen, options.settings)
+        unlearned = unlearn_on_ray(request.method, request.before, source, chosen, options.settings,
+                                   options.audit.copy_threshold)
+        stats = unlearned.stats
+        tags = request.tags(stats.steps, stats.stopped)  # the steps taken, not the cap
+        with_retries(mlflow.set_tags, tags)
+        for point in stats.trajectory:
+            with_retries(mlflow.log_metrics, {"check_keep_loss": point.keep_loss,
+                                              "check_forget_loss": point.forget_loss,
+                                              "check_copies": point.copies}, step=point.step)
         after = build_pipeline(source.config, dataset.channels, unlearned.weights)
         checkpoints = Path(source.config.mlflow.checkpoint_dir).absolute()
         local = save_pipeline(after, checkpoints / run.info.run_id / "pipeline")
         with_retries(mlflow.set_tag, "device", unlearned.device)
-        compute = UnlearnCompute(request.method, unlearned.stats.steps, unlearned.stats.seconds, unlearned.device)
+        compute = UnlearnCompute(request.method, stats.steps, stats.seconds, unlearned.device, stats.check_seconds,
+                                 options.settings.max_steps, stats.stopped, stats.trajectory)
         report = audit_unlearning(client, source, chosen, request.before, after, compute, options.audit)
         report_dir = _log_report(report, source, local.parent / "audit")
         version = str(with_retries(log_pipeline_model, local, source.registered_name).registered_model_version)
@@ -178,13 +195,21 @@ def _tag_version(client: MlflowClient, name: str, version: str, tags: dict) -> N
 def run_unlearn_command(args: argparse.Namespace) -> int:
     """`memshard unlearn` (see memshard/cli.py)."""
     result = unlearn_model(args.model, args.forget, args.method, args.steps, args.set)
-    before, after = result.report.before, result.report.after
+    report = result.report
+    before, after, compute = report.before, report.after, report.compute
     print(f"run id: {result.run_id}")
     print(f"registered model: {result.registered_name} version {result.registered_version}")
-    print(f"forget-set loss {before.forget_loss:.4f} -> {after.forget_loss:.4f}, keep-set loss "
-          f"{before.keep_loss:.4f} -> {after.keep_loss:.4f}, copy fraction {before.copy_fraction_mean:.3f} -> "
-          f"{after.copy_fraction_mean:.3f}")
+    print(f"generations copying a forget image: {before.copies}/{before.generations} -> "
+          f"{after.copies}/{after.generations}")
+    print(f"keep-set loss {before.keep_loss:.4f} -> {after.keep_loss:.4f}, forget-set loss "
+          f"{before.forget_loss:.4f} -> {after.forget_loss:.4f}")
+    if before.quality is not None and after.quality is not None:
+        print(f"Fréchet in {before.quality.space}: {before.quality.generated.frechet:.3f} -> "
+              f"{after.quality.generated.frechet:.3f} (real reference {before.quality.real.frechet:.3f})")
+    stop = f", stopped: {compute.stopped}" if compute.stopped else ""
+    print(f"cost: {compute.steps} steps{stop}, {compute.seconds:.1f} s = {100 * report.steps_fraction:.1f}% of the "
+          "training run's steps")
     print(f"audit report: {result.report_dir / 'report.md'}")
-    if result.report.method != "retrain":
+    if report.method != "retrain":
         print("note: this removal is approximate; --method retrain is exact")
     return 0

@@ -1,0 +1,111 @@
+"""Is the forget set still reproduced? The audit's forget measures, cheap enough to run every few
+unlearning steps, and the rule that stops unlearning on their evidence (method.md §6b).
+
+A check measures the UNet as it stands, in eval mode, always on the same seeded draws, so two
+checks differ only because the model changed:
+- forget loss and keep loss: mean DDPM loss at fixed seeded (t, ε) (`shard_worker.scoring`) over
+  the forget images and over a seeded sample of the keep images;
+- copies: of `check_images` generations sampled with the audit's sampler (ancestral DDPM) in only
+  `check_sampling_steps` steps from one seeded generator (the same noise at every check), how many
+  lie within mean squared pixel distance `copy_threshold` (pixels in [0, 1], the audit's definition)
+  of some forget image. (A deterministic DDIM sampler at the same step count finds a planted image
+  in 3-4× fewer generations than DDPM does: it would call an image forgotten too early.)
+
+Stop rule: the forget set is no longer reproduced when a check finds 0 copies AND the forget loss
+is at least `stop_loss_ratio` × the keep loss (1.0: the forget images are no more familiar to the
+model than the images it keeps, which is how a model that never saw them treats them). The loss
+condition guards against stopping on sampling luck: a model that copies an image in 2% of its
+generations shows 0 copies among 64 of them one time in four, but its forget loss stays far below
+its keep loss until the image is actually forgotten. `stop_loss_ratio = 0` stops on copies alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from memshard.evaluation.nearest_neighbors import nearest_neighbors
+from memshard.pipeline import generate_images
+from memshard.shard_worker.scoring import score_samples
+
+COPY_THRESHOLD = 0.01  # mean((g − a)²) with pixels in [0, 1]: the audit's and the check's copy
+
+
+@dataclass(frozen=True)
+class CheckPoint:
+    """One check of the model after `step` optimizer steps."""
+
+    step: int
+    keep_loss: float  # at fixed seeded (t, ε), over the check's keep sample
+    forget_loss: float  # at fixed seeded (t, ε), over the forget images
+    copies: int  # check generations within copy_threshold of a forget image
+    generations: int
+    seconds: float  # what this check cost (counted in the unlearning's compute)
+
+
+def distinct_images(images: np.ndarray) -> np.ndarray:
+    """The distinct images among (N, C, H, W) `images`, in first-seen order: exact duplicates once."""
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    _, first = np.unique(flat, axis=0, return_index=True)
+    return images[np.sort(first)]
+
+
+def copy_distances(forget_distinct: np.ndarray, generated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per-pixel squared distances (F, G) ascending per forget image, the generation of each entry)."""
+    pixels = int(np.prod(forget_distinct.shape[1:]))
+    near = nearest_neighbors(forget_distinct, generated, k=len(generated), scale=1 / 255, device="cpu")
+    return near.sq_distances / pixels, near.indices
+
+
+def copying_generations(forget_distinct: np.ndarray, generated: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of the generations within `threshold` of at least one forget image."""
+    per_pixel, indices = copy_distances(forget_distinct, generated)
+    return np.unique(indices[per_pixel < threshold])
+
+
+class ForgetCheck:
+    """The forget measures of one unlearning job; call it with the UNet and the step count."""
+
+    def __init__(self, scheduler: DDPMScheduler, keep_images: np.ndarray, forget_images: np.ndarray, *,
+                 generations: int, sampling_steps: int, keep_samples: int, copy_threshold: float = COPY_THRESHOLD,
+                 stop_loss_ratio: float = 1.0, seed: int = 0, repeats: int = 2):
+        self.scheduler = scheduler
+        self.sampler = DDPMScheduler.from_config(scheduler.config)  # its own copy: sampling sets its timesteps
+        self.keep_images = keep_images
+        self.keep_rows = np.sort(np.random.default_rng(seed).choice(
+            len(keep_images), min(keep_samples, len(keep_images)), replace=False))
+        self.forget_images = forget_images
+        self.forget_rows = np.arange(len(forget_images))
+        self.forget_distinct = distinct_images(forget_images)
+        self.generations, self.sampling_steps = generations, sampling_steps
+        self.copy_threshold, self.stop_loss_ratio = copy_threshold, stop_loss_ratio
+        self.seed, self.repeats = seed, repeats
+
+    def __call__(self, unet: UNet2DModel, step: int) -> CheckPoint:
+        started = time.perf_counter()
+        was_training = unet.training
+        unet.eval()
+        try:
+            forget_loss = score_samples(unet, self.scheduler, self.forget_images, self.forget_rows, self.seed,
+                                        self.repeats).mean()
+            keep_loss = score_samples(unet, self.scheduler, self.keep_images, self.keep_rows, self.seed,
+                                      self.repeats).mean()
+            with torch.no_grad():
+                pipeline = DDPMPipeline(unet=unet, scheduler=self.sampler)
+                generated = generate_images(pipeline, self.generations, self.seed, self.sampling_steps,
+                                            batch_size=self.generations).transpose(0, 3, 1, 2)
+            copies = len(copying_generations(self.forget_distinct, generated, self.copy_threshold))
+        finally:
+            unet.train(was_training)
+        if next(unet.parameters()).device.type == "cuda":
+            torch.cuda.synchronize()
+        return CheckPoint(step, float(keep_loss), float(forget_loss), copies, self.generations,
+                          time.perf_counter() - started)
+
+    def forgotten(self, point: CheckPoint) -> bool:
+        """The stop rule (module notes): no copies, and the forget images no more familiar than the kept."""
+        return point.copies == 0 and point.forget_loss >= self.stop_loss_ratio * point.keep_loss
