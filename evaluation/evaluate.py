@@ -1,26 +1,41 @@
-"""How often a model copies its training images, and its FID: M seeded generations -> the k nearest
-training images of each (`nearest_neighbors`) -> memorization metrics (`memorization`) -> FID (`fid`).
+"""How often a model copies its training images, and how good its images are: a sampling plan ->
+M seeded generations (made by the caller) -> the k nearest training images of each
+(`nearest_neighbors`) -> memorization metrics (`memorization`) -> quality in a named feature space,
+beside the same figures for real images (`classifier_space.quality_report`).
 
-A library over a loaded DDPMPipeline and an ImageDataset: no MLflow, no registry. The command
-(`memshard.commands.evaluate`) finds the model and its data, calls `evaluate`, and logs what the
-returned EvaluationReport says it should (params, metrics, report.json, the copies table, figures).
+A library over an ImageDataset and a `generate(plan)` callable: no MLflow, no Ray, no registry. The
+command (`memshard.commands.evaluate`) finds the model and its data, makes the generations on Ray
+workers (`memshard.orchestrator.generation`), calls `evaluate`, and logs what the returned
+EvaluationReport says it should (params, metrics, report.json, the copies table, figures).
+
+Defaults that finish on the hardware at hand (`sampling_plan`): `--protocol published` is the
+published protocol (65,536 generations, DDPM with the training timesteps, 1,000); `auto` (the
+default) is the published protocol where generation runs on GPUs, and QUICK on a CPU-only cluster.
+The quality measure defaults to `default_quality_space` (Inception where torch-fidelity and its
+weights are installed, else the training set's own classifier for labelled data, else none): a
+missing optional dependency is a note, never an error.
 """
 
 from __future__ import annotations
 
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import torch
-from diffusers import DDIMScheduler, DDPMPipeline
-from tqdm import tqdm
+from diffusers import DDPMPipeline
 
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
-from memshard.evaluation.fid import FeatureSpace, fid
+from memshard.evaluation.classifier_space import (
+    QualityReport,
+    QualitySpaceChoice,
+    default_quality_space,
+    quality_report,
+)
+from memshard.evaluation.fid import feature_space
 from memshard.evaluation.memorization import (
     DEFAULT_COPY_THRESHOLD,
     NN_RATIO_THRESHOLD,
@@ -30,35 +45,53 @@ from memshard.evaluation.memorization import (
     memorization_report,
 )
 from memshard.evaluation.nearest_neighbors import nearest_neighbors
-from memshard.model import resolve_device
-from memshard.pipeline import generate_images, image_shape
+from memshard.pipeline import DEFAULT_SAMPLING_STEPS, SAMPLERS, SamplingPlan, image_shape
 
-SAMPLERS = ("ddpm", "ddim")
-DDIM_DEFAULT_STEPS = 100
-PUBLISHED_NUM_IMAGES = 65_536
 COPIES_TABLE = "copies_per_sample.parquet"  # the artifact `unlearn --forget evaluation:RUN_ID` reads
 COPY_DEFINITION = ("a generation copies its nearest training image when r < copy_threshold, with "
                    "r = d1^2 / mean(d1^2..dk^2) over its k nearest training images (squared L2, pixels in [0, 1])")
+AUTO = "auto"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class Protocol(NamedTuple):
+    name: str
+    num_images: int
+    sampler: str
+    sampling_steps: int | None  # None: the model's training timesteps
+    batch_size: int
+
+
+PUBLISHED = Protocol("published", 65_536, "ddpm", None, 256)
+# A CPU-only cluster: minutes on 2 cores for the digits model. DDIM 100, the sampler BENCHMARKS.md's
+# evaluations used, with fewer generations: DPM-Solver++ 20 (5x fewer steps) becomes the default
+# only once bench/evaluate_workers.py --samplers shows it gives the same MQ@t.
+QUICK = Protocol("quick", 1_000, "ddim", 100, 50)
+PROTOCOLS = {p.name: p for p in (PUBLISHED, QUICK)}
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    num_images: int = PUBLISHED_NUM_IMAGES  # published protocol; on a CPU use a few hundred to thousands
-    sampler: str = "ddpm"
-    sampling_steps: int | None = None  # None: the training timesteps for ddpm (published), 100 for ddim
-    batch_size: int = 256
+    protocol: str = AUTO  # auto: published where generation runs on GPUs, quick on a CPU-only cluster
+    num_images: int | None = None  # None: the protocol's (each of these four overrides it)
+    sampler: str | None = None
+    sampling_steps: int | None = None  # None: the training timesteps for ddpm, 100 for ddim, 20 for dpm-solver++
+    batch_size: int | None = None
     seed: int = 0
-    feature_space: str | None = "inception-v3"  # None: no FID
+    feature_space: str | None = AUTO  # auto: default_quality_space; None: no quality measure
     inception_weights: str | None = None
     copy_threshold: float = DEFAULT_COPY_THRESHOLD
-    device: str = "auto"
+    device: str = AUTO  # where generation runs: auto (GPUs when the cluster has them), cpu or cuda
+    workers: int | None = None  # generation workers; None: every GPU (or CPU slot) of the cluster
 
-    def check(self) -> torch.device:
-        """Every setting that can be checked without the model; returns the device to run on."""
-        if self.num_images < 2 or self.batch_size < 1:
+    def check(self) -> None:
+        """Every setting that can be checked without the model or the cluster."""
+        if self.protocol != AUTO and self.protocol not in PROTOCOLS:
+            raise MemshardError(f"unknown protocol {self.protocol!r}: choose auto, {', '.join(PROTOCOLS)}")
+        if (self.num_images is not None and self.num_images < 2) or (self.batch_size is not None and self.batch_size < 1):
             raise MemshardError(f"--num-images {self.num_images} / --batch {self.batch_size}: need at least 2 images "
                                 "(FID and r need two) and a batch of at least 1")
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise MemshardError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.sampling_steps is not None and self.sampling_steps < 1:
             raise MemshardError(f"--sampling-steps {self.sampling_steps}: need at least 1 step")
@@ -67,52 +100,132 @@ class EvaluateSettings:
         if not 0.0 < self.copy_threshold <= 1.0:
             raise MemshardError(f"--copy-threshold {self.copy_threshold} must be in (0, 1] "
                                 "(r lies in [0, 1]; default 0.5)")
-        return resolve_device(self.device)
+        if self.device not in DEVICES:
+            raise MemshardError(f"--device {self.device!r} is not a device here: use {', '.join(DEVICES)}")
+        if self.workers is not None and self.workers < 1:
+            raise MemshardError(f"--workers {self.workers}: need at least 1 (default: every GPU or CPU slot)")
+
+
+class PlanChoice(NamedTuple):
+    plan: SamplingPlan
+    protocol: str  # the protocol the plan starts from
+    note: str  # one line for the terminal: what was chosen and why
+
+
+def sampling_plan(settings: EvaluateSettings, num_train_timesteps: int, gpu: bool) -> PlanChoice:
+    """The generations to make: the protocol's (`auto`: published when `gpu`, else quick), with any
+    explicitly given number, sampler, steps or batch in its place; steps checked against the model."""
+    protocol = PROTOCOLS[settings.protocol] if settings.protocol != AUTO else PUBLISHED if gpu else QUICK
+    sampler = settings.sampler or protocol.sampler
+    steps = settings.sampling_steps
+    if steps is not None and not 1 <= steps <= num_train_timesteps:
+        raise MemshardError(f"--sampling-steps {steps}: the model was trained with {num_train_timesteps} timesteps, "
+                            f"choose 1 to {num_train_timesteps}")
+    default = protocol.sampling_steps if sampler == protocol.sampler else DEFAULT_SAMPLING_STEPS[sampler]
+    steps = steps or min(default or num_train_timesteps, num_train_timesteps)
+    plan = SamplingPlan(settings.num_images or protocol.num_images, sampler, steps,
+                        settings.batch_size or protocol.batch_size, settings.seed)
+    given = [flag for flag, value in (("--num-images", settings.num_images), ("--sampler", settings.sampler),
+                                      ("--sampling-steps", settings.sampling_steps), ("--batch", settings.batch_size))
+             if value is not None]
+    why = (f"--protocol {protocol.name}" if settings.protocol != AUTO
+           else "generation runs on GPUs" if gpu else "the Ray cluster has no GPU")
+    note = (f"protocol {protocol.name} ({why}{'; given: ' + ', '.join(given) if given else ''}): "
+            f"{plan.num_images:,} generations, {plan.sampler} {plan.steps} steps, batches of {plan.batch_size}")
+    if protocol is not PUBLISHED:
+        note += f"; --protocol published for {PUBLISHED.num_images:,} generations, ddpm {num_train_timesteps} steps"
+    return PlanChoice(plan, protocol.name, note)
+
+
+def check_image_shape(dataset: ImageDataset, pipeline: DDPMPipeline) -> None:
+    if dataset.images.shape[1:] != image_shape(pipeline):
+        raise MemshardError(f"{dataset.path} holds {dataset.images.shape[1:]} images but the model makes "
+                            f"{image_shape(pipeline)}: pass the data it was trained on")
+
+
+def choose_quality_space(settings: EvaluateSettings, dataset: ImageDataset, device: str) -> QualitySpaceChoice:
+    """The feature space for the quality measure, and one line saying why: `auto` chooses
+    (`default_quality_space`, never an error for a missing optional dependency), a name is used as
+    given (its errors are the user's to fix), None measures no quality."""
+    if settings.feature_space is None:
+        return QualitySpaceChoice(None, "no quality measure (--feature-space none)")
+    if settings.feature_space == AUTO:
+        return default_quality_space(dataset, device, settings.inception_weights)
+    space = feature_space(settings.feature_space, device, settings.inception_weights, dataset)
+    return QualitySpaceChoice(space, f"{space.name} (--feature-space {settings.feature_space})")
+
+
+class Generation(NamedTuple):
+    """What a `generate(plan)` callable returns."""
+
+    images: np.ndarray  # (M, C, H, W) uint8, image i from batch i // B of the plan
+    device: str  # cpu or cuda: where the images were made
+    details: dict  # how they were made (workers, placement, timing), for report.json
 
 
 @dataclass(frozen=True)
 class EvaluationReport:
     settings: EvaluateSettings
-    sampling_steps: int
-    device: str
+    plan: SamplingPlan
+    protocol: str
+    device: str  # where the generations were made: cpu or cuda
     generated: np.ndarray = field(repr=False)  # (M, C, H, W) uint8
     memorization: MemorizationReport = field(repr=False)
-    fid: float | None  # None: no feature space chosen
-    feature_space: str | None
-    seconds: dict[str, float]  # wall time per phase: generate, nearest_neighbors, fid
+    quality: QualityReport | None  # None: no quality measure (see quality_note)
+    quality_note: str  # which space, and why (or why none)
+    generation: dict  # how the generations were made (workers, placement, timing)
+    seconds: dict[str, float]  # wall time per phase: generate, nearest_neighbors, quality
+
+    @property
+    def feature_space(self) -> str | None:
+        return self.quality.space if self.quality else None
+
+    @property
+    def fid(self) -> float | None:
+        """Fréchet distance of the generations to all training images, in `feature_space`."""
+        return self.quality.generated.frechet if self.quality else None
 
     def metrics(self) -> dict[str, float]:
+        """Memorization metrics; with a quality measure `fid.SPACE` and `quality.SPACE.*`, the real
+        reference's figures as `quality.SPACE.real.*`: the space is in every quality metric's name."""
         metrics = self.memorization.metrics()
-        if self.feature_space is not None:
-            metrics[f"fid.{self.feature_space}"] = self.fid
+        if self.quality is not None:
+            metrics[f"fid.{self.quality.space}"] = self.fid
+            metrics.update(self.quality.metrics(prefix=f"quality.{self.quality.space}"))
         return metrics
 
     def params(self) -> dict[str, object]:
         """How the numbers were made (the dataset and model are the caller's to add)."""
-        s = self.settings
-        return {"sampler": s.sampler, "sampling_steps": self.sampling_steps, "num_images": s.num_images,
-                "batch_size": s.batch_size, "seed": s.seed, "feature_space": self.feature_space or "none",
-                "copy_threshold": s.copy_threshold, "r_neighbors": self.memorization.k, "device": self.device}
+        plan = self.plan
+        return {"protocol": self.protocol, "sampler": plan.sampler, "sampling_steps": plan.steps,
+                "num_images": plan.num_images, "batch_size": plan.batch_size, "seed": plan.seed,
+                "feature_space": self.feature_space or "none", "copy_threshold": self.settings.copy_threshold,
+                "r_neighbors": self.memorization.k, "device": self.device,
+                "workers": self.generation.get("workers", 1)}
 
     def summary(self, dataset: ImageDataset, top: int = 20) -> dict:
-        """report.json's body: the generation protocol, definitions, metrics, FID, r histogram and the
-        most copied training images with their closest generations."""
-        s, report = self.settings, self.memorization
+        """report.json's body: the generation protocol, definitions, metrics, quality (its space, why,
+        the real reference), r histogram and the most copied training images with their closest generations."""
+        plan, report = self.plan, self.memorization
         counts, edges = report.histogram()
         return {
-            "generation": {"num_images": s.num_images, "sampler": s.sampler, "sampling_steps": self.sampling_steps,
-                           "batch_size": s.batch_size, "seed": s.seed, "device": self.device,
-                           "precision": "bf16 autocast" if self.device.startswith("cuda") else "float32"},
+            "generation": {"protocol": self.protocol, "num_images": plan.num_images, "sampler": plan.sampler,
+                           "sampling_steps": plan.steps, "batch_size": plan.batch_size, "seed": plan.seed,
+                           "device": self.device,
+                           "precision": "bf16 autocast" if self.device.startswith("cuda") else "float32",
+                           **self.generation},
             "definitions": {
                 "distance": "squared L2 between images with pixels in [0, 1]",
                 "r": f"d1^2 / mean(d1^2..d{report.k}^2) over the {report.k} nearest training images",
                 "mq": f"count of generations with r < t, t in {list(THRESHOLDS)}",
                 "nn_ratio_copy": f"d1 / d2 < {NN_RATIO_THRESHOLD:.4f} (d = L2 distance)",
-                "copy": COPY_DEFINITION.replace("copy_threshold", str(s.copy_threshold)),
+                "copy": COPY_DEFINITION.replace("copy_threshold", str(self.settings.copy_threshold)),
             },
             "metrics": self.metrics(),
+            "quality": {"space": self.feature_space, "why": self.quality_note,
+                        **(self.quality.as_dict() if self.quality else {})},
             "fid": {"value": self.fid, "feature_space": self.feature_space,
-                    "against": f"all {len(dataset)} training images"} if self.feature_space else None,
+                    "against": f"all {len(dataset)} training images"} if self.quality else None,
             "r_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
             "most_copied": [{"sample_id": str(dataset.sample_ids[row]), "copies": int(report.copies[row]),
                              "min_r": float(report.min_r[row]),
@@ -133,22 +246,19 @@ class EvaluationReport:
         })
 
 
-def evaluate(pipeline: DDPMPipeline, dataset: ImageDataset, settings: EvaluateSettings,
-             space: FeatureSpace | None, show_progress: bool = True) -> EvaluationReport:
-    """Generate, scan, measure: the numbers of one evaluation. `space` None: no FID.
-
-    The caller loads `pipeline` on the settings' device; a ddim sampler replaces its scheduler."""
-    device = settings.check()
-    if dataset.images.shape[1:] != image_shape(pipeline):
-        raise MemshardError(f"{dataset.path} holds {dataset.images.shape[1:]} images but the model makes "
-                            f"{image_shape(pipeline)}: pass the data it was trained on")
-    steps = sampling_steps(settings, pipeline)
-    if settings.sampler == "ddim":
-        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[SamplingPlan], Generation],
+             settings: EvaluateSettings, quality_space: QualitySpaceChoice, device: str = "cpu") -> EvaluationReport:
+    """Generate (`generate(plan)`), scan, measure: the numbers of one evaluation. The k-NN scan and
+    the quality measure run here, on `device` (this process's: cpu or cuda)."""
+    plan = choice.plan
     seconds = {}
     start = time.perf_counter()
-    generated = _generate(pipeline, settings, steps, show_progress)
+    generation = generate(plan)
     seconds["generate"] = time.perf_counter() - start
+    generated = generation.images
+    expected = (plan.num_images, *dataset.images.shape[1:])
+    if generated.shape != expected or generated.dtype != np.uint8:
+        raise AssertionError(f"generate returned {generated.dtype} {generated.shape}, expected uint8 {expected}")
 
     start = time.perf_counter()
     neighbors = nearest_neighbors(generated, dataset.images, min(R_NEIGHBORS, len(dataset)), scale=1 / 255,
@@ -156,37 +266,10 @@ def evaluate(pipeline: DDPMPipeline, dataset: ImageDataset, settings: EvaluateSe
     report = memorization_report(neighbors.sq_distances, neighbors.indices, len(dataset), settings.copy_threshold)
     seconds["nearest_neighbors"] = time.perf_counter() - start
 
-    fid_value = None
-    if space is not None:
+    quality = None
+    if quality_space.space is not None:
         start = time.perf_counter()
-        fid_value = fid(generated, dataset.images, space)
-        seconds["fid"] = time.perf_counter() - start
-    return EvaluationReport(settings, steps, str(device), generated, report, fid_value,
-                            space.name if space else None, seconds)
-
-
-def sampling_steps(settings: EvaluateSettings, pipeline: DDPMPipeline) -> int:
-    """The steps to sample with: as asked, else the training timesteps (ddpm) or 100 (ddim), within range."""
-    timesteps = int(pipeline.scheduler.config.num_train_timesteps)
-    steps = settings.sampling_steps or (timesteps if settings.sampler == "ddpm" else min(DDIM_DEFAULT_STEPS, timesteps))
-    if not 1 <= steps <= timesteps:
-        raise MemshardError(f"--sampling-steps {steps}: the model was trained with {timesteps} timesteps, "
-                            f"choose 1 to {timesteps}")
-    return steps
-
-
-def _generate(pipeline: DDPMPipeline, settings: EvaluateSettings, steps: int, show_progress: bool) -> np.ndarray:
-    """M images as (M, C, H, W) uint8. Batch b is seeded from SeedSequence(seed) child b, so the images
-    depend on (seed, batch size) only, and batches could be spread over devices without changing them."""
-    batches = -(-settings.num_images // settings.batch_size)
-    seeds = np.random.SeedSequence(settings.seed).generate_state(batches, np.uint64)
-    images = []
-    bar = tqdm(total=settings.num_images, desc="generating", unit="img", disable=not show_progress, file=sys.stderr)
-    for b, start in enumerate(range(0, settings.num_images, settings.batch_size)):
-        count = min(settings.batch_size, settings.num_images - start)
-        batch = generate_images(pipeline, count, seed=int(seeds[b] >> np.uint64(1)), num_inference_steps=steps,
-                                batch_size=count)
-        images.append(batch.transpose(0, 3, 1, 2))
-        bar.update(count)
-    bar.close()
-    return np.ascontiguousarray(np.concatenate(images))
+        quality = quality_report(generated, dataset, quality_space.space, seed=plan.seed)
+        seconds["quality"] = time.perf_counter() - start
+    return EvaluationReport(settings, plan, choice.protocol, generation.device, generated, report, quality,
+                            quality_space.reason, generation.details, seconds)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import warnings
 
 from memshard.errors import MemshardError, one_line
 
@@ -22,7 +25,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memshard", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
+    verbose = _Parser(add_help=False)  # -v also after the command name
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    commands.add_parser = _with_parents(commands.add_parser, [verbose])
 
     data = commands.add_parser("data", help="prepare and inspect image datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -52,22 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_ID",
                        help="continue an interrupted run from its last checkpoint, into the same MLflow run")
 
-    evaluate = commands.add_parser("evaluate", help="measure how often a model copies its training images, and FID")
+    evaluate = commands.add_parser("evaluate", help="measure how often a model copies its training images, and quality")
     evaluate.add_argument("model", help=MODEL_HELP)
     evaluate.add_argument("--data", help="training data to scan (default: the dataset the model's training run used)")
-    evaluate.add_argument("--num-images", type=int, default=65_536, help="generations M (default 65,536, published)")
-    evaluate.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="default ddpm (published)")
+    evaluate.add_argument("--protocol", choices=("auto", "published", "quick"), default="auto",
+                          help="published: 65,536 generations, ddpm with the training timesteps (1000); quick: 1,000 "
+                               "generations, ddim 100; auto (default): published when the Ray cluster has GPUs, "
+                               "else quick")
+    evaluate.add_argument("--num-images", type=int, help="generations M (default: the protocol's)")
+    evaluate.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++"), help="default: the protocol's")
     evaluate.add_argument("--sampling-steps", type=int,
-                          help="default: the training timesteps (1000) for ddpm, 100 for ddim")
-    evaluate.add_argument("--batch", type=int, default=256, help="generations per batch on the device")
+                          help="default: the protocol's; else the training timesteps for ddpm, 100 for ddim, "
+                               "20 for dpm-solver++")
+    evaluate.add_argument("--batch", type=int, help="generations per batch (default: 256 published, 50 quick)")
+    evaluate.add_argument("--workers", type=_count_or_auto, default=None, metavar="N|auto",
+                          help="generation workers on the Ray cluster (default auto: one per GPU, else one per CPU)")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--feature-space", default="inception-v3",
-                          help="FID features: inception-v3 (needs the fid extra), "
-                               "pixels-random-projection-64 (offline), or none")
+    evaluate.add_argument("--feature-space", default="auto",
+                          help="quality features: auto (default: inception-v3 where torch-fidelity and its weights are "
+                               "installed, else the training set's own classifier for labelled data, else none), "
+                               "inception-v3, classifier, pixels-random-projection-64, or none")
     evaluate.add_argument("--inception-weights", metavar="FILE", help="a local copy of the FID Inception weights")
     evaluate.add_argument("--copy-threshold", type=float, default=0.5,
                           help="a generation copies its nearest training image when r < this (default 0.5)")
-    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    evaluate.add_argument("--device", default="auto",
+                          help="where generation runs: auto (the cluster's GPUs when it has them), cpu or cuda")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     evaluate.add_argument("--experiment", default="memshard",
                           help="experiment for a model with no training run (else the training run's)")
@@ -89,8 +105,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_parents(add_parser, parents):
+    def add(name, **kwargs):
+        return add_parser(name, parents=[*parents, *kwargs.pop("parents", [])], **kwargs)
+
+    return add
+
+
+def _count_or_auto(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive count or auto")
+    return int(text)
+
+
+VERBOSE_HELP = "also show the libraries' output (Ray, MLflow, diffusers logs and warnings)"
+# At default verbosity: memshard's own lines and progress bars only. Set before the libraries are
+# imported (they read these then), and only where the user has not set them.
+QUIET_ENVIRONMENT = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" bars
+    "MLFLOW_LOGGING_LEVEL": "ERROR",  # "Creating initial MLflow database tables...", "Experiment ... does not exist"
+    "DIFFUSERS_VERBOSITY": "error",  # notices such as "install accelerate"
+    "RAY_LOGGER_LEVEL": "error",  # "Started a local Ray instance", token notices (ray.init's logging_level)
+    "RAY_LOG_TO_DRIVER": "0",  # actors' own output; their errors still reach the driver as exceptions
+}
+
+
+def quiet_terminal(verbose: bool, libraries: bool = True) -> None:
+    """The one place the terminal is quieted: library logs, bars and warnings off unless `verbose`.
+    `libraries` False: the command imports none of them (data), so nothing is imported here either."""
+    logging.getLogger("memshard").setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        return
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    if libraries:
+        import mlflow.types.responses  # noqa: F401  importing it turns MLflow's event stream back on: import it first
+        from diffusers.utils import logging as diffusers_logging
+        from mlflow.utils.logging_utils import disable_logging
+
+        diffusers_logging.set_verbosity_error()  # also when diffusers was imported before DIFFUSERS_VERBOSITY was set
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
+        disable_logging()  # MLflow's "Successfully registered model ..." (memshard prints the version itself)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_terminal(args.verbose, libraries=args.command != "data")
     try:
         return run_command(args)
     except MemshardError as error:

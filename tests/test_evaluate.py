@@ -69,6 +69,11 @@ def test_report_table_and_figures_agree_with_the_metrics(store, tmp_path):
     local = mlflow.artifacts.download_artifacts(run_id=result.run_id, dst_path=str(tmp_path), tracking_uri=store["uri"])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["fid"]["feature_space"] == SPACE and report["fid"]["value"] == result.metrics[f"fid.{SPACE}"]
+    quality = report["quality"]  # the space, why, and the real-data reference beside the generations' figures
+    assert quality["space"] == SPACE and "--feature-space" in quality["why"] and "training images" in quality["real_reference"]
+    assert quality["generated"]["frechet"] == result.metrics[f"quality.{SPACE}.frechet"] == report["fid"]["value"]
+    assert quality["real"]["frechet"] == result.metrics[f"quality.{SPACE}.real.frechet"]
+    assert report["generation"]["workers"] == 2 and report["generation"]["protocol"] == "quick"  # 2 batches, 2 workers
     assert report["generation"]["sampler"] == "ddim" and report["generation"]["sampling_steps"] == 4
     assert "r < 0.5" in report["definitions"]["copy"] and sum(report["r_histogram"]["counts"]) == 32
     table = pq.read_table(tmp_path / "copies_per_sample.parquet").to_pandas()
@@ -118,12 +123,31 @@ def test_cli_evaluate_prints_the_numbers(store, capsys):
     assert f"mlflow ui --backend-store-uri {store['uri']}" in out
 
 
+def test_with_no_flags_the_quality_space_is_chosen_and_named_beside_every_figure(store, capsys):
+    """No --feature-space: the training set's classifier (no torch-fidelity here), with a note saying why."""
+    code = main(["evaluate", "models:/eval-ddpm/1", "--num-images", "20", "--sampling-steps", "3",
+                 "--tracking-uri", store["uri"], "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    space = out.split("quality: ", 1)[1].split(":", 1)[0]
+    assert space.startswith("trainset-classifier-cnn1-") and "the dataset has labels" in out
+    assert "protocol quick (the Ray cluster has no GPU; given: --num-images, --sampling-steps): 20 generations, ddim 3" in out
+    assert "first batch: 20 images in " in out and "estimated generation time" in out
+    figures = [line for line in out.splitlines() if line.startswith(("FID", "mean classifier", "classes predicted"))]
+    assert len(figures) == 3 and all(f"[{space}]" in line and "(real images: " in line for line in figures)
+    run_id = out.split("evaluation run id: ", 1)[1].split()[0]
+    metrics = MlflowClient(store["uri"]).get_run(run_id).data.metrics
+    assert {f"fid.{space}", f"quality.{space}.mean_confidence", f"quality.{space}.real.frechet",
+            f"quality.{space}.coverage", f"quality.{space}.real.coverage"} <= set(metrics)
+
+
 @pytest.mark.parametrize("args, message", [
     (["models:/no-such-model/1"], "could not be fetched"),
     (["models:/eval-ddpm/1", "--num-images", "1"], "need at least 2 images"),
     (["models:/eval-ddpm/1", "--sampling-steps", "5000"], "choose 1 to 1000"),
     (["models:/eval-ddpm/1", "--feature-space", "vgg"], "unknown feature space"),
     (["no/such/dir"], "neither an existing pipeline directory nor an MLflow model URI"),
+    (["models:/eval-ddpm/1", "--workers", "99"], "99 generation workers needing {'CPU': 1.0} each do not fit"),
 ])
 def test_bad_evaluate_input_is_one_line_and_logs_no_run(store, capsys, args, message):
     client = MlflowClient(store["uri"])

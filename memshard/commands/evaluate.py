@@ -1,11 +1,15 @@
 """`memshard evaluate` and `memshard compare`: settings in, numbers out, one MLflow run each.
 
-evaluate: MODEL -> its pipeline, training run and data (`orchestrator.registry`) -> generations,
-nearest training images, memorization metrics and FID (`evaluation.evaluate`) -> one MLflow run in
-the training run's experiment, tagged `memshard.source_run_id`, with the metrics, the r histogram,
-the most-copied images beside their closest generations, `report.json` and
-`copies_per_sample.parquet`. Everything is computed before the run is opened, so a failure leaves no
-half-logged run; every setting and the tracking store are checked before any model is fetched.
+evaluate: MODEL -> its pipeline, training run and data (`orchestrator.registry`) -> the quality
+space (`evaluation.evaluate.choose_quality_space`) -> the sampling plan sized to the cluster
+(`evaluation.evaluate.sampling_plan`) -> generations on Ray workers (`orchestrator.generation`) ->
+nearest training images, memorization metrics and quality beside its real reference, here in the
+driver (`evaluation.evaluate`) -> one MLflow run in the training run's experiment, tagged
+`memshard.source_run_id`, with the metrics, the r histogram, the most-copied images beside their
+closest generations, `report.json` and `copies_per_sample.parquet`. Everything is computed before
+the run is opened, so a failure leaves no half-logged run; every setting and the tracking store are
+checked before any model is fetched. The choices (protocol, quality space, workers, estimate) are
+printed as they are made.
 
 compare: evaluation runs (or training runs, through their latest evaluation) side by side
 (`evaluation.compare`), printed and logged as compare.md / compare.json in a `compare` run.
@@ -15,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+import ray
+import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -27,10 +34,20 @@ from memshard.config import DataConfig, MLflowConfig, redact_uri
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.compare import CompareRow, CompareTable, compare_row, compare_table
-from memshard.evaluation.evaluate import COPIES_TABLE, EvaluateSettings, EvaluationReport, evaluate
-from memshard.evaluation.fid import feature_space
+from memshard.evaluation.evaluate import (
+    COPIES_TABLE,
+    EvaluateSettings,
+    EvaluationReport,
+    Generation,
+    check_image_shape,
+    choose_quality_space,
+    evaluate,
+    sampling_plan,
+)
 from memshard.evaluation.figures import most_copied, r_histogram
 from memshard.evaluation.memorization import THRESHOLDS
+from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.generation import cluster_has_gpu, generate_on_ray, plan_workers
 from memshard.orchestrator.registry import (
     KIND_TAG,
     SOURCE_RUN_TAG,
@@ -49,7 +66,7 @@ from memshard.orchestrator.tracking import (
     ui_command,
     with_retries,
 )
-from memshard.pipeline import image_grid, image_shape
+from memshard.pipeline import SamplingPlan, image_grid, image_shape
 
 SAMPLE_GRID_IMAGES = 64
 
@@ -68,22 +85,40 @@ class EvaluationResult:
 
 def evaluate_model(model: str, settings: EvaluateSettings | None = None, data: str | None = None,
                    tracking_uri: str | None = None, experiment: str = MLflowConfig.experiment,
-                   show_progress: bool = True) -> EvaluationResult:
-    """Evaluate `model` and log one MLflow run; see the module notes."""
+                   show_progress: bool = True, say: Callable[[str], None] = print) -> EvaluationResult:
+    """Evaluate `model` and log one MLflow run; see the module notes. `say` gets the choice lines."""
     settings = settings or EvaluateSettings()
-    device = settings.check()
+    settings.check()
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = check_tracking_store(tracking_uri)
-    # Fail fast, before minutes of sampling: the feature space (weights, library), the model, the data.
-    space = feature_space(settings.feature_space, device, settings.inception_weights) if settings.feature_space else None
+    # Fail fast, before minutes of sampling: the model, the data, the quality space, the workers.
     resolved = resolve_model(model, client)
-    pipeline = load_model_pipeline(resolved, client, str(device))
+    pipeline = load_model_pipeline(resolved, client, "cpu")  # shipped to the generation workers
     dataset, matches = _training_data(resolved, data, image_shape(pipeline))
+    check_image_shape(dataset, pipeline)
     source = resolved.source_run
     if source is not None:
         experiment = client.get_experiment(source.info.experiment_id).name
     experiment_id = connect_mlflow(tracking_uri, experiment)
-    report = evaluate(pipeline, dataset, settings, space, show_progress)
+    device = "cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu"  # this process's
+    space = choose_quality_space(settings, dataset, device)
+    say(f"quality: {space.reason}")
+    started_ray = connect_ray(None)  # RAY_ADDRESS (`ray job submit`), else a local instance
+    try:
+        choice = sampling_plan(settings, int(pipeline.scheduler.config.num_train_timesteps),
+                               cluster_has_gpu(settings.device))
+        say(choice.note)
+        workers = plan_workers(settings.workers, settings.device, len(choice.plan.batches()))
+        say(f"generating on {workers.describe()}")
+
+        def generate(plan: SamplingPlan) -> Generation:
+            made = generate_on_ray(pipeline, plan, workers, show_progress)
+            return Generation(made.images, made.workers.device, made.details())
+
+        report = evaluate(choice, dataset, generate, settings, space, device)
+    finally:
+        if started_ray:
+            ray.shutdown()
     run_id = _log_evaluation(model, source, dataset, matches, report, experiment_id)
     return EvaluationResult(run_id, resolved.source_run_id, tracking_uri, report)
 
@@ -105,7 +140,7 @@ def _training_data(resolved: ResolvedModel, data: str | None,
 
 def _log_evaluation(model: str, source: Run | None, dataset: ImageDataset, matches: bool | None,
                     report: EvaluationReport, experiment_id: str) -> str:
-    settings = report.settings
+    plan = report.plan
     label = (source.info.run_name or source.info.run_id) if source else Path(model).name
     params = {"model": model, **report.params(), "dataset.path": dataset.path,
               "dataset.fingerprint": dataset.fingerprint, "dataset.count": len(dataset),
@@ -119,8 +154,7 @@ def _log_evaluation(model: str, source: Run | None, dataset: ImageDataset, match
                "dataset": {"path": dataset.path, "fingerprint": dataset.fingerprint, "count": len(dataset),
                            "matches_training_run": matches},
                **report.summary(dataset)}
-    title = (f"{label}: {settings.num_images} generations, {settings.sampler} {report.sampling_steps} steps, "
-             f"seed {settings.seed}")
+    title = f"{label}: {plan.num_images} generations, {plan.sampler} {plan.steps} steps, seed {plan.seed}"
     generated = report.generated
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate {label}", tags=tags) as run:
         with_retries(mlflow.log_params, params)
@@ -172,6 +206,30 @@ def _compare_row(client: MlflowClient, run: Run) -> CompareRow:
                        run.data.tags.get("memshard.source_method"), train_params)
 
 
+def evaluate_settings(args: argparse.Namespace) -> EvaluateSettings:
+    """`memshard evaluate`'s flags as settings (nothing checked yet: `EvaluateSettings.check`)."""
+    return EvaluateSettings(protocol=args.protocol, num_images=args.num_images, sampler=args.sampler,
+                            sampling_steps=args.sampling_steps, batch_size=args.batch, seed=args.seed,
+                            feature_space=None if args.feature_space == "none" else args.feature_space,
+                            inception_weights=args.inception_weights, copy_threshold=args.copy_threshold,
+                            device=args.device, workers=args.workers)
+
+
+def quality_lines(report: EvaluationReport) -> list[str]:
+    """The quality figures, each with its space and the same figure for real images beside it."""
+    quality = report.quality
+    if quality is None:
+        return [f"quality: {report.quality_note}"]
+    gen, real, space = quality.generated, quality.real, quality.space
+    lines = [f"FID [{space}]: {gen.frechet:.3f} (real images: {real.frechet:.3f})"]
+    if gen.mean_confidence is not None:
+        lines += [f"mean classifier confidence [{space}]: {gen.mean_confidence:.3f} (real images: {real.mean_confidence:.3f})",
+                  f"classes predicted [{space}]: {gen.classes_predicted} of {quality.classes} (real images: "
+                  f"{real.classes_predicted}); class-histogram TV distance {gen.tv_distance:.3f} (real images: "
+                  f"{real.tv_distance:.3f})"]
+    return lines + [f"real images [{space}]: {quality.real_reference}"]
+
+
 def run_evaluation_command(args: argparse.Namespace) -> int:
     """`memshard evaluate` / `memshard compare` (parsed by memshard.cli)."""
     if args.command == "compare":
@@ -182,21 +240,16 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
             print(f"markdown: {args.out}")
         print(f"compare run id: {result.run_id} (compare.md, compare.json)")
         return 0
-    settings = EvaluateSettings(num_images=args.num_images, sampler=args.sampler, sampling_steps=args.sampling_steps,
-                                batch_size=args.batch, seed=args.seed,
-                                feature_space=None if args.feature_space == "none" else args.feature_space,
-                                inception_weights=args.inception_weights, copy_threshold=args.copy_threshold,
-                                device=args.device)
+    settings = evaluate_settings(args)
     result = evaluate_model(args.model, settings, data=args.data, tracking_uri=args.tracking_uri,
                             experiment=args.experiment, show_progress=not args.no_progress)
-    m = result.metrics
+    report, m = result.report, result.metrics
     print(f"evaluation run id: {result.run_id} (source run: {result.source_run_id or 'none'})")
     for t in THRESHOLDS:
-        print(f"MQ@{t}: {int(m[f'mq_{t}_count'])} of {settings.num_images} ({100 * m[f'mq_{t}_fraction']:.2f}%)")
+        print(f"MQ@{t}: {int(m[f'mq_{t}_count'])} of {report.plan.num_images} ({100 * m[f'mq_{t}_fraction']:.2f}%)")
     print(f"NN1/NN2 < 1/3: {int(m['nn_ratio_copy_count'])} ({100 * m['nn_ratio_copy_fraction']:.2f}%)")
     print(f"training images copied (r < {settings.copy_threshold}): {int(m['copied_training_samples'])}")
-    for key, value in m.items():
-        if key.startswith("fid."):
-            print(f"FID [{key[4:]}]: {value:.3f}")
+    for line in quality_lines(report):
+        print(line)
     print(f"open the MLflow UI: {ui_command(redact_uri(result.tracking_uri))}")
     return 0
