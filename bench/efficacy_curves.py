@@ -1,0 +1,555 @@
+"""Efficacy curves (issue 12, method.md §7): copying against quality along training, one curve per method.
+
+    python bench/efficacy_curves.py --out bench-results/efficacy-digits \\
+        [--methods ddpm iet iet-agc iet-agc-plus 'iet-agc-plus+fedavgm:aggregation.server_optimizer=fedavgm']
+        [--seeds 0 1] [--preset digits] [--rounds 40] [--baseline-rounds 20] [--eval-every 2] [--subset N]
+        [--num-images 500] [--sampler ddim] [--sampling-steps 50] [--tracking-uri sqlite:///mlflow.db]
+
+For every method and seed it trains in this process through the driver `memshard train` runs
+(`orchestrator.rounds.start_shard_driver`, on a local Ray instance; no MLflow needed for training)
+and, every `--eval-every` rounds, evaluates the global weights: the pipeline (`pipeline.build_pipeline`)
+makes `--num-images` seeded generations here, between rounds, while the shard actors wait
+(`pipeline.use_sampler` / `generate_batch`, the batches `SamplingPlan` seeds); `evaluation.evaluate`
+scans them against the training images (MQ@0.5: the fraction of generations with r < 0.5; the number
+of distinct training images copied, r < 0.5) and `evaluation.classifier_space.quality_report` measures
+their quality in the training set's own CNN classifier (Fréchet, mean confidence, class coverage),
+beside the same figures for real held-out images.
+
+A method is a name from memshard.config.METHODS, or a variant `LABEL:section.key=value,...` whose
+label starts with the method (`iet-agc-plus+fedavgm:aggregation.server_optimizer=fedavgm`) or whose
+settings name `iet.method`. `--set` applies to every method. ddpm trains one model with the K-shard
+run's compute (`config.fold_baseline_to_equal_compute`), so round r of every method has spent the same
+optimizer steps; each point also records the sequential steps (what one model has been updated).
+
+Every method trains `--rounds` rounds (default 4x the preset's), the ddpm baseline `--baseline-rounds`
+(default half that): its curve needs to pass its reference model and show early stopping, while the
+averaged models need more rounds to reach the same quality.
+
+`--subset N` is the small-data regime: the first N images of the data (written as a prepared dataset
+with `unlearning.runner.write_subset`); train longer there (more `--rounds`). Copying is measured
+against the N training images; quality against the whole dataset (the distribution the N are drawn
+from), in the whole dataset's classifier, so both regimes share one quality scale.
+
+Writes to `--out`: results.json (environment: command line, load average at start and end, device,
+versions; settings; every point; the summary), points.csv, curves.png (copying against Fréchet, one
+curve per method, the mean over seeds with their range, ddpm drawn as the baseline) and summary.md;
+all of it is also logged to one MLflow run (experiment memshard-efficacy) with a nested run per
+method and seed whose metrics are stepped by round. results.json and points.csv are rewritten after
+every point, so a stopped run keeps what it measured; `--from-results results.json` redraws the plot
+and the summary from them without training.
+
+The summary is the issue's target check: at the quality of ddpm's final model (`--reference-round`;
+default the preset's rounds on the whole data, ddpm's last round with `--subset`) — classifier Fréchet
+at most 10% above it and class coverage no worse — each method's copying, interpolated linearly in
+Fréchet where its mean curve first reaches that bar, and the reduction against ddpm's final model and
+against ddpm stopped early at the same bar.
+
+Full size on a quiet 2-core CPU (estimated from BENCHMARKS.md's throughput, 540-680 training img/s,
+and about 20 s per evaluation of 500 DDIM-50 generations; not measured end to end):
+
+    python bench/efficacy_curves.py --out bench-results/efficacy-digits                 # about 4 h
+    python bench/efficacy_curves.py --out bench-results/efficacy-digits-300 --subset 300  # about 4 h
+
+i.e. ddpm 2 seeds x 20 rounds (~47 s each), three averaged methods 2 seeds x 40 rounds (~38 s each),
+140 evaluations; each extra method (a server-optimizer variant) adds about 1.1 h.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import ray
+import torch
+
+from memshard.cli import quiet_terminal
+from memshard.config import METHODS, Config, build_config, flatten
+from memshard.data import ImageDataset, load_dataset, resolve_dataset
+from memshard.errors import MemshardError
+from memshard.evaluation.classifier_space import ClassifierSpace, QualitySpaceChoice, quality_report
+from memshard.evaluation.evaluate import EvaluateSettings, Generation, evaluate, sampling_plan
+from memshard.model import resolve_device
+from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
+from memshard.orchestrator.tracking import connect_mlflow
+from memshard.orchestrator.train import initial_shards
+from memshard.pipeline import SAMPLERS, SamplingPlan, build_pipeline, generate_batch, use_sampler
+from memshard.unlearning.runner import write_subset
+
+EXPERIMENT = "memshard-efficacy"
+BASELINE = "ddpm"
+FRECHET_SLACK = 0.10  # the issue's quality bar: Fréchet within +10% of ddpm's final model
+TARGET_REDUCTION = 0.80  # ... and >= 80% less copying on both measures
+# The copying measures (lower is better) and the quality measures of every point.
+COPYING = ("generations_r_below_0.5", "copied_training_images")
+QUALITY = ("frechet", "mean_confidence", "coverage", "tv_distance")
+CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "optimizer_steps_sequential",
+              "train_seconds", "eval_seconds", "wall_seconds", "loss", *COPYING, "mq_0.5_count",
+              "nn_ratio_copy_fraction", "r_median", *QUALITY, "real_frechet", "real_mean_confidence",
+              "real_coverage")
+
+
+# ---------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str  # how results name it
+    sets: tuple[str, ...]  # `section.key=value` settings, iet.method first
+
+
+def parse_method(text: str) -> Method:
+    """`ddpm`, or `LABEL:section.key=value,...` (a value may hold commas: `model.block_out_channels=32,64`)."""
+    label, _, rest = text.partition(":")
+    label = label.strip()
+    sets = tuple(item.strip() for item in re.split(r",(?=\s*[\w-]+\.[\w-]+\s*=)", rest) if item.strip())
+    if not label:
+        raise MemshardError(f"method {text!r} has no name: write e.g. iet-agc-plus+fedavgm:aggregation.server_optimizer=fedavgm")
+    if not any(item.startswith("iet.method=") for item in sets):
+        base = label.split("+", 1)[0]
+        if base not in METHODS:
+            raise MemshardError(f"method {label!r}: start its name with one of {', '.join(METHODS)} "
+                                "(e.g. iet-agc-plus+fedavgm), or set iet.method after ':'")
+        sets = (f"iet.method={base}", *sets)
+    return Method(label, sets)
+
+
+def method_config(preset: str, method: Method, seed: int, rounds: int, common_sets: list[str]) -> Config:
+    """The training config of one curve; checked as `memshard train` checks it, before any work."""
+    cfg = build_config(preset, sets=[*common_sets, *method.sets, f"training.seed={seed}", f"iet.rounds={rounds}"])
+    server_optimizer_settings(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Data:
+    train: ImageDataset  # what the models train on and copying is measured against
+    quality: ImageDataset  # what quality is measured against (the whole dataset)
+    regime: str  # "full" or "first-N"
+
+
+def load_data(cfg: Config, subset: int | None) -> Data:
+    full = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
+    if subset is None:
+        return Data(full, full, "full")
+    if not 2 <= subset < len(full):
+        raise MemshardError(f"--subset {subset}: give 2 to {len(full) - 1} (the data holds {len(full)} images)")
+    where = Path(cfg.data.cache_dir) / f"first-{subset}-of-{full.fingerprint[:12]}"
+    return Data(load_dataset(write_subset(full, np.arange(subset), where)), full, f"first-{subset}")
+
+
+# ---------------------------------------------------------------- one curve
+
+
+def generate_here(pipeline) -> Callable[[SamplingPlan], Generation]:
+    """`evaluate`'s generate callable: the plan's batches made in this process, in order. The shard
+    actors hold the cluster's CPUs but wait between rounds, so generation has the machine."""
+
+    def generate(plan: SamplingPlan) -> Generation:
+        use_sampler(pipeline, plan.sampler)
+        images = np.concatenate([generate_batch(pipeline, plan, count, seed) for count, seed in plan.batches()])
+        return Generation(images, pipeline.device.type, {"workers": 1, "where": "the benchmark's driver process"})
+
+    return generate
+
+
+def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, space: ClassifierSpace,
+            device: str) -> tuple[dict, dict]:
+    """Copying and quality of the global weights: (figures, seconds per phase)."""
+    pipeline = build_pipeline(cfg, data.train.channels, weights).to(device)
+    choice = sampling_plan(settings, cfg.model.num_train_timesteps, gpu=device.startswith("cuda"))
+    report = evaluate(choice, data.train, generate_here(pipeline), settings,
+                      QualitySpaceChoice(None, "measured below, against the whole dataset"), device=device)
+    start = time.perf_counter()
+    quality = quality_report(report.generated, data.quality, space, seed=settings.seed)
+    seconds = {**report.seconds, "quality": time.perf_counter() - start}
+    memorization = report.memorization.metrics()  # copies counted at settings.copy_threshold = 0.5
+    figures = {
+        "generations_r_below_0.5": memorization["mq_0.5_fraction"],
+        "copied_training_images": memorization["copied_training_samples"],  # distinct images, r < 0.5
+        "mq_0.5_count": memorization["mq_0.5_count"],
+        "nn_ratio_copy_fraction": memorization["nn_ratio_copy_fraction"],
+        "r_median": memorization["r_median"],
+        **{key: getattr(quality.generated, key) for key in QUALITY},
+        "real_frechet": quality.real.frechet, "real_mean_confidence": quality.real.mean_confidence,
+        "real_coverage": quality.real.coverage,
+    }
+    return figures, seconds
+
+
+def evaluation_rounds(rounds: int, eval_every: int, also: int | None = None) -> set[int]:
+    """Every `eval_every`-th round, the last, and `also` (the baseline's reference round) when it is trained."""
+    return {r for r in range(1, rounds + 1) if r % eval_every == 0 or r == rounds or r == also}
+
+
+def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[int], settings: EvaluateSettings,
+          space: ClassifierSpace, device: str) -> Iterator[dict]:
+    """Train one method with one seed; after each round in `eval_rounds` yield a point."""
+    shards = initial_shards(cfg, data.train)
+    total_steps = sequential_steps = 0
+    train_seconds = 0.0
+    started = time.perf_counter()
+    with start_shard_driver(cfg, data.train.images, shards) as (driver, _):
+        for round_index in range(1, cfg.iet.rounds + 1):
+            start = time.perf_counter()
+            report = driver.run_round(round_index, is_last=round_index == cfg.iet.rounds)
+            train_seconds += time.perf_counter() - start
+            total_steps += sum(r.steps for r in report.results)
+            sequential_steps += max(r.steps for r in report.results)
+            if round_index not in eval_rounds:
+                continue
+            start = time.perf_counter()
+            figures, seconds = measure(cfg, driver.weights, data, settings, space, device)
+            yield {"regime": data.regime, "method": method.label, "seed": seed, "round": round_index,
+                   "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
+                   "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
+                   "wall_seconds": time.perf_counter() - started, "loss": report.mean_loss, **figures,
+                   "eval_phase_seconds": seconds}
+
+
+# ---------------------------------------------------------------- the summary (the issue's target check)
+
+
+def mean_curve(points: list[dict], method: str, seed: int | None = None) -> list[dict]:
+    """A method's points by round, the mean over seeds (or one seed's), with each measure's range."""
+    rows = [p for p in points if p["method"] == method and (seed is None or p["seed"] == seed)]
+    out = []
+    for round_index in sorted({p["round"] for p in rows}):
+        at = [p for p in rows if p["round"] == round_index]
+        point = {"round": round_index, "seeds": len(at),
+                 "optimizer_steps_total": float(np.mean([p["optimizer_steps_total"] for p in at])),
+                 "optimizer_steps_sequential": float(np.mean([p["optimizer_steps_sequential"] for p in at]))}
+        for key in (*COPYING, *QUALITY, "real_frechet"):
+            values = [p[key] for p in at]
+            point[key], point[f"{key}_min"], point[f"{key}_max"] = float(np.mean(values)), min(values), max(values)
+        out.append(point)
+    return out
+
+
+def at_quality_bar(curve_points: list[dict], max_frechet: float, min_coverage: float) -> dict | None:
+    """Copying where the curve (ascending rounds) first reaches Fréchet <= max_frechet with coverage
+    >= min_coverage: linear in Fréchet between that point and the one before it when the one before
+    lies above the bar; None when no point reaches it."""
+    previous = None
+    for point in curve_points:
+        if point["frechet"] <= max_frechet and point["coverage"] >= min_coverage - 1e-9:
+            keys = (*COPYING, "frechet", "round", "optimizer_steps_total", "optimizer_steps_sequential")
+            if previous is None or previous["frechet"] <= max_frechet:
+                return {**{key: point[key] for key in keys}, "interpolated": False}
+            w = (previous["frechet"] - max_frechet) / (previous["frechet"] - point["frechet"])
+            return {**{key: previous[key] + w * (point[key] - previous[key]) for key in keys}, "interpolated": True}
+        previous = point
+    return None
+
+
+def _reduction(value: float, reference: float) -> float | None:
+    return None if reference <= 0 else 1.0 - value / reference
+
+
+def summarize(points: list[dict], reference_round: int | None, baseline: str = BASELINE) -> dict:
+    """The target check: each method's copying at the quality of `baseline`'s model at `reference_round`
+    (None: its last evaluated round), and the reduction against that model and against `baseline`
+    stopped early at the same quality bar; per seed too (against the seeds' mean bar)."""
+    base = mean_curve(points, baseline)
+    if not base:
+        return {"note": f"no {baseline} points: the target check needs the baseline among the methods"}
+    rounds = [p["round"] for p in base]
+    reference_round = rounds[-1] if reference_round is None else reference_round
+    if reference_round not in rounds:
+        return {"note": f"{baseline} was not evaluated at round {reference_round} (evaluated: {rounds})"}
+    reference = next(p for p in base if p["round"] == reference_round)
+    bar = {"frechet_max": (1 + FRECHET_SLACK) * reference["frechet"], "coverage_min": reference["coverage"]}
+    baseline_at_bar = at_quality_bar(base, bar["frechet_max"], bar["coverage_min"])
+    methods = {}
+    for method in dict.fromkeys(p["method"] for p in points):
+        found = at_quality_bar(mean_curve(points, method), bar["frechet_max"], bar["coverage_min"])
+        per_seed = []
+        for seed in sorted({p["seed"] for p in points if p["method"] == method}):
+            mine = at_quality_bar(mean_curve(points, method, seed), bar["frechet_max"], bar["coverage_min"])
+            per_seed.append({"seed": seed, "at_bar": mine, "reduction_vs_final": None if mine is None else {
+                key: _reduction(mine[key], reference[key]) for key in COPYING}})
+        mine = mean_curve(points, method)
+        good_enough = [p["coverage"] for p in mine if p["frechet"] <= bar["frechet_max"]]
+        entry = {"reached": found is not None, "at_bar": found, "per_seed": per_seed,
+                 "best_frechet_ratio": min(p["frechet"] for p in mine) / reference["frechet"],
+                 "best_coverage_within_frechet_bar": max(good_enough) if good_enough else None}
+        if found is not None:
+            entry["reduction_vs_final"] = {key: _reduction(found[key], reference[key]) for key in COPYING}
+            entry["reduction_vs_early_stopped"] = None if baseline_at_bar is None else {
+                key: _reduction(found[key], baseline_at_bar[key]) for key in COPYING}
+            entry["target_met"] = all(r is not None and r >= TARGET_REDUCTION for r in entry["reduction_vs_final"].values())
+            seeds_reduction = [s["reduction_vs_final"] for s in per_seed if s["reduction_vs_final"]]
+            entry["reduction_vs_final_range"] = {key: [min(r[key] for r in seeds_reduction), max(r[key] for r in seeds_reduction)]
+                                                 for key in COPYING if all(r[key] is not None for r in seeds_reduction)} \
+                if seeds_reduction else {}
+        methods[method] = entry
+    return {"baseline": baseline, "reference": reference, "quality_bar": bar, "baseline_at_bar": baseline_at_bar,
+            "target": (f"at Fréchet <= {1 + FRECHET_SLACK:.2f} x and coverage >= {baseline}'s model at round "
+                       f"{reference_round}: >= {TARGET_REDUCTION:.0%} fewer copied training images and "
+                       f">= {TARGET_REDUCTION:.0%} fewer generations below r = 0.5"),
+            "methods": methods}
+
+
+def summary_markdown(summary: dict) -> str:
+    if "methods" not in summary:
+        return summary.get("note", "no summary") + "\n"
+    ref, bar = summary["reference"], summary["quality_bar"]
+    lines = [f"Reference: {summary['baseline']} at round {ref['round']} (mean of {ref['seeds']} seeds): Fréchet "
+             f"{ref['frechet']:.3f} (real images {ref['real_frechet']:.3f}), coverage {ref['coverage']:.2f}, "
+             f"{100 * ref['generations_r_below_0.5']:.1f}% of generations below r = 0.5, "
+             f"{ref['copied_training_images']:.1f} training images copied.",
+             f"Quality bar: Fréchet <= {bar['frechet_max']:.3f}, coverage >= {bar['coverage_min']:.2f}. "
+             f"Target: {summary['target']}.", "",
+             "| method | reaches the bar at round (steps) | r < 0.5 | copied images | fewer r < 0.5 vs final ddpm "
+             "| fewer copied vs final ddpm | same vs ddpm stopped at the bar | target |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.0f}%"
+
+    for method, entry in summary["methods"].items():
+        found = entry["at_bar"]
+        if found is None:
+            coverage = entry["best_coverage_within_frechet_bar"]
+            why = (f"best Fréchet {entry['best_frechet_ratio']:.2f} x the reference" if coverage is None
+                   else f"Fréchet within the bar, but coverage at most {coverage:.2f} there")
+            lines.append(f"| {method} | not reached ({why}) | | | | | | no |")
+            continue
+        final, early = entry["reduction_vs_final"], entry.get("reduction_vs_early_stopped") or {}
+        spread = entry.get("reduction_vs_final_range", {})
+        span = {key: f" ({pct(spread[key][0])} to {pct(spread[key][1])})" if key in spread else "" for key in COPYING}
+        lines.append(
+            f"| {method} | {found['round']:.1f} ({found['optimizer_steps_total']:,.0f}; sequential "
+            f"{found['optimizer_steps_sequential']:,.0f}) | {100 * found['generations_r_below_0.5']:.1f}% | "
+            f"{found['copied_training_images']:.1f} | {pct(final['generations_r_below_0.5'])}{span['generations_r_below_0.5']} | "
+            f"{pct(final['copied_training_images'])}{span['copied_training_images']} | "
+            f"{pct(early.get('generations_r_below_0.5'))} / {pct(early.get('copied_training_images'))} | "
+            f"{'yes' if entry['target_met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the plot
+
+
+def plot(points: list[dict], summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    colours = iter(plt.cm.tab10.colors)
+    for method in methods:
+        mean = mean_curve(points, method)
+        baseline = method == summary.get("baseline", BASELINE)
+        style = {"color": "black", "linewidth": 2.4, "zorder": 5} if baseline else {"color": next(colours), "linewidth": 1.4}
+        for axis, key, scale in ((axes[0], "generations_r_below_0.5", 100.0), (axes[1], "copied_training_images", 1.0)):
+            x = np.array([p["frechet"] for p in mean])
+            y = np.array([p[key] for p in mean]) * scale
+            xerr = np.array([[p["frechet"] - p["frechet_min"], p["frechet_max"] - p["frechet"]] for p in mean]).T
+            yerr = np.array([[p[key] - p[f"{key}_min"], p[f"{key}_max"] - p[key]] for p in mean]).T * scale
+            axis.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", markersize=3.5, capsize=2, elinewidth=0.7,
+                          label=f"{method} (baseline)" if baseline else method, **style)
+            for p, xi, yi in ((mean[0], x[0], y[0]), (mean[-1], x[-1], y[-1])):
+                axis.annotate(f"r{p['round']}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points",
+                              color=style["color"])
+    reference = summary.get("reference")
+    for axis, key, scale, label in ((axes[0], "generations_r_below_0.5", 100.0, "generations with r < 0.5 (%)"),
+                                    (axes[1], "copied_training_images", 1.0, "training images copied (r < 0.5)")):
+        if reference:
+            axis.plot(reference["frechet"], reference[key] * scale, marker="*", markersize=16, color="black",
+                      linestyle="none", label=f"{summary['baseline']} reference (round {reference['round']})", zorder=6)
+            axis.axvline(summary["quality_bar"]["frechet_max"], color="grey", linestyle="--", linewidth=1,
+                         label=f"quality bar (Fréchet +{FRECHET_SLACK:.0%})")
+        axis.axvline(float(np.mean([p["real_frechet"] for p in points])), color="green", linestyle=":", linewidth=1,
+                     label="real held-out images")
+        axis.set_xscale("log")
+        axis.set_xlabel("classifier-space Fréchet distance (lower is better)")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- writing and logging
+
+
+def write_outputs(out: Path, results: dict, title: str) -> None:
+    points = results["points"]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    with open(out / "points.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(points)
+    if points and "summary" in results:
+        (out / "summary.md").write_text(summary_markdown(results["summary"]))
+        plot(points, results["summary"], out / "curves.png", title)
+
+
+def metric_key(text: str) -> str:
+    """MLflow metric keys allow letters, digits, _ - . space : /."""
+    return re.sub(r"[^\w\-. :/]", "_", text)
+
+
+def environment(argv: list[str]) -> dict:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {platform.processor() or platform.machine()}"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"command": shlex.join([sys.executable, *argv]), "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_average_at_start": os.getloadavg(), "cpu_count": os.cpu_count(), "device": device,
+            "git_commit": commit, "python": platform.python_version(),
+            "versions": {name: version(name) for name in ("torch", "diffusers", "ray", "memshard")}}
+
+
+def title_of(results: dict) -> str:
+    s = results["settings"]
+    return (f"{s['preset']} ({s['regime']}): copying against quality along training, mean of seeds {s['seeds']} "
+            f"with their range; {s['num_images']} generations, {s['sampler']} {s['sampling_steps']} steps")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", required=True, help="folder for results.json, points.csv, curves.png, summary.md")
+    parser.add_argument("--methods", nargs="+", default=["ddpm", "iet", "iet-agc", "iet-agc-plus"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per curve (default: 4x the preset's)")
+    parser.add_argument("--baseline-rounds", type=int, default=None, help="rounds of the ddpm curves (default: --rounds / 2)")
+    parser.add_argument("--eval-every", type=int, default=2, help="evaluate every E rounds (and after the last)")
+    parser.add_argument("--subset", type=int, default=None, help="small-data regime: the first N images")
+    parser.add_argument("--reference-round", type=int, default=None,
+                        help="ddpm's 'final model' for the target check (default: the preset's rounds; the last with --subset)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a setting for every method (e.g. iet.local_steps=50)")
+    parser.add_argument("--num-images", type=int, default=500)
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--eval-batch", type=int, default=250)
+    parser.add_argument("--eval-seed", type=int, default=0, help="generation seed, the same for every point")
+    parser.add_argument("--device", default="auto", help="where evaluation runs: auto, cpu, cuda")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--experiment", default=EXPERIMENT)
+    parser.add_argument("--from-results", default=None, help="redraw the plot and summary from a results.json")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs (Ray, MLflow, diffusers)")
+    args = parser.parse_args(argv)
+    quiet_terminal(args.verbose)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.from_results:
+        results = json.loads(Path(args.from_results).read_text())
+        results["summary"] = summarize(results["points"], results["settings"]["reference_round"])
+        write_outputs(out, results, title_of(results))
+        print(summary_markdown(results["summary"]))
+        return
+
+    preset_rounds = build_config(args.preset, sets=args.set).iet.rounds
+    rounds = args.rounds or 4 * preset_rounds
+    baseline_rounds = args.baseline_rounds or max(1, rounds // 2)
+    reference_round = args.reference_round or (baseline_rounds if args.subset else preset_rounds)
+    if args.eval_every < 1 or not 1 <= reference_round <= baseline_rounds:
+        raise MemshardError(f"--eval-every {args.eval_every} / --reference-round {reference_round}: need an eval "
+                            f"interval >= 1 and a reference round within ddpm's {baseline_rounds} (--baseline-rounds)")
+    methods = [parse_method(text) for text in args.methods]
+    configs = {(m.label, seed): method_config(args.preset, m, seed, baseline_rounds if m.label == BASELINE else rounds,
+                                              args.set) for m in methods for seed in args.seeds}
+    settings = EvaluateSettings(protocol="quick", num_images=args.num_images, sampler=args.sampler,
+                                sampling_steps=args.sampling_steps, batch_size=args.eval_batch, seed=args.eval_seed,
+                                feature_space=None, copy_threshold=0.5, device=args.device)
+    settings.check()
+    device = str(resolve_device(args.device))
+    data = load_data(next(iter(configs.values())), args.subset)
+    space = ClassifierSpace(data.quality)
+    experiment_id = connect_mlflow(args.tracking_uri, args.experiment)  # the store answers before any training
+    results = {"environment": environment([sys.argv[0], *argv]),
+               "settings": {"preset": args.preset, "regime": data.regime, "methods": {m.label: list(m.sets) for m in methods},
+                            "seeds": args.seeds, "rounds": rounds, "baseline_rounds": baseline_rounds,
+                            "eval_every": args.eval_every,
+                            "reference_round": reference_round, "common_sets": args.set,
+                            "num_images": args.num_images, "sampler": args.sampler, "sampling_steps": args.sampling_steps,
+                            "eval_seed": args.eval_seed, "eval_device": device, "training_images": len(data.train),
+                            "quality_space": space.name, "quality_against": f"all {len(data.quality)} images of {data.quality.path}",
+                            "copying_against": f"the {len(data.train)} training images"},
+               "points": []}
+    print(f"{results['environment']['command']}\nload average at start: {results['environment']['load_average_at_start']}",
+          file=sys.stderr)
+    torch.set_num_threads(os.cpu_count() or 1)  # evaluation runs here while the actors wait
+    started_ray = connect_ray(None)
+    started = time.perf_counter()
+    total_rounds = sum(cfg.iet.rounds for cfg in configs.values())
+    rounds_done = 0
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"efficacy {args.preset} {data.regime}") as parent:
+            mlflow.log_params({"command": results["environment"]["command"][:6000], **{
+                key: json.dumps(value)[:6000] for key, value in results["settings"].items()}})
+            for (label, seed), cfg in configs.items():
+                method = next(m for m in methods if m.label == label)
+                with mlflow.start_run(run_name=f"{label} seed {seed}", nested=True):
+                    mlflow.set_tags({"method": label, "seed": str(seed), "regime": data.regime})
+                    mlflow.log_params({**flatten(cfg), "label": label, "sets": json.dumps(method.sets)})
+                    when = evaluation_rounds(cfg.iet.rounds, args.eval_every, reference_round if label == BASELINE else None)
+                    for point in curve(cfg, method, seed, data, when, settings, space, device):
+                        results["points"].append(point)
+                        mlflow.log_metrics({key: float(value) for key, value in point.items()
+                                            if key in CSV_FIELDS and isinstance(value, (int, float))}, step=point["round"])
+                        write_outputs(out, results, title_of(results))
+                        elapsed = time.perf_counter() - started
+                        done = rounds_done + point["round"]
+                        print(f"[{label} seed {seed}] round {point['round']}/{cfg.iet.rounds}: steps {point['optimizer_steps_total']:,} "
+                              f"(sequential {point['optimizer_steps_sequential']:,}), r<0.5 "
+                              f"{100 * point['generations_r_below_0.5']:.1f}%, copied {point['copied_training_images']}, "
+                              f"Fréchet {point['frechet']:.3f} (real {point['real_frechet']:.3f}), conf "
+                              f"{point['mean_confidence']:.2f}, coverage {point['coverage']:.2f}; {elapsed / 60:.1f} min, "
+                              f"about {elapsed / done * (total_rounds - done) / 60:.0f} min left", file=sys.stderr, flush=True)
+                rounds_done += cfg.iet.rounds
+            results["environment"]["load_average_at_end"] = os.getloadavg()
+            results["environment"]["seconds"] = time.perf_counter() - started
+            results["summary"] = summarize(results["points"], reference_round)
+            write_outputs(out, results, title_of(results))
+            for method, entry in results["summary"].get("methods", {}).items():
+                for against in ("reduction_vs_final", "reduction_vs_early_stopped"):
+                    mlflow.log_metrics({metric_key(f"{against}/{method}/{key}"): value
+                                        for key, value in (entry.get(against) or {}).items() if value is not None})
+            mlflow.log_artifacts(str(out))
+            print(f"MLflow run {parent.info.run_id} in experiment {args.experiment} ({args.tracking_uri})")
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(summary_markdown(results["summary"]))
+    print(f"load average at end: {results['environment']['load_average_at_end']}; "
+          f"{results['environment']['seconds'] / 3600:.2f} h")
+    print(f"wrote {out}/results.json, points.csv, curves.png, summary.md")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except MemshardError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,75 @@
+"""bench/efficacy_curves.py's target check (issue 12) on constructed curves: the curves themselves are
+a benchmark, not a test, but the arithmetic that reads them must be right."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from memshard.errors import MemshardError
+
+spec = importlib.util.spec_from_file_location("efficacy_curves", Path(__file__).parents[1] / "bench" / "efficacy_curves.py")
+efficacy = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = efficacy  # dataclasses look their module up there
+spec.loader.exec_module(efficacy)
+
+
+def point(method, seed, round_index, frechet, copied_fraction, copied_images, coverage=1.0):
+    return {"method": method, "seed": seed, "round": round_index, "optimizer_steps_total": 400 * round_index,
+            "optimizer_steps_sequential": (400 if method == "ddpm" else 100) * round_index,
+            "generations_r_below_0.5": copied_fraction, "copied_training_images": copied_images,
+            "frechet": frechet, "mean_confidence": 0.9, "coverage": coverage, "tv_distance": 0.05, "real_frechet": 0.5}
+
+
+def test_method_names_and_variants():
+    assert efficacy.parse_method("iet-agc") == efficacy.Method("iet-agc", ("iet.method=iet-agc",))
+    variant = efficacy.parse_method("iet-agc-plus+wide:aggregation.server_optimizer=fedavgm,model.block_out_channels=32,64")
+    assert variant == efficacy.Method("iet-agc-plus+wide", ("iet.method=iet-agc-plus", "aggregation.server_optimizer=fedavgm",
+                                                            "model.block_out_channels=32,64"))
+    assert efficacy.parse_method("mine:iet.method=iet").sets == ("iet.method=iet",)
+    with pytest.raises(MemshardError, match="start its name with one of ddpm"):
+        efficacy.parse_method("magic:aggregation.eta=0.1")
+
+
+def test_copying_is_interpolated_in_frechet_where_the_curve_first_reaches_the_bar():
+    curve = [{"round": 2, "frechet": 12.0, "coverage": 1.0, "generations_r_below_0.5": 0.01, "copied_training_images": 2,
+              "optimizer_steps_total": 800, "optimizer_steps_sequential": 200},
+             {"round": 4, "frechet": 4.0, "coverage": 1.0, "generations_r_below_0.5": 0.05, "copied_training_images": 10,
+              "optimizer_steps_total": 1600, "optimizer_steps_sequential": 400}]
+    found = efficacy.at_quality_bar(curve, max_frechet=10.0, min_coverage=0.9)
+    assert found["interpolated"] and found["round"] == pytest.approx(2.5)  # a quarter of the way from 12 to 4
+    assert found["generations_r_below_0.5"] == pytest.approx(0.02) and found["copied_training_images"] == pytest.approx(4)
+    assert efficacy.at_quality_bar(curve, 3.0, 0.9) is None
+    assert efficacy.at_quality_bar(curve, 20.0, 0.9)["interpolated"] is False  # good enough from the first point
+    assert efficacy.at_quality_bar(curve, 10.0, 1.1) is None  # coverage worse than the reference's
+
+
+def test_summary_reads_reductions_against_ddpms_final_and_early_stopped_models():
+    points = []
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+        points += [point("ddpm", seed, 2, 3.0 + shift, 0.10, 40), point("ddpm", seed, 4, 2.0 + shift, 0.40, 180)]
+        points += [point("iet", seed, 2, 8.0 + shift, 0.00, 0), point("iet", seed, 4, 2.0 + shift, 0.04, 10)]
+        points += [point("slow", seed, 2, 9.0, 0.0, 0), point("slow", seed, 4, 5.0, 0.01, 1)]
+    summary = efficacy.summarize(points, reference_round=4)
+    reference = summary["reference"]
+    assert reference["frechet"] == pytest.approx(2.1) and reference["copied_training_images"] == 180
+    assert summary["quality_bar"]["frechet_max"] == pytest.approx(2.31)
+    iet = summary["methods"]["iet"]
+    # iet's mean curve goes from 8.1 to 2.1: the bar 2.31 is reached 5.79/6 of the way to round 4.
+    w = (8.1 - 2.31) / 6.0
+    assert iet["at_bar"]["copied_training_images"] == pytest.approx(10 * w)
+    assert iet["reduction_vs_final"]["copied_training_images"] == pytest.approx(1 - 10 * w / 180)
+    assert iet["reduction_vs_final"]["generations_r_below_0.5"] == pytest.approx(1 - 0.04 * w / 0.40)
+    assert iet["target_met"]
+    # ddpm stopped early at the bar: between 3.1 and 2.1, (3.1 - 2.31) / 1.0 of the way.
+    ddpm_at_bar = 40 + (3.1 - 2.31) * (180 - 40)
+    assert summary["baseline_at_bar"]["copied_training_images"] == pytest.approx(ddpm_at_bar)
+    assert iet["reduction_vs_early_stopped"]["copied_training_images"] == pytest.approx(1 - 10 * w / ddpm_at_bar)
+    assert len(iet["per_seed"]) == 2 and all(s["at_bar"] for s in iet["per_seed"])
+    assert not summary["methods"]["slow"]["reached"]
+    assert "| slow | not reached (best Fréchet 2.38 x the reference)" in efficacy.summary_markdown(summary)
+    assert efficacy.summarize(points, reference_round=None)["reference"]["round"] == 4  # the last one evaluated
+    assert "was not evaluated at round 3" in efficacy.summarize(points, reference_round=3)["note"]
