@@ -49,7 +49,8 @@ from memshard.pipeline import DEFAULT_SAMPLING_STEPS, SAMPLERS, SamplingPlan, im
 
 COPIES_TABLE = "copies_per_sample.parquet"  # the artifact `unlearn --forget evaluation:RUN_ID` reads
 COPY_DEFINITION = ("a generation copies its nearest training image when r < copy_threshold, with "
-                   "r = d1^2 / mean(d1^2..dk^2) over its k nearest training images (squared L2, pixels in [0, 1])")
+                   "r = d1^2 / mean(d1^2..dk^2) over its k nearest distinct training images (squared L2, pixels in "
+                   "[0, 1]; exact duplicates count once, the copy credited to the first of them)")
 AUTO = "auto"
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -261,9 +262,14 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
         raise AssertionError(f"generate returned {generated.dtype} {generated.shape}, expected uint8 {expected}")
 
     start = time.perf_counter()
-    neighbors = nearest_neighbors(generated, dataset.images, min(R_NEIGHBORS, len(dataset)), scale=1 / 255,
-                                  device=device)
-    report = memorization_report(neighbors.sq_distances, neighbors.indices, len(dataset), settings.copy_threshold)
+    # Exact duplicates are scanned once: k copies of one image would all be "nearest" and make r ≈ 1,
+    # so an image planted many times, the clearest case of memorization, would never count as copied.
+    _, first = np.unique(dataset.content_hashes, return_index=True)
+    distinct = np.sort(first)
+    neighbors = nearest_neighbors(generated, dataset.images[distinct], min(R_NEIGHBORS, len(distinct)),
+                                  scale=1 / 255, device=device)
+    report = memorization_report(neighbors.sq_distances, distinct[neighbors.indices], len(dataset),
+                                 settings.copy_threshold)
     seconds["nearest_neighbors"] = time.perf_counter() - start
 
     quality = None

@@ -378,3 +378,32 @@ def test_quality_can_be_measured_against_the_kept_rows_only(tmp_path):
         if isinstance(space, ClassifierSpace):
             assert restricted.classes == 9 and everything.classes == 10
             assert restricted.generated.tv_distance < everything.generated.tv_distance
+
+
+def test_evaluate_counts_a_planted_image_once_and_the_forget_set_takes_all_its_copies(tmp_path):
+    """Sixty identical training images must not hide each other: the k-NN scan sees each distinct
+    image once, so a near-copy of the planted image has r ≈ 0 (not 1), the copy is credited to its
+    first row, and `--forget evaluation:RUN_ID` expands that row to every duplicate."""
+    from memshard.evaluation.classifier_space import QualitySpaceChoice
+    from memshard.evaluation.evaluate import EvaluateSettings, Generation, evaluate, sampling_plan
+
+    digits = np.rint(load_digits().images[:80] * 255 / 16).astype(np.uint8)
+    images = np.concatenate([digits, np.repeat(digits[:1], 60, axis=0)])
+    np.save(tmp_path / "planted.npy", images)
+    dataset = load_dataset(resolve_dataset(str(tmp_path / "planted.npy"), 8, None, tmp_path / "cache"))
+    planted = np.flatnonzero(dataset.content_hashes == dataset.content_hashes[np.all(
+        dataset.images == digits[0][None, None], axis=(1, 2, 3))][0])
+    assert len(planted) == 61
+    near_copies = np.repeat(digits[:1][:, None], 4, axis=0).astype(np.int16)
+    near_copies[:, 0, 0, :4] += 9  # not bit-identical: r comes from the distances, not from d = 0
+    near_copies = np.clip(near_copies, 0, 255).astype(np.uint8)
+    settings = EvaluateSettings(num_images=4, batch_size=4, sampler="ddim", sampling_steps=2, feature_space=None)
+    choice = sampling_plan(settings, 1000, gpu=False)
+    report = evaluate(choice, dataset, lambda plan: Generation(near_copies, "cpu", {}), settings,
+                      QualitySpaceChoice(None, "none"))
+    copies = report.copies_table(dataset).to_pandas()
+    copied = copies.loc[copies["copies"] > 0, "sample_id"].tolist()
+    assert copied == [str(dataset.sample_ids[planted[0]])] and copies["copies"].sum() == 4
+    rows = parse_forget_spec("evaluation:run", dataset.sample_ids, dataset.content_hashes, (1, 8, 8),
+                             lambda run: copied)
+    assert rows.tolist() == planted.tolist()
