@@ -32,7 +32,7 @@ def weighted_average(results: Sequence[tuple[StateDict, float]]) -> dict[str, np
     averaged = {}
     for name, first in reference.items():
         total = np.zeros(first.shape, dtype=np.float64)
-        for (state, _), weight in zip(results, weights):
+        for (state, _), weight in zip(results, weights, strict=True):
             total += weight * state[name]
         averaged[name] = _cast_like(total, first.dtype)
     return averaged

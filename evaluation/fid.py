@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memshard.model import resolve_device
 from memshard.errors import MemshardError
+from memshard.model import resolve_device
 
 if TYPE_CHECKING:
     from memshard.data import ImageDataset

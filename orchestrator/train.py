@@ -19,17 +19,23 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
-from memshard.orchestrator.cluster import connect_ray
 from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict, validate
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
+from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
+from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.pipeline_model import log_pipeline_model
-from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
 from memshard.orchestrator.rounds import IETDriver, RoundReport, server_optimizer_settings, start_shard_driver
 from memshard.orchestrator.sharding import destination_rule, split_into_shards
-from memshard.orchestrator.tracking import (connect_mlflow, log_table, redact_uri, require_run, resolve_tracking_uri,
-                                            with_retries)
+from memshard.orchestrator.tracking import (
+    connect_mlflow,
+    log_table,
+    redact_uri,
+    require_run,
+    resolve_tracking_uri,
+    with_retries,
+)
+from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
 from memshard.shard_worker.faults import FaultPlan
 
 

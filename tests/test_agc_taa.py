@@ -12,8 +12,8 @@ from memshard.shard_worker.taa import augment, augmentation_strength
 def reference_agc(bank, timesteps, losses, lam, decay):
     """One sample at a time, exactly as the formula reads."""
     bank = list(bank)
-    keep = [lam * loss >= bank[t] for t, loss in zip(timesteps, losses)]  # against the pre-batch bank
-    for t, loss in zip(timesteps, losses):  # then updates in batch order
+    keep = [lam * loss >= bank[t] for t, loss in zip(timesteps, losses, strict=True)]  # against the pre-batch bank
+    for t, loss in zip(timesteps, losses, strict=True):  # then updates in batch order
         bank[t] = decay * bank[t] + (1 - decay) * loss
     return np.array(keep), np.array(bank)
 

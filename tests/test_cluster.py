@@ -26,18 +26,18 @@ import numpy as np
 import pytest
 import ray
 import yaml
+from conftest import all_runs
 from mlflow.tracking import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from memshard.cli import build_parser
-from memshard.orchestrator.cluster import node_resources, plan_actor_resources
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
+from memshard.orchestrator.cluster import node_resources, plan_actor_resources
 from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import train
-from conftest import all_runs
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # `ray` and `memshard` of the Python running the tests

@@ -11,8 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memshard.data import (ImageDataset, format_inspection, inspect_dataset, load_dataset,
-                               prepare_dataset, resolve_dataset)
+from memshard.data import (
+    ImageDataset,
+    format_inspection,
+    inspect_dataset,
+    load_dataset,
+    prepare_dataset,
+    resolve_dataset,
+)
 from memshard.errors import MemshardError
 
 

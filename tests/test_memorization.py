@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from memshard.errors import MemshardError
 from memshard.evaluation.fid import (
     FEATURE_SPACES,
     PIXEL_PROJECTION,
@@ -17,7 +18,6 @@ from memshard.evaluation.fid import (
 )
 from memshard.evaluation.memorization import THRESHOLDS, memorization_report, nn_ratio, relative_distance
 from memshard.evaluation.nearest_neighbors import FLOAT_BYTES, nearest_neighbors, plan_chunks
-from memshard.errors import MemshardError
 
 D = 3 * 16 * 16  # RGB 16x16 images, flattened
 

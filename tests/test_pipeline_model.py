@@ -12,9 +12,9 @@ from diffusers import DDPMPipeline
 
 from memshard.config import build_config
 from memshard.errors import MemshardError
+from memshard.model import build_unet, state_to_numpy
 from memshard.orchestrator.pipeline_model import DDPMPipelineModel, log_pipeline_model
 from memshard.pipeline import build_pipeline, generate_images, image_grid, load_pipeline, save_pipeline
-from memshard.model import build_unet, state_to_numpy
 
 STEPS = 5  # sampling steps: enough to exercise the loop, fast on 2 CPU cores
 

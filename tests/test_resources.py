@@ -2,9 +2,9 @@
 
 import pytest
 
-from memshard.orchestrator.cluster import ActorResources, check_feasible, largest_packable_share, plan_actor_resources
 from memshard.config import build_config
 from memshard.errors import MemshardError
+from memshard.orchestrator.cluster import ActorResources, check_feasible, largest_packable_share, plan_actor_resources
 
 
 def test_gpus_auto_shares_each_gpu_among_ceil_k_over_g_actors():
