@@ -4,10 +4,13 @@ many times (so it copies that image), on the session's real Ray cluster and a re
 from __future__ import annotations
 
 import json
+import re
 import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -130,6 +133,61 @@ def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch,
     images = mlflow.pyfunc.load_model(f"models:/planted/{result.registered_version}").predict(
         {"num_images": 2, "seed": 0, "num_inference_steps": 3})
     assert images.shape == (2, 8, 8, 1)
+
+
+def test_the_closed_loop_evaluate_then_unlearn_what_it_found(planted, monkeypatch, capsys, tmp_path):
+    """As a user runs it: `memshard evaluate` finds the copied training images, `memshard unlearn
+    --forget evaluation:RUN_ID` removes them, the audit shows them no longer copied and the rest
+    intact, the new version is registered with its lineage, and evaluating it finds no copy left."""
+    monkeypatch.chdir(planted["root"])
+    store = planted["store"]
+    evaluate = ["--num-images", "64", "--sampler", "ddpm", "--sampling-steps", "20", "--feature-space", "none",
+                "--tracking-uri", store, "--no-progress"]
+    assert main(["evaluate", "models:/planted/1", *evaluate]) == 0
+    evaluation = re.search(r"evaluation run id: (\w+)", capsys.readouterr().out).group(1)
+    client = MlflowClient(store)
+
+    def artifact(run_id: str, path: str) -> Path:
+        (tmp_path / run_id).mkdir(exist_ok=True)
+        return Path(client.download_artifacts(run_id, path, str(tmp_path / run_id)))
+
+    first = pd.read_parquet(artifact(evaluation, "copies_per_sample.parquet")).set_index("sample_id")
+    copied = first.index[first["copies"] > 0]
+    assert planted["planted_ids"][0] in set(copied), copied.tolist()  # credited to the first of the duplicates
+    assert first.loc[planted["planted_ids"][0], "min_r"] < 0.15  # a near-exact copy (the strictest MQ threshold)
+
+    before_versions = versions(store)
+    code = main(["unlearn", "models:/planted/1", "--forget", f"evaluation:{evaluation}", "--steps", "200",
+                 "--set", f"mlflow.tracking_uri={store}", "--set", "batch_size=32",
+                 *[arg for setting in AUDIT for arg in ("--set", setting)]])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    run_id = re.search(r"run id: (\w+)", out).group(1)
+    report = json.loads(artifact(run_id, "audit/report.json").read_text())
+    # The forget set: what the evaluation found, every duplicate of the planted image with it.
+    forgotten = set(artifact(run_id, "forget_ids.txt").read_text().split())
+    assert set(planted["planted_ids"]) <= forgotten and set(copied) <= forgotten
+    # The audit: those images no longer copied, the rest intact, the cost, the caveat.
+    assert report["before"]["copies"] > 0 and report["after"]["copies"] == 0, report["after"]
+    assert report["after"]["keep_loss"] < 1.05 * report["before"]["keep_loss"]
+    assert report["compute"]["stopped"] == "forgotten" and report["compute"]["steps"] < 200
+    assert "only exact removal" in report["exactness"]
+    assert "generations copying a forget image: " in out and " -> 0/32" in out and "approximate" in out
+    # Registered as the next version of the same model, with its lineage.
+    (version,) = set(versions(store)) - set(before_versions)
+    tags = client.get_model_version("planted", str(version)).tags
+    assert tags["memshard.source_run_id"] == planted["run_id"] and tags["memshard.unlearn_method"] == "siss"
+    assert tags["memshard.forget_size"] == str(len(forgotten)) and tags["memshard.unlearn_stopped"] == "forgotten"
+
+    # Evaluating the new version (its run carries the training data and config): no near-copy of the
+    # planted image is left. (At the loose default r < 0.5 a model this small "copies" many ordinary
+    # training images, a few generations still nearest to the planted 0 among them.)
+    assert main(["evaluate", f"models:/planted/{version}", *evaluate]) == 0
+    again = re.search(r"evaluation run id: (\w+)", capsys.readouterr().out).group(1)
+    after = pd.read_parquet(artifact(again, "copies_per_sample.parquet")).set_index("sample_id")
+    planted_row = planted["planted_ids"][0]
+    assert after.loc[planted["planted_ids"], "copies"].sum() < first.loc[planted_row, "copies"] / 4
+    assert not after.loc[planted_row, "min_r"] < 0.15, after.loc[planted_row]  # NaN: no generation nearest to it
 
 
 def _planted_unet(planted):

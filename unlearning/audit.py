@@ -211,7 +211,8 @@ class AuditReport:
                  + (" copies retrained |" if r else "") + " nearest distance before | after |"
                  + (" retrained |" if r else ""),
                  "| --- | --- | --- | --- |" + (" --- |" if r else "") + " --- | --- |" + (" --- |" if r else "")]
-        rows = zip(b.per_image, a.per_image, r.per_image if r else [None] * len(b.per_image), strict=True)
+        order = self.most_copied_first()
+        rows = [(b.per_image[j], a.per_image[j], r.per_image[j] if r else None) for j in order]
         for i, (pb, pa, pr) in enumerate(rows):
             if i == NEAREST_PICTURE_ROWS:
                 lines.append(f"| ... {len(b.per_image) - i} more in report.json | | | |" + (" |" if r else "")
@@ -223,9 +224,9 @@ class AuditReport:
             lines.append(line)
         lines += ["", f"A generation copies a forget image when their mean squared pixel distance (pixels in [0, 1]) "
                   f"is below {s.copy_threshold}; {s.num_images} generations per model ({s.sampling_steps} DDPM "
-                  f"steps, seed {s.seed}, the same noise for every model). Picture: audit/nearest.png, one row per "
-                  "forget image: the image, its nearest generation before, after" + (", retrained" if r else "")
-                  + ".", ""]
+                  f"steps, seed {s.seed}, the same noise for every model); most copied first. Picture: "
+                  "audit/nearest.png, one row per forget image in this order: the image, its nearest generation "
+                  "before, after" + (", retrained" if r else "") + ".", ""]
         return lines
 
     def _intact_section(self, b: AuditMeasures, a: AuditMeasures, r: AuditMeasures | None) -> list[str]:
@@ -292,13 +293,17 @@ class AuditReport:
             lines.append("")
         return lines
 
+    def most_copied_first(self) -> list[int]:
+        """Indices into per_image, the forget images copied most often before unlearning first."""
+        return sorted(range(len(self.before.per_image)), key=lambda i: -self.before.per_image[i].copies)
+
     def nearest_picture(self, dataset: ImageDataset) -> Image.Image:
         """One row per distinct forget image (at most NEAREST_PICTURE_ROWS): the image, its nearest
         generation before, after, and from the retrained model where there is one."""
         models = [self.before, self.after] + ([self.retrain.measures] if self.retrain else [])
         tiles = []
-        for i, first in enumerate(self.before.per_image[:NEAREST_PICTURE_ROWS]):
-            row = int(np.flatnonzero(dataset.sample_ids == first.sample_id)[0])
+        for i in self.most_copied_first()[:NEAREST_PICTURE_ROWS]:
+            row = int(np.flatnonzero(dataset.sample_ids == self.before.per_image[i].sample_id)[0])
             tiles.append(dataset.images[row])
             tiles += [m.generated[m.per_image[i].nearest_generation] for m in models]
         return image_grid(np.stack(tiles).transpose(0, 2, 3, 1), columns=1 + len(models))
