@@ -99,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--forget", required=True, metavar="SPEC",
                          help="sample ids (comma-separated), a file of ids, image files or a folder, or evaluation:RUN_ID")
     unlearn.add_argument("--method", default="siss", help="siss (default), naive, neggrad, erasediff or retrain")
-    unlearn.add_argument("--steps", type=int, help="optimizer steps (default 300, the published MNIST-scale setting)")
+    unlearn.add_argument("--steps", type=int,
+                         help="the cap on optimizer steps (default 300); it stops earlier once the forget checks find "
+                              "the forget set no longer reproduced")
     unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="lam, c, learning_rate, batch_size, grad_clip, seed, audit.num_images, ... (repeatable)")
+                         help="rho, forget_scale_mode, c, check_every, lam, learning_rate, batch_size, seed, "
+                              "audit.num_images, ... (repeatable)")
     return parser
 
 
