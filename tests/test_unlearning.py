@@ -121,7 +121,10 @@ def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch,
     assert run.data.tags["memshard.unlearn_stopped"] == "forgotten"
     assert run.data.tags["memshard.forget_size"] == str(PLANTED_COPIES)
     assert run.data.metrics["forget_loss_after"] == pytest.approx(report.after.forget_loss)
-    assert len(client.get_metric_history(result.run_id, "check_copies")) == len(compute.trajectory)
+    counted = [p for p in compute.trajectory if p.copies is not None]
+    assert compute.trajectory[0] in counted and compute.trajectory[-1] in counted
+    assert len(client.get_metric_history(result.run_id, "check_copies")) == len(counted)
+    assert len(client.get_metric_history(result.run_id, "check_forget_loss")) == len(compute.trajectory)
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "audit")}
     assert artifacts == {"audit/report.json", "audit/report.md", "audit/nearest.png"}
 
@@ -224,7 +227,10 @@ def test_early_stopping_stops_when_forgotten_and_at_the_cap_otherwise(planted):
     stopped = unlearn("siss", _planted_unet(planted), build_scheduler(cfg), keep, forget, settings)
     assert stopped.stopped == "forgotten" and stopped.steps < 200 and stopped.steps % 10 == 0, stopped.trajectory
     assert [p.step for p in stopped.trajectory] == list(range(0, stopped.steps + 1, 10))
-    assert all(p.copies > 0 or p.forget_loss < p.keep_loss for p in stopped.trajectory[:-1])  # not earlier
+    assert all(p.copies != 0 or p.forget_loss < p.keep_loss for p in stopped.trajectory[:-1])  # not earlier
+    # Copies are counted at the first check and where the losses allow a stop, not at every check.
+    assert stopped.trajectory[0].copies > 0
+    assert all((p.copies is None) == (p.forget_loss < p.keep_loss) for p in stopped.trajectory[1:])
     # Fine-tuning on the kept data alone does not make the planted image unfamiliar in 30 steps: the cap.
     capped = unlearn("naive", _planted_unet(planted), build_scheduler(cfg), keep, forget,
                      UnlearnSettings(batch_size=32, max_steps=30, check_every=10, seed=2))
@@ -382,14 +388,12 @@ class ScriptedCheck:
     def __init__(self, forgotten_at):
         self.forgotten_at = forgotten_at
 
-    def __call__(self, unet, step):
+    def __call__(self, unet, step, full=False):
         gone = self.forgotten_at is not None and step >= self.forgotten_at
         return CheckPoint(step, keep_loss=0.1, forget_loss=0.2 if gone else 0.05, copies=0 if gone else 3,
                           generations=8, seconds=0.0)
 
-    def forgotten(self, point):
-        return ForgetCheck.forgotten(self, point)
-
+    forgotten, unfamiliar = ForgetCheck.forgotten, ForgetCheck.unfamiliar  # the real rule
     stop_loss_ratio = 1.0
 
 

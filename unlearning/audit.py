@@ -287,9 +287,12 @@ class AuditReport:
         lines.append("")
         if c.trajectory:
             n = c.trajectory[0].generations
-            lines += ["Forget checks (losses at fixed seeded (t, ε); copies among the same seeded generations each "
-                      "time):", "", f"| step | keep loss | forget loss | copies of {n} |", "| --- | --- | --- | --- |"]
-            lines += [f"| {p.step} | {p.keep_loss:.4f} | {p.forget_loss:.4f} | {p.copies} |" for p in c.trajectory]
+            lines += ["Forget checks: losses at fixed seeded (t, ε); copies among the same seeded generations each "
+                      "time, counted at the first and last check and wherever the forget loss had reached the keep "
+                      "loss (– elsewhere: generating is most of a check's cost).", "",
+                      f"| step | keep loss | forget loss | copies of {n} |", "| --- | --- | --- | --- |"]
+            lines += [f"| {p.step} | {p.keep_loss:.4f} | {p.forget_loss:.4f} | {'–' if p.copies is None else p.copies} |"
+                      for p in c.trajectory]
             lines.append("")
         return lines
 

@@ -3,13 +3,16 @@ unlearning steps, and the rule that stops unlearning on their evidence (method.m
 
 A check measures the UNet as it stands, in eval mode, always on the same seeded draws, so two
 checks differ only because the model changed:
-- forget loss and keep loss: mean DDPM loss at fixed seeded (t, ε) (`shard_worker.scoring`) over
-  the forget images and over a seeded sample of the keep images;
+- forget loss and keep loss: mean DDPM loss at fixed seeded (t, ε) (`shard_worker.scoring`) over a
+  seeded sample of at most `samples` forget images and as many keep images;
 - copies: of `check_images` generations sampled with the audit's sampler (ancestral DDPM) in only
   `check_sampling_steps` steps from one seeded generator (the same noise at every check), how many
   lie within mean squared pixel distance `copy_threshold` (pixels in [0, 1], the audit's definition)
   of some forget image. (A deterministic DDIM sampler at the same step count finds a planted image
-  in 3-4× fewer generations than DDPM does: it would call an image forgotten too early.)
+  in 3-4× fewer generations than DDPM does: it would call an image forgotten too early.) Generating
+  is most of a check's cost, so copies are counted only where they can decide something: at a
+  `full` check (the first and the last) and whenever the loss condition below holds; elsewhere
+  they are None.
 
 Stop rule: the forget set is no longer reproduced when a check finds 0 copies AND the forget loss
 is at least `stop_loss_ratio` × the keep loss (1.0: the forget images are no more familiar to the
@@ -42,7 +45,7 @@ class CheckPoint:
     step: int
     keep_loss: float  # at fixed seeded (t, ε), over the check's keep sample
     forget_loss: float  # at fixed seeded (t, ε), over the forget images
-    copies: int  # check generations within copy_threshold of a forget image
+    copies: int | None  # check generations within copy_threshold of a forget image (None: not counted)
     generations: int
     seconds: float  # what this check cost (counted in the unlearning's compute)
 
@@ -71,21 +74,20 @@ class ForgetCheck:
     """The forget measures of one unlearning job; call it with the UNet and the step count."""
 
     def __init__(self, scheduler: DDPMScheduler, keep_images: np.ndarray, forget_images: np.ndarray, *,
-                 generations: int, sampling_steps: int, keep_samples: int, copy_threshold: float = COPY_THRESHOLD,
+                 generations: int, sampling_steps: int, samples: int, copy_threshold: float = COPY_THRESHOLD,
                  stop_loss_ratio: float = 1.0, seed: int = 0, repeats: int = 2):
         self.scheduler = scheduler
         self.sampler = DDPMScheduler.from_config(scheduler.config)  # its own copy: sampling sets its timesteps
-        self.keep_images = keep_images
-        self.keep_rows = np.sort(np.random.default_rng(seed).choice(
-            len(keep_images), min(keep_samples, len(keep_images)), replace=False))
-        self.forget_images = forget_images
-        self.forget_rows = np.arange(len(forget_images))
+        rng = np.random.default_rng(seed)
+        self.keep_images, self.keep_rows = keep_images, _sample(rng, len(keep_images), samples)
+        self.forget_images, self.forget_rows = forget_images, _sample(rng, len(forget_images), samples)
         self.forget_distinct = distinct_images(forget_images)
         self.generations, self.sampling_steps = generations, sampling_steps
         self.copy_threshold, self.stop_loss_ratio = copy_threshold, stop_loss_ratio
         self.seed, self.repeats = seed, repeats
 
-    def __call__(self, unet: UNet2DModel, step: int) -> CheckPoint:
+    def __call__(self, unet: UNet2DModel, step: int, full: bool = False) -> CheckPoint:
+        """The measures after `step` steps; copies only when `full` or the loss condition holds."""
         started = time.perf_counter()
         was_training = unet.training
         unet.eval()
@@ -94,11 +96,13 @@ class ForgetCheck:
                                         self.repeats).mean()
             keep_loss = score_samples(unet, self.scheduler, self.keep_images, self.keep_rows, self.seed,
                                       self.repeats).mean()
-            with torch.no_grad():
-                pipeline = DDPMPipeline(unet=unet, scheduler=self.sampler)
-                generated = generate_images(pipeline, self.generations, self.seed, self.sampling_steps,
-                                            batch_size=self.generations).transpose(0, 3, 1, 2)
-            copies = len(copying_generations(self.forget_distinct, generated, self.copy_threshold))
+            copies = None
+            if full or self.unfamiliar(forget_loss, keep_loss):
+                with torch.no_grad():
+                    pipeline = DDPMPipeline(unet=unet, scheduler=self.sampler)
+                    generated = generate_images(pipeline, self.generations, self.seed, self.sampling_steps,
+                                                batch_size=self.generations).transpose(0, 3, 1, 2)
+                copies = len(copying_generations(self.forget_distinct, generated, self.copy_threshold))
         finally:
             unet.train(was_training)
         if next(unet.parameters()).device.type == "cuda":
@@ -106,6 +110,15 @@ class ForgetCheck:
         return CheckPoint(step, float(keep_loss), float(forget_loss), copies, self.generations,
                           time.perf_counter() - started)
 
+    def unfamiliar(self, forget_loss: float, keep_loss: float) -> bool:
+        """The loss condition: the forget images are no more familiar to the model than the kept ones."""
+        return forget_loss >= self.stop_loss_ratio * keep_loss
+
     def forgotten(self, point: CheckPoint) -> bool:
-        """The stop rule (module notes): no copies, and the forget images no more familiar than the kept."""
-        return point.copies == 0 and point.forget_loss >= self.stop_loss_ratio * point.keep_loss
+        """The stop rule (module notes): no copies, and the loss condition."""
+        return point.copies == 0 and self.unfamiliar(point.forget_loss, point.keep_loss)
+
+
+def _sample(rng: np.random.Generator, count: int, most: int) -> np.ndarray:
+    """Sorted seeded rows: all of `count` when there are at most `most`, else `most` of them."""
+    return np.arange(count) if count <= most else np.sort(rng.choice(count, most, replace=False))

@@ -20,14 +20,15 @@ direction is a fixed fraction of the keep direction whatever the model's size. `
 published fixed c (5 at MNIST scale), which at our model size dominates every step and forgets the
 rest with the image. With the relative term the forget loss rises roughly in proportion to the
 learning rate, so the default rate is the digits training rate, 2e-4, not the published 5e-5: on the
-tiny planted-image test model SISS then forgets in ~100 steps with the keep loss unchanged, where at
-5e-5 it needs more than 200.
+tiny planted-image test model SISS then forgets in ~100 steps with the keep loss a few percent lower,
+where at 5e-5 it needs more than 200 (the absolute c = 5 forgets in 20 steps with the keep loss ×3).
 
 Stopping on evidence: every `check_every` steps (and before the first and after the last) a
-`ForgetCheck` measures the forget and keep losses at fixed seeded (t, ε) and the copies of the
-forget images among a fixed seeded set of fast generations; unlearning stops as soon as the forget
-set is no longer reproduced (`forget_check` has the rule), and at `max_steps` otherwise. The
-checks' time counts in the seconds returned; their measures are the returned trajectory.
+`ForgetCheck` measures the forget and keep losses at fixed seeded (t, ε) and, where they can decide
+a stop, the copies of the forget images among a fixed seeded set of few-step generations;
+unlearning stops as soon as the forget set is no longer reproduced (`forget_check` has the rule),
+and at `max_steps` otherwise. The checks' time counts in the seconds returned; their measures are
+the returned trajectory.
 
 Baselines (same interface): `naive` fine-tunes on X \\ A only; `neggrad` ascends the forget loss;
 `erasediff` trains on X \\ A while regressing the forget images' noise prediction onto uniform
@@ -70,7 +71,7 @@ class UnlearnSettings:
     check_every: int = 20  # steps between forget checks; 0: no checks, run max_steps
     check_images: int = 64  # seeded generations per check
     check_sampling_steps: int = 20  # DDPM steps per check generation
-    check_keep_samples: int = 128  # keep images scored per check
+    check_samples: int = 128  # keep images, and at most as many forget images, scored per check
     stop_loss_ratio: float = 1.0  # stop needs forget loss ≥ this × keep loss (and 0 copies); 0: copies alone
     seed: int = 0
 
@@ -94,8 +95,8 @@ class UnlearnSettings:
             problems.append(f"grad_clip={self.grad_clip} must be positive")
         if self.check_every < 0:
             problems.append(f"check_every={self.check_every} must be 0 (no checks) or more")
-        if self.check_images < 1 or self.check_sampling_steps < 1 or self.check_keep_samples < 1:
-            problems.append("check_images, check_sampling_steps and check_keep_samples must be at least 1")
+        if self.check_images < 1 or self.check_sampling_steps < 1 or self.check_samples < 1:
+            problems.append("check_images, check_sampling_steps and check_samples must be at least 1")
         if not self.stop_loss_ratio >= 0:
             problems.append(f"stop_loss_ratio={self.stop_loss_ratio} must be non-negative")
         if self.seed < 0:
@@ -145,20 +146,20 @@ def unlearn(method: str, unet: UNet2DModel, scheduler: DDPMScheduler, keep_image
     check = None
     if settings.check_every:
         check = ForgetCheck(scheduler, keep_images, forget_images, generations=settings.check_images,
-                            sampling_steps=settings.check_sampling_steps, keep_samples=settings.check_keep_samples,
+                            sampling_steps=settings.check_sampling_steps, samples=settings.check_samples,
                             copy_threshold=copy_threshold, stop_loss_ratio=settings.stop_loss_ratio,
                             seed=settings.seed)
     trajectory: list[CheckPoint] = []
 
-    def forgotten(step: int) -> bool:
-        trajectory.append(check(unet, step))
+    def forgotten(step: int, full: bool = False) -> bool:
+        trajectory.append(check(unet, step, full))
         return check.forgotten(trajectory[-1])
 
     unet.train()
     started = time.perf_counter()
     keep_loss = forget_loss = math.nan
     step, stopped = 0, STOP_MAX_STEPS
-    if check is not None and forgotten(0):
+    if check is not None and forgotten(0, full=True):
         stopped = STOP_FORGOTTEN
     while stopped != STOP_FORGOTTEN and step < settings.max_steps:
         x = keep[torch.randint(0, len(keep), (settings.batch_size,), generator=generator, device=device)]
@@ -170,7 +171,8 @@ def unlearn(method: str, unet: UNet2DModel, scheduler: DDPMScheduler, keep_image
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()
         step += 1
-        if check is not None and (step % settings.check_every == 0 or step == settings.max_steps) and forgotten(step):
+        last = step == settings.max_steps
+        if check is not None and (step % settings.check_every == 0 or last) and forgotten(step, full=last):
             stopped = STOP_FORGOTTEN
     if device.type == "cuda":
         torch.cuda.synchronize()

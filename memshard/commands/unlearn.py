@@ -142,9 +142,9 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
         tags = request.tags(stats.steps, stats.stopped)  # the steps taken, not the cap
         with_retries(mlflow.set_tags, tags)
         for point in stats.trajectory:
+            counted = {} if point.copies is None else {"check_copies": point.copies}
             with_retries(mlflow.log_metrics, {"check_keep_loss": point.keep_loss,
-                                              "check_forget_loss": point.forget_loss,
-                                              "check_copies": point.copies}, step=point.step)
+                                              "check_forget_loss": point.forget_loss, **counted}, step=point.step)
         after = build_pipeline(source.config, dataset.channels, unlearned.weights)
         checkpoints = Path(source.config.mlflow.checkpoint_dir).absolute()
         local = save_pipeline(after, checkpoints / run.info.run_id / "pipeline")
