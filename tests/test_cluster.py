@@ -274,6 +274,27 @@ def test_documented_runtime_env_excludes_what_must_not_upload(job_cluster, tmp_p
     assert uploaded == ["./orchestrator/data.py", "./orchestrator/file.txt"]
 
 
+def test_a_job_runs_the_uploaded_code_not_the_installed_one(job_cluster, tmp_path):
+    """`--working-dir .` uploads a checkout: its memshard (and the top-level folders it maps as
+    subpackages) is what the job and its actors import, though memshard is installed on the node."""
+    work = tmp_path / "checkout"
+    for name in ["memshard", "orchestrator", "shard_worker", "aggregation", "evaluation", "unlearning"]:
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "orchestrator" / "__init__.py").write_text("UPLOADED = True\n")
+    probe = ("import ray, memshard.orchestrator as o; ray.init(); "
+             "f = ray.remote(lambda: __import__('memshard.orchestrator').orchestrator.__file__); "
+             "print('DRIVER', o.__file__, getattr(o, 'UPLOADED', False)); print('ACTOR', ray.get(f.remote()))")
+    job = job_cluster.client.submit_job(entrypoint=f'python -c "{probe}"',
+                                        runtime_env={**documented_runtime_env(f"sqlite:///{tmp_path}/m.db"),
+                                                     "working_dir": str(work)})
+    status, logs = wait_for_job(job_cluster.client, job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    driver = re.search(r"DRIVER (\S+) (\w+)", logs)
+    actor = re.search(r"ACTOR (\S+)", logs).group(1)
+    assert driver.group(2) == "True" and str(REPO) not in driver.group(1), logs[-2000:]
+    assert str(REPO) not in actor and actor.endswith("orchestrator/__init__.py"), logs[-2000:]
+
+
 def test_documented_ray_job_submit_trains_and_logs_to_one_mlflow_store(job_cluster, tmp_path):
     """docs/cluster.md's command, run by the real `ray` CLI from the repository root; only the
     address, the tracking URI and the training size differ."""
