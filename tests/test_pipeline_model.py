@@ -160,11 +160,11 @@ LEGACY_MODEL = Path(__file__).parent / "fixtures" / "legacy_pyfunc_model"
 
 
 @pytest.mark.integration
-def test_a_model_logged_before_the_package_rename_still_loads(tmp_path):
+def test_a_model_logged_before_the_package_rename_still_loads(mlflow_store):
     """The fixture was saved by memshard 0.1, whose pickle names orchestrator.pipeline_model."""
     assert b"orchestrator.pipeline_model" in (LEGACY_MODEL / "python_model.pkl").read_bytes()
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(store)
+    mlflow.set_tracking_uri(mlflow_store)
+    mlflow.set_experiment("legacy")  # a fresh store: the module's earlier experiment id is not in it
     with mlflow.start_run():
         mlflow.log_artifacts(str(LEGACY_MODEL), "model")
         run_id = mlflow.active_run().info.run_id
@@ -177,10 +177,11 @@ def test_a_model_logged_before_the_package_rename_still_loads(tmp_path):
 
 
 @pytest.mark.integration
-def test_new_models_hold_no_pickle(tmp_path, weights):
+def test_new_models_hold_no_pickle(mlflow_store, tmp_path, weights):
     cfg = build_config("tiny")
     pipeline_dir = save_pipeline(build_pipeline(cfg, 1, weights), tmp_path / "pipeline")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(mlflow_store)
+    mlflow.set_experiment("no-pickle")
     with mlflow.start_run():
         info = log_pipeline_model(pipeline_dir, None)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl")))
