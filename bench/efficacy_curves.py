@@ -88,7 +88,7 @@ from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
 from memshard.orchestrator.tracking import connect_mlflow
 from memshard.orchestrator.train import initial_shards
-from memshard.pipeline import SAMPLERS, SamplingPlan, build_pipeline, generate_batch, use_sampler
+from memshard.pipeline import SAMPLERS, SamplingPlan, build_pipeline, generate_plan
 from memshard.unlearning.runner import write_subset
 
 EXPERIMENT = "memshard-efficacy"
@@ -164,9 +164,7 @@ def generate_here(pipeline) -> Callable[[SamplingPlan], Generation]:
     actors hold the cluster's CPUs but wait between rounds, so generation has the machine."""
 
     def generate(plan: SamplingPlan) -> Generation:
-        use_sampler(pipeline, plan.sampler)
-        images = np.concatenate([generate_batch(pipeline, plan, count, seed) for count, seed in plan.batches()])
-        return Generation(images, pipeline.device.type, {"workers": 1, "where": "the benchmark's driver process"})
+        return Generation(generate_plan(pipeline, plan), pipeline.device.type, {"workers": 1, "where": "the benchmark's driver process"})
 
     return generate
 

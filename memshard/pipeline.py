@@ -137,6 +137,13 @@ def generate_batch(pipeline: DDPMPipeline, plan: SamplingPlan, count: int, seed:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
+def generate_plan(pipeline: DDPMPipeline, plan: SamplingPlan) -> np.ndarray:
+    """Every batch of `plan`, in this process and in image order, as (M, C, H, W) uint8: the images
+    Ray generation workers make from the same plan. Switches `pipeline` to the plan's sampler."""
+    use_sampler(pipeline, plan.sampler)
+    return np.concatenate([generate_batch(pipeline, plan, count, seed) for count, seed in plan.batches()])
+
+
 def use_sampler(pipeline: DDPMPipeline, sampler: str) -> DDPMPipeline:
     """Give `pipeline` the scheduler named `sampler`, on the noise schedule it was trained with; returns it.
 

@@ -20,7 +20,7 @@ from memshard.evaluation.evaluate import EvaluateSettings, choose_quality_space,
 from memshard.model import build_unet, state_to_numpy
 from memshard.orchestrator.cluster import node_resources
 from memshard.orchestrator.generation import generate_on_ray, plan_workers
-from memshard.pipeline import SAMPLERS, SamplingPlan, build_pipeline, generate_batch, use_sampler
+from memshard.pipeline import SAMPLERS, SamplingPlan, build_pipeline, generate_plan, use_sampler
 
 PLAN = SamplingPlan(num_images=10, sampler="ddim", steps=3, batch_size=3, seed=7)  # 4 batches, the last of 1
 
@@ -36,8 +36,7 @@ def pipeline():
 
 
 def in_process(pipeline, plan: SamplingPlan) -> np.ndarray:
-    pipeline = use_sampler(copy.deepcopy(pipeline), plan.sampler)
-    return np.concatenate([generate_batch(pipeline, plan, count, seed) for count, seed in plan.batches()])
+    return generate_plan(copy.deepcopy(pipeline), plan)
 
 
 def test_the_batches_and_their_seeds_are_fixed_by_the_plan_alone():
