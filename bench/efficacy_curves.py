@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                             f"interval >= 1 and a reference round within ddpm's {baseline_rounds} (--baseline-rounds)")
     methods = [parse_method(text) for text in args.methods]
     configs = {(m.label, seed): method_config(args.preset, m, seed, baseline_rounds if m.label == BASELINE else rounds,
-                                              args.set) for m in methods for seed in args.seeds}
+                                              args.set) for seed in args.seeds for m in methods}  # seed-major: a stopped run holds whole comparisons
     settings = EvaluateSettings(protocol="quick", num_images=args.num_images, sampler=args.sampler,
                                 sampling_steps=args.sampling_steps, batch_size=args.eval_batch, seed=args.eval_seed,
                                 feature_space=None, copy_threshold=0.5, device=args.device)

@@ -5,6 +5,13 @@ table:
 
     python bench/unlearning_benchmark.py                 # the benchmark (the digits preset)
     python bench/unlearning_benchmark.py --quick         # a smoke run on the tiny preset (minutes)
+    python bench/unlearning_benchmark.py --reuse-models --methods siss siss:rho=0.05 siss:rho=0.05,seed=1
+                                                         # more variants on the models of an earlier run
+
+A method is a variant name, optionally with UnlearnSettings changes after ':' (`siss:rho=0.05,check_every=10`).
+`--reuse-models` takes the trained and the retrained model (and their training seconds) from the
+earlier run in the same --out (its models.json) instead of training them again: the same data and
+config give the same models, so only the unlearning is new.
 
 1. Data: the 1,797 bundled digits plus one of them (row 0) planted PLANT_COPIES more times, written
    as a labelled .npz and prepared by memshard.data like any user's data (--quick: the first 200).
@@ -82,6 +89,40 @@ def planted_digits(out: Path, count: int | None = None) -> Path:
     path = out / "digits-planted.npz"
     np.savez(path, images=planted, labels=labels.astype(np.int64))
     return path
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """`siss` or `siss:rho=0.05,seed=1` -> (label, method, settings changes), checked like unlearn's --set."""
+    name, _, changes = text.partition(":")
+    if name not in VARIANTS:
+        raise MemshardError(f"method {name!r}: choose one of {', '.join(VARIANTS)} (optionally NAME:field=value,...)")
+    method, preset_changes = VARIANTS[name]
+    sets = [item.strip() for item in changes.split(",") if item.strip()]
+    if any("." in item.partition("=")[0] for item in sets):
+        raise MemshardError(f"method {text!r}: only UnlearnSettings fields (rho=0.05, seed=1, ...) after ':'")
+    chosen = {key: value for key, value in parse_unlearn_sets(sets).settings.__dict__.items()
+              if any(item.partition("=")[0].strip() == key for item in sets)}
+    return text, method, {**preset_changes, **chosen}
+
+
+def trained_models(cfg, retrain_cfg, out: Path, reuse: bool) -> dict:
+    """The model before unlearning and the retrained one: trained here (and recorded in models.json),
+    or, with reuse, the ones an earlier run in `out` recorded."""
+    record = out / "models.json"
+    if reuse:
+        if not record.exists():
+            raise MemshardError(f"--reuse-models: {record} does not exist; run once without --reuse-models")
+        models = json.loads(record.read_text())
+        print(f"reusing the models of the earlier run ({record})", file=sys.stderr)
+        return models
+    print("training the ddpm model on the planted digits ...", file=sys.stderr)
+    before_dir, train_seconds = timed_train(cfg)
+    print("retraining without the planted image ...", file=sys.stderr)
+    retrain_dir, retrain_seconds = timed_train(retrain_cfg)
+    models = {"before_dir": str(before_dir), "train_seconds": train_seconds,
+              "retrain_dir": str(retrain_dir), "retrain_seconds": retrain_seconds}
+    record.write_text(json.dumps(models, indent=2))
+    return models
 
 
 def train_config(args, data: str, out: Path, name: str):
@@ -162,7 +203,10 @@ def main() -> int:
     parser.add_argument("--out", default=".memshard/bench/unlearning", help="work folder; results.json/.md land here")
     parser.add_argument("--generations", type=int, help="generations per model (default 500; --quick 64)")
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDPM steps per generation (default 50)")
-    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--methods", nargs="+", default=list(VARIANTS), metavar="NAME[:field=value,...]",
+                        help=f"variants: {', '.join(VARIANTS)}, each optionally with UnlearnSettings changes")
+    parser.add_argument("--reuse-models", action="store_true",
+                        help="take the trained and retrained models from the earlier run in --out (models.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an UnlearnSettings field for every method (e.g. rho=0.2, max_steps=200)")
     args = parser.parse_args()
@@ -173,18 +217,21 @@ def main() -> int:
         base = parse_unlearn_sets(quick + args.set).settings  # a later --set wins
     except MemshardError as error:
         parser.error(str(error))
+    try:
+        variants = [parse_variant(text) for text in args.methods]
+    except MemshardError as error:
+        parser.error(str(error))
     generations = args.generations or (64 if args.quick else 500)
     if generations < 2 or args.sampling_steps < 1:
         parser.error("--generations needs at least 2 and --sampling-steps at least 1")
     out = Path(args.out).absolute() / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()
     os.chdir(out)  # the classifier cache and Ray's temp files stay in the work folder
 
     # 1-2. Data and the model that reproduces the planted image.
     data = planted_digits(out, QUICK_DIGITS if args.quick else None)
     cfg = train_config(args, str(data), out, "unlearning-bench")
-    print(f"training the {'tiny' if args.quick else 'digits'} ddpm model on the planted digits ...", file=sys.stderr)
-    before_dir, train_seconds = timed_train(cfg)
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
     hashes, counts = np.unique(dataset.content_hashes, return_counts=True)
     planted_hash = hashes[counts == PLANT_COPIES + 1]
@@ -193,6 +240,14 @@ def main() -> int:
     forget = ForgetSet(rows, np.setdiff1d(np.arange(len(dataset)), rows), tuple(dataset.sample_ids[rows].astype(str)))
     audit = AuditSettings(num_images=generations, sampling_steps=args.sampling_steps, keep_samples=512)
     space = ClassifierSpace(dataset)
+    retrain_cfg = copy.deepcopy(cfg)
+    retrain_cfg.data.path = str(write_subset(dataset, forget.keep_rows, out / "kept"))
+    retrain_cfg.mlflow.register_as = "unlearning-bench-retrain"
+    try:
+        models = trained_models(cfg, retrain_cfg, out, args.reuse_models)
+    except MemshardError as error:
+        parser.error(str(error))
+    before_dir, train_seconds = Path(models["before_dir"]), models["train_seconds"]
     before_pipeline = load_pipeline(before_dir, "cpu")
     print("measuring the model before unlearning ...", file=sys.stderr)
     before_measures = measure(before_pipeline, dataset, forget, audit, space)
@@ -204,11 +259,7 @@ def main() -> int:
         return 1
 
     # 3. Retrain (the exact reference and the compute scale), then every approximate method.
-    retrain_cfg = copy.deepcopy(cfg)
-    retrain_cfg.data.path = str(write_subset(dataset, forget.keep_rows, out / "kept"))
-    retrain_cfg.mlflow.register_as = "unlearning-bench-retrain"
-    print("retraining without the planted image ...", file=sys.stderr)
-    retrain_dir, retrain_seconds = timed_train(retrain_cfg)
+    retrain_dir, retrain_seconds = Path(models["retrain_dir"]), models["retrain_seconds"]
     retrain_steps = training_steps(retrain_cfg)
     retrain = {**figures(measure(load_pipeline(retrain_dir, "cpu"), dataset, forget, audit, space)),
                "steps": retrain_steps, "seconds": retrain_seconds}
@@ -216,8 +267,7 @@ def main() -> int:
     scheduler = build_scheduler(cfg)
     keep_images, forget_images = dataset.images[forget.keep_rows], dataset.images[forget.rows]
     methods = {}
-    for name in args.methods:
-        method, changes = VARIANTS[name]
+    for name, method, changes in variants:
         settings = dataclasses.replace(base, **changes)
         unet = load_pipeline(before_dir, "cpu").unet
         print(f"unlearning: {name} ...", file=sys.stderr)
@@ -237,6 +287,8 @@ def main() -> int:
               else f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     result = {
         "command": " ".join(["python", "bench/unlearning_benchmark.py", *sys.argv[1:]]),
+        "models": {**models, "reused": args.reuse_models},
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
         "preset": "tiny" if args.quick else "digits", "config": to_dict(cfg),
         "training": {"steps": training_steps(cfg), "seconds": train_seconds},
