@@ -163,6 +163,8 @@ def quiet_terminal(verbose: bool, libraries: bool = True) -> None:
         return
     for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    # Ray Tune's own lines (its loggers, a failed trial's traceback): `memshard tune` reports trials itself.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
     if libraries:

@@ -168,7 +168,7 @@ def _what_it_changes(settings: dict[str, Any], cfg: Config, base: Config) -> dic
     """The settings that make this trial differ from the base (its method always shown)."""
     used = {"agc": cfg.uses_agc, "msr": cfg.uses_msr, "taa": cfg.uses_taa}
     kept = {}
-    for dotted, value in settings.items():
+    for dotted in settings:
         section, key = dotted.split(".", 1)
         if dotted == "iet.method" or (used.get(section, True) and getattr(getattr(cfg, section), key)
                                       != getattr(getattr(base, section), key)):

@@ -23,11 +23,13 @@ takes). Every path and the tracking URI reach the trials absolute (`TrialContext
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import sys
 import tempfile
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +73,8 @@ from memshard.tuning.space import SweepSpace, Trial
 
 SWEEP_TAG = "memshard.tune.parent_run_id"  # on every trial's runs: the sweep they belong to
 TRIAL_TAG = "memshard.tune.trial"  # the trial's name (t00, ...)
-TUNE_DIR = ".memshard/tune"  # Tune's own files, and the chosen config file, per sweep
+TUNE_DIR = ".memshard/tune"
+log = logging.getLogger("memshard.tune")  # Tune's own files, and the chosen config file, per sweep
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,10 @@ def run_trial(config: dict, context: TrialContext) -> None:
     try:
         _train_and_measure(cfg, spec, context, tags)
     except BaseException as error:
-        with suppress(Exception):  # the trial's own error is the one Tune must report
+        try:
             _mark_failed(cfg, spec, context, tags, error)
+        except Exception as marking:  # the trial's own error is the one Tune must report
+            log.warning("trial %s: its MLflow run could not be marked FAILED (%s)", spec["name"], marking)
         raise
 
 
@@ -195,9 +200,9 @@ def _mark_failed(cfg: Config, spec: dict, context: TrialContext, tags: dict[str,
     message = one_line(f"{type(error).__name__}: {error}")
     client = MlflowClient(context.tracking_uri)
     parent = client.get_run(context.parent_run_id)
-    found = client.search_runs([parent.info.experiment_id], filter_string=(
-        f"tags.`{SWEEP_TAG}` = '{context.parent_run_id}' and tags.`{TRIAL_TAG}` = '{spec['name']}' "
-        f"and tags.`{KIND_TAG}` != 'evaluation'"))
+    found = [run for run in client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.`{SWEEP_TAG}` = '{context.parent_run_id}' and tags.`{TRIAL_TAG}` = '{spec['name']}'"))
+        if KIND_TAG not in run.data.tags]  # its training run, not its evaluation
     if found:
         run_id = found[0].info.run_id
     else:
@@ -241,8 +246,9 @@ class Progress(tune.Callback):
         self.max_quality_loss, self.say = max_quality_loss, say
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.outcomes[trial.config["trial"]["name"]].status = "RUNNING"
-        self._line()
+        name = trial.config["trial"]["name"]
+        self.outcomes[name].status = "RUNNING"
+        self._line(f"{name} started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         outcome = self.outcomes[result["trial"]]
@@ -256,19 +262,20 @@ class Progress(tune.Callback):
         outcome.points.append(point)
         if result["pipeline"]:
             outcome.round_pipelines[point.round] = result["pipeline"]
-        self._line()
+        self._line(f"{point.trial} round {point.round}: {point.copies:g} copied, Fréchet {point.frechet:.3f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.outcomes[trial.config["trial"]["name"]].status = "FINISHED"
-        self._line()
+        name = trial.config["trial"]["name"]
+        self.outcomes[name].status = "FINISHED"
+        self._line(f"{name} finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         outcome = self.outcomes[trial.config["trial"]["name"]]
         outcome.status = "FAILED"
         outcome.error = _trial_error(trial)
-        self._line()
+        self._line(f"{outcome.trial.name} FAILED: {outcome.error}")
 
-    def _line(self) -> None:
+    def _line(self, event: str) -> None:
         statuses = [o.status for o in self.outcomes.values()]
         counts = ", ".join(f"{statuses.count(s)} {s.lower()}" for s in ("FINISHED", "RUNNING", "QUEUED", "FAILED"))
         choice = current_choice(list(self.outcomes.values()), self.reference, self.reference_round,
@@ -281,7 +288,7 @@ class Progress(tune.Callback):
             p = choice.chosen
             best = (f"best within budget: {p.trial} round {p.round} ({p.copies:g} copied, "
                     f"Fréchet {p.frechet:.3f} <= {choice.budget.max_frechet:.3f})")
-        self.say(f"trials: {counts}; {best}")
+        self.say(f"{event} | trials: {counts}; {best}")
 
 
 def _trial_error(trial) -> str:
@@ -293,8 +300,9 @@ def _trial_error(trial) -> str:
     except OSError:
         pass
     lines = [line for line in text.splitlines() if line.strip()]
-    # The trial's own exception is the last line of the traceback Tune stored.
-    return one_line(lines[-1])[:500] if lines else "failed (see the trial's run)"
+    # The trial's own exception is the last line of the traceback Tune stored; memshard's are the user's to read.
+    last = lines[-1].removeprefix(f"{MemshardError.__module__}.{MemshardError.__name__}: ") if lines else ""
+    return one_line(last)[:500] if last else "failed (see the trial's run)"
 
 
 def reference_point(outcomes: list[TrialOutcome], reference: Trial, reference_round: int) -> Point | None:
@@ -330,8 +338,10 @@ def absolute_tracking_uri(uri: str) -> str:
 
 
 def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
-              say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> SweepResult:
-    """Check everything, train and measure every trial on Ray Tune, choose, log, register if asked."""
+              say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+              tune_output: bool = False) -> SweepResult:
+    """Check everything, train and measure every trial on Ray Tune, choose, log, register if asked.
+    `say` gets the progress lines; `tune_output` also lets Tune print its own tables (memshard -v)."""
     base = space.base
     evaluate_settings = settings.evaluate_settings()
     if not 0 <= settings.max_quality_loss <= 10:
@@ -374,7 +384,8 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
             say(f"sweep: {len(space.trials)} trials on Ray Tune; MLflow parent run {parent_id}; reference "
                 f"{space.reference.name} ({space.reference.describe()}) at round {space.reference_round}")
             progress = Progress(outcomes, space.reference, space.reference_round, settings.max_quality_loss, say)
-            _fit(specs, context, progress, parent_id)
+            with nullcontext() if tune_output else redirect_stdout(io.StringIO()):  # Tune prints even at verbose=0
+                _fit(specs, context, progress, parent_id)
             return _conclude(list(outcomes.values()), space, settings, preset, parent_id, tracking_uri)
     finally:
         if started_ray:

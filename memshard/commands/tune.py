@@ -35,7 +35,7 @@ def run_tune_command(args: argparse.Namespace) -> int:
     preset = args.preset or "digits"
     space = sweep_space(preset, args.data, args.set, grid_file=args.grid, trials=args.trials, seed=args.seed,
                         experiment=args.experiment)
-    result = run_sweep(space, settings, preset)
+    result = run_sweep(space, settings, preset, tune_output=args.verbose)
     print_result(result)
     return 0
 
