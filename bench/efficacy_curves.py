@@ -66,7 +66,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -79,25 +79,23 @@ import torch
 
 from memshard.cli import quiet_terminal
 from memshard.config import METHODS, Config, build_config, flatten
-from memshard.data import ImageDataset, load_dataset, resolve_dataset
+from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
-from memshard.evaluation.classifier_space import ClassifierSpace, QualitySpaceChoice, quality_report
-from memshard.evaluation.evaluate import EvaluateSettings, Generation, evaluate, sampling_plan
+from memshard.evaluation.classifier_space import ClassifierSpace
+from memshard.evaluation.evaluate import EvaluateSettings
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
 from memshard.orchestrator.tracking import connect_mlflow
 from memshard.orchestrator.train import initial_shards
-from memshard.pipeline import SAMPLERS, SamplingPlan, build_pipeline, generate_plan
+from memshard.pipeline import SAMPLERS
+from memshard.tuning.measure import COPYING, QUALITY, Data, evaluation_rounds, measure
 from memshard.unlearning.runner import write_subset
 
 EXPERIMENT = "memshard-efficacy"
 BASELINE = "ddpm"
 FRECHET_SLACK = 0.10  # the issue's quality bar: Fréchet within +10% of ddpm's final model
 TARGET_REDUCTION = 0.80  # ... and >= 80% less copying on both measures
-# The copying measures (lower is better) and the quality measures of every point.
-COPYING = ("generations_r_below_0.5", "copied_training_images")
-QUALITY = ("frechet", "mean_confidence", "coverage", "tv_distance")
 CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "optimizer_steps_sequential",
               "train_seconds", "eval_seconds", "wall_seconds", "loss", *COPYING, "mq_0.5_count",
               "nn_ratio_copy_fraction", "r_median", *QUALITY, "real_frechet", "real_mean_confidence",
@@ -139,13 +137,6 @@ def method_config(preset: str, method: Method, seed: int, rounds: int, common_se
 # ---------------------------------------------------------------- data
 
 
-@dataclass(frozen=True)
-class Data:
-    train: ImageDataset  # what the models train on and copying is measured against
-    quality: ImageDataset  # what quality is measured against (the whole dataset)
-    regime: str  # "full" or "first-N"
-
-
 def load_data(cfg: Config, subset: int | None) -> Data:
     full = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
     if subset is None:
@@ -157,45 +148,6 @@ def load_data(cfg: Config, subset: int | None) -> Data:
 
 
 # ---------------------------------------------------------------- one curve
-
-
-def generate_here(pipeline) -> Callable[[SamplingPlan], Generation]:
-    """`evaluate`'s generate callable: the plan's batches made in this process, in order. The shard
-    actors hold the cluster's CPUs but wait between rounds, so generation has the machine."""
-
-    def generate(plan: SamplingPlan) -> Generation:
-        return Generation(generate_plan(pipeline, plan), pipeline.device.type, {"workers": 1, "where": "the benchmark's driver process"})
-
-    return generate
-
-
-def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, space: ClassifierSpace,
-            device: str) -> tuple[dict, dict]:
-    """Copying and quality of the global weights: (figures, seconds per phase)."""
-    pipeline = build_pipeline(cfg, data.train.channels, weights).to(device)
-    choice = sampling_plan(settings, cfg.model.num_train_timesteps, gpu=device.startswith("cuda"))
-    report = evaluate(choice, data.train, generate_here(pipeline), settings,
-                      QualitySpaceChoice(None, "measured below, against the whole dataset"), device=device)
-    start = time.perf_counter()
-    quality = quality_report(report.generated, data.quality, space, seed=settings.seed)
-    seconds = {**report.seconds, "quality": time.perf_counter() - start}
-    memorization = report.memorization.metrics()  # copies counted at settings.copy_threshold = 0.5
-    figures = {
-        "generations_r_below_0.5": memorization["mq_0.5_fraction"],
-        "copied_training_images": memorization["copied_training_samples"],  # distinct images, r < 0.5
-        "mq_0.5_count": memorization["mq_0.5_count"],
-        "nn_ratio_copy_fraction": memorization["nn_ratio_copy_fraction"],
-        "r_median": memorization["r_median"],
-        **{key: getattr(quality.generated, key) for key in QUALITY},
-        "real_frechet": quality.real.frechet, "real_mean_confidence": quality.real.mean_confidence,
-        "real_coverage": quality.real.coverage,
-    }
-    return figures, seconds
-
-
-def evaluation_rounds(rounds: int, eval_every: int, also: int | None = None) -> set[int]:
-    """Every `eval_every`-th round, the last, and `also` (the baseline's reference round) when it is trained."""
-    return {r for r in range(1, rounds + 1) if r % eval_every == 0 or r == rounds or r == also}
 
 
 def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[int], settings: EvaluateSettings,
@@ -215,12 +167,12 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
             if round_index not in eval_rounds:
                 continue
             start = time.perf_counter()
-            figures, seconds = measure(cfg, driver.weights, data, settings, space, device)
+            measured = measure(cfg, driver.weights, data, settings, space, device)
             yield {"regime": data.regime, "method": method.label, "seed": seed, "round": round_index,
                    "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
                    "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
-                   "wall_seconds": time.perf_counter() - started, "loss": report.mean_loss, **figures,
-                   "eval_phase_seconds": seconds}
+                   "wall_seconds": time.perf_counter() - started, "loss": report.mean_loss, **measured.figures,
+                   "eval_phase_seconds": measured.seconds}
 
 
 # ---------------------------------------------------------------- the summary (the issue's target check)

@@ -1,7 +1,8 @@
 """memshard: diffusion models that do not copy their training data, on Ray, tracked in MLflow.
 
 One import name for the whole project. The design keeps the capability folders at the repository's
-top level (`orchestrator/`, `shard_worker/`, `aggregation/`, `evaluation/`, `unlearning/`); they are
+top level (`orchestrator/`, `shard_worker/`, `aggregation/`, `evaluation/`, `unlearning/`,
+`tuning/`); they are
 the subpackages `memshard.orchestrator`, `memshard.shard_worker`, ... An installed wheel holds them
 inside this package (pyproject's package-dir mapping). From a source tree — an editable install,
 or `ray job submit --working-dir .`, where Ray puts the uploaded checkout on PYTHONPATH — they are
@@ -15,7 +16,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SUBPACKAGES = ("orchestrator", "shard_worker", "aggregation", "evaluation", "unlearning")
+SUBPACKAGES = ("orchestrator", "shard_worker", "aggregation", "evaluation", "unlearning", "tuning")
 
 _here = Path(__file__).resolve().parent
 _source_root = _here.parent

@@ -105,6 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="rho, forget_scale_mode, c, check_every, lam, learning_rate, batch_size, seed, "
                               "audit.num_images, ... (repeatable)")
+    tune = commands.add_parser("tune", help="sweep the settings that trade copying against quality on Ray Tune, "
+                                             "choose the one with the fewest copies within a quality budget")
+    tune.add_argument("--preset", help="tiny, digits (default) or cifar32: the base of every trial")
+    tune.add_argument("--data", help="a prepared dataset dir or any source 'memshard data prepare' takes (labelled)")
+    tune.add_argument("--max-quality-loss", default="10%", metavar="LOSS",
+                      help="the quality budget: Fréchet at most this much above ddpm's at the full length, "
+                           "as 10%% or 0.1 (default 10%%)")
+    space = tune.add_mutually_exclusive_group()
+    space.add_argument("--trials", type=int, help="N trials from the default space (default 8)")
+    space.add_argument("--grid", metavar="FILE", help="a YAML/JSON/TOML file of `section.key: [values]`: every "
+                                                      "combination is a trial")
+    tune.add_argument("--num-images", type=int, default=500, help="generations per point (default 500)")
+    tune.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps per generation (default 50)")
+    tune.add_argument("--eval-every", type=int, help="rounds between a trial's points (default: a fifth of the "
+                                                     "reference's rounds)")
+    tune.add_argument("--register-as", help="register the chosen trial's model as a new version of NAME")
+    tune.add_argument("--experiment", help="MLflow experiment of the sweep and its trials")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the default space's draws and the generations")
+    tune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="a setting for every trial, e.g. --set training.batch_size=32 (repeatable)")
     return parser
 
 
@@ -143,6 +163,8 @@ def quiet_terminal(verbose: bool, libraries: bool = True) -> None:
         return
     for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    # Ray Tune's own lines (its loggers, a failed trial's traceback): `memshard tune` reports trials itself.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
     if libraries:
@@ -182,6 +204,10 @@ def run_command(args: argparse.Namespace) -> int:
         from memshard.commands.evaluate import run_evaluation_command
 
         return run_evaluation_command(args)
+    if args.command == "tune":
+        from memshard.commands.tune import run_tune_command
+
+        return run_tune_command(args)
     if args.command == "unlearn":
         from memshard.commands.unlearn import run_unlearn_command
 

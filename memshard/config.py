@@ -229,36 +229,39 @@ def fold_baseline_to_equal_compute(cfg: Config) -> None:
         cfg.iet.shards = 1
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or TOML file as a tree; bounded: at most MAX_CONFIG_FILE_BYTES, no YAML anchors/aliases."""
+def load_config_file(path: str | Path, flag: str = "--config", what: str = "config file") -> dict[str, Any]:
+    """A YAML, TOML (or, for a `--grid`, JSON) file as a tree; bounded: at most MAX_CONFIG_FILE_BYTES,
+    no YAML anchors/aliases. `flag` and `what` name the file in the errors."""
     path = Path(path)
     try:
         is_file = path.is_file()
     except OSError:  # a name too long for the file system
         is_file = False
     if not is_file:
-        raise MemshardError(f"config file {path} does not exist: check the path given to --config")
-    if path.suffix not in (".toml", ".yaml", ".yml"):
-        raise MemshardError(f"config file {path} is neither .yaml/.yml nor .toml: rename it")
+        raise MemshardError(f"{what} {path} does not exist: check the path given to {flag}")
+    if path.suffix not in (".toml", ".yaml", ".yml", *((".json",) if flag == "--grid" else ())):
+        kinds = "not .yaml/.yml, .json or .toml" if flag == "--grid" else "neither .yaml/.yml nor .toml"
+        raise MemshardError(f"{what} {path} is {kinds}: rename it")
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_CONFIG_FILE_BYTES + 1)
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise MemshardError(f"config file {path} cannot be read as UTF-8 text ({exc}): "
-                            "check the path given to --config") from None
+        raise MemshardError(f"{what} {path} cannot be read as UTF-8 text ({exc}): "
+                            f"check the path given to {flag}") from None
     if len(data) > MAX_CONFIG_FILE_BYTES:
-        raise MemshardError(f"config file {path} is larger than {MAX_CONFIG_FILE_BYTES >> 10} KiB: "
-                            "a config file holds a few settings; check the path given to --config")
+        raise MemshardError(f"{what} {path} is larger than {MAX_CONFIG_FILE_BYTES >> 10} KiB: "
+                            f"a {what} holds a few settings; check the path given to {flag}")
     try:
-        tree = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_NoAliasLoader) or {}
+        tree = (tomllib.loads(text) if path.suffix == ".toml" else json.loads(text) if path.suffix == ".json"
+                else yaml.load(text, Loader=_NoAliasLoader) or {})
     except _AliasRefused as exc:
-        raise MemshardError(f"config file {path}: {exc}") from None
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise MemshardError(f"{what} {path}: {exc}") from None
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise MemshardError(f"config file {path} does not parse ({first_line}): fix its syntax") from None
+        raise MemshardError(f"{what} {path} does not parse ({first_line}): fix its syntax") from None
     if not isinstance(tree, dict):
-        raise MemshardError(f"config file {path} must hold sections (data:, training:, ...) at the top")
+        raise MemshardError(f"{what} {path} must hold sections (data:, training:, ...) at the top")
     return tree
 
 

@@ -13,7 +13,12 @@ import socket
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from memshard.config import Config
@@ -167,30 +172,57 @@ def place_actors(cfg: Config, num_shards: int, actor_class, make_args, role: Act
     """Start K actors in one placement group; `make_args(k, resources)` gives actor k's arguments.
     `resources` None: `plan_actor_resources` sizes them from `cfg.ray`.
 
+    Called from inside a placement group (a Ray Tune trial, whose group reserves a bundle per actor:
+    `memshard.tuning.sweep`), the actors go into that group's last K bundles, sized by them: a second
+    group would need the trial's resources twice over and deadlock a cluster the trials fill.
+
     Returns (actors, placement group, resources, start_actor) where `start_actor(k)` starts a
-    replacement for actor k in the same bundle (used when an actor dies).
+    replacement for actor k in the same bundle (used when an actor dies). The group is None when it is
+    the caller's own (so `release` leaves it alone).
     """
-    nodes = node_resources()
-    resources = resources or plan_actor_resources(cfg, num_shards, nodes)
-    check_feasible(resources, num_shards, nodes, role)
-    group = placement_group([resources.bundle()] * num_shards, strategy=cfg.ray.placement_strategy)
-    ready, _ = ray.wait([group.ready()], timeout=cfg.ray.placement_timeout_s)
-    if not ready:
-        remove_placement_group(group)
-        raise MemshardError(
-            f"the cluster did not free {num_shards} x {resources.bundle()} within {cfg.ray.placement_timeout_s:g} s "
-            f"(other jobs hold them?): retry later, use fewer {role.count_flag}, or raise ray.placement_timeout_s"
-        )
+    current = get_current_placement_group()
+    if current is not None:
+        group, owned = current, None
+        first_bundle, resources = _bundles_for_actors(current, num_shards, role)
+    else:
+        nodes = node_resources()
+        resources = resources or plan_actor_resources(cfg, num_shards, nodes)
+        check_feasible(resources, num_shards, nodes, role)
+        group = owned = placement_group([resources.bundle()] * num_shards, strategy=cfg.ray.placement_strategy)
+        first_bundle = 0
+        ready, _ = ray.wait([group.ready()], timeout=cfg.ray.placement_timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise MemshardError(
+                f"the cluster did not free {num_shards} x {resources.bundle()} within {cfg.ray.placement_timeout_s:g} s "
+                f"(other jobs hold them?): retry later, use fewer {role.count_flag}, or raise ray.placement_timeout_s"
+            )
 
     def start_actor(k: int):
         return actor_class.options(
             num_cpus=resources.cpus,
             num_gpus=resources.gpus,
             resources=resources.custom or None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first_bundle + k),
         ).remote(*make_args(k, resources))
 
-    return [start_actor(k) for k in range(num_shards)], group, resources, start_actor
+    return [start_actor(k) for k in range(num_shards)], owned, resources, start_actor
+
+
+def _bundles_for_actors(group: PlacementGroup, count: int, role: ActorRole) -> tuple[int, ActorResources]:
+    """The first of the last `count` bundles of the caller's group, and the resources of one actor:
+    the bundle itself (they must all be alike)."""
+    specs = group.bundle_specs
+    if len(specs) < count:
+        raise MemshardError(f"this runs in a placement group of {len(specs)} bundles, too few for {count} "
+                            f"{role.name}s (one bundle each): reserve a bundle per actor")
+    mine = specs[len(specs) - count:]
+    if any(spec != mine[0] for spec in mine):
+        raise MemshardError(f"the placement group's last {count} bundles differ ({mine}): give every {role.name} "
+                            "the same bundle")
+    spec = {name: float(amount) for name, amount in mine[0].items() if name != "memory"}
+    cpus, gpus = spec.pop("CPU", 0.0), spec.pop("GPU", 0.0)
+    return len(specs) - count, ActorResources(cpus=cpus, gpus=gpus, custom=spec)
 
 
 def release(actors: list, group) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -44,12 +45,24 @@ class TrainResult:
     run_id: str
     tracking_uri: str
     model_uri: str
-    registered_name: str
-    registered_version: str
+    registered_name: str | None  # None: the model was logged, not registered (RunHooks.register False)
+    registered_version: str | None
     local_pipeline: Path
 
 
-def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = None) -> TrainResult:
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller that trains many runs (the sweep, `memshard.tuning`) needs of one: the run nested
+    under its own, tagged, its model logged but not registered, and the global weights after each round."""
+
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    register: bool = True
+    after_round: Callable[[int, dict], None] | None = None  # (round, global weights), inside the run
+
+
+def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = None,
+          hooks: RunHooks = RunHooks()) -> TrainResult:  # noqa: B008  frozen, never mutated
     """Train a new run, or with `resume_run_id` continue one from its last checkpoint.
 
     For a resume, `cfg` must be the run's saved configuration (see `resume_config`).
@@ -76,8 +89,9 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
     try:
         _check_cluster_has_gpu(cfg)
         run_args = {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id}
-        with mlflow.start_run(**run_args) as run:
-            return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults)
+        with mlflow.start_run(**run_args, parent_run_id=hooks.parent_run_id, tags=hooks.tags or None) as run:
+            return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults,
+                                 hooks)
     finally:
         if started_ray:
             ray.shutdown()
@@ -143,7 +157,7 @@ def initial_shards(cfg: Config, dataset: ImageDataset) -> list[np.ndarray]:
 
 def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], run_id: str,
                   tracking_uri: str, show_progress: bool, checkpoint: dict | None,
-                  faults: FaultPlan | None) -> TrainResult:
+                  faults: FaultPlan | None, hooks: RunHooks) -> TrainResult:
     num_shards = cfg.iet.shards
     if checkpoint is None:
         params = {**flatten(cfg), "dataset.path": dataset.path, "dataset.fingerprint": dataset.fingerprint,
@@ -192,6 +206,8 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                 })
             if faults is not None:
                 faults.after_checkpoint(round_index)
+            if hooks.after_round is not None:
+                hooks.after_round(round_index, driver.weights)
         rounds.close()
 
         # The final model is written locally first, then logged and registered.
@@ -200,12 +216,14 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
         with_retries(log_table, _assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
         with_retries(log_table, _memorization_scores(dataset, driver), "memorization_scores.parquet")
         try:
-            info = with_retries(log_pipeline_model, local_pipeline, cfg.mlflow.register_as)
+            info = with_retries(log_pipeline_model, local_pipeline, cfg.mlflow.register_as if hooks.register else None)
         except Exception as error:
             raise MemshardError(
                 f"the trained model could not be logged to MLflow ({type(error).__name__}); it is saved at "
                 f"{local_pipeline}: log it when the tracking server is back"
             ) from None
+        if not hooks.register:
+            return TrainResult(run_id, tracking_uri, info.model_uri, None, None, local_pipeline)
         return TrainResult(run_id, tracking_uri, info.model_uri, cfg.mlflow.register_as,
                            str(info.registered_model_version), local_pipeline)
 

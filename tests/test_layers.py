@@ -2,7 +2,7 @@
 
 Layers, top first; a module imports only from layers below its own (or from inside its own folder):
 
-    cli → commands → unlearning → orchestrator | evaluation → shard_worker | aggregation | data
+    cli → commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data
         → pipeline → model → config → errors
 """
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"cli"},
     {"commands"},
-    {"unlearning"},
+    {"unlearning", "tuning"},
     {"orchestrator", "evaluation"},
     {"shard_worker", "aggregation", "data"},
     {"pipeline"},
@@ -25,7 +25,7 @@ LAYERS = [
     {"errors"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
-SOURCE_FOLDERS = {"orchestrator", "shard_worker", "aggregation", "evaluation", "unlearning"}
+SOURCE_FOLDERS = {"orchestrator", "shard_worker", "aggregation", "evaluation", "unlearning", "tuning"}
 
 
 def unit_of_file(path: Path) -> str | None:
@@ -112,7 +112,7 @@ def test_the_rule_catches_upward_peer_and_generic_imports():
     assert "import it as memshard.orchestrator.errors" in problems[3]
 
 
-RULE = ("cli → commands → unlearning → orchestrator | evaluation → shard_worker | aggregation | data "
+RULE = ("cli → commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data "
         "→ pipeline → model → config → errors")
 
 

@@ -1,0 +1,67 @@
+"""`memshard tune`: flags -> the trials (`tuning.space`) -> the sweep on Ray Tune (`tuning.sweep`) ->
+the table, the choice (or the closest trial, flagged over budget), the config file, the parent run."""
+
+from __future__ import annotations
+
+import argparse
+
+from memshard.errors import MemshardError
+from memshard.orchestrator.tracking import redact_uri, ui_command
+from memshard.tuning.space import sweep_space
+from memshard.tuning.sweep import SweepResult, SweepSettings, run_sweep
+
+
+def parse_quality_loss(text: str) -> float:
+    """`10%` or `0.1`: the quality the user gives up against the reference, as a fraction."""
+    given = text.strip()
+    try:
+        value = float(given[:-1]) / 100 if given.endswith("%") else float(given)
+    except ValueError:
+        raise MemshardError(f"--max-quality-loss {text[:40]!r} is not a fraction: write 10% or 0.1") from None
+    if not 0 <= value <= 10:  # also refuses nan and inf
+        raise MemshardError(f"--max-quality-loss {text[:40]!r}: give 0% to 1000% (e.g. 10% or 0.1)")
+    return value
+
+
+def run_tune_command(args: argparse.Namespace) -> int:
+    settings = SweepSettings(max_quality_loss=parse_quality_loss(args.max_quality_loss), num_images=args.num_images,
+                             sampling_steps=args.sampling_steps, eval_every=args.eval_every,
+                             register_as=args.register_as, seed=args.seed)
+    settings.evaluate_settings()  # checked before the trials are built
+    if args.eval_every is not None and args.eval_every < 1:
+        raise MemshardError(f"--eval-every {args.eval_every}: need at least 1 round")
+    if args.register_as is not None and (not args.register_as.strip() or any(c in args.register_as for c in "/:")):
+        raise MemshardError(f"--register-as {args.register_as[:80]!r}: give a model name without '/' or ':'")
+    preset = args.preset or "digits"
+    space = sweep_space(preset, args.data, args.set, grid_file=args.grid, trials=args.trials, seed=args.seed,
+                        experiment=args.experiment)
+    result = run_sweep(space, settings, preset, tune_output=args.verbose)
+    print_result(result)
+    return 0
+
+
+def print_result(result: SweepResult) -> None:
+    print(result.table, end="")
+    choice = result.choice
+    if choice is None:
+        print("no choice: the reference trial failed, so there is no quality budget to measure against")
+    elif choice.chosen is not None:
+        p = choice.chosen
+        print(f"chosen: {p.trial} stopped at round {p.round}: {p.copies:g} training images copied, "
+              f"{100 * p.copy_fraction:.1f}% of generations with r < 0.5, Fréchet {p.frechet:.3f} "
+              f"(budget {choice.budget.max_frechet:.3f}: reference {choice.budget.reference.trial} round "
+              f"{choice.budget.reference.round} at {choice.budget.reference.frechet:.3f} "
+              f"+{choice.budget.max_quality_loss:.0%})")
+    else:
+        p = choice.closest
+        print(f"no trial within budget (Fréchet <= {choice.budget.max_frechet:.3f}); closest: {p.trial} round "
+              f"{p.round}, Fréchet {p.frechet:.3f}, {p.copies:g} copied — not chosen, nothing registered")
+    if result.config_file is not None:
+        print(f"config file: {result.config_file} (memshard train --config {result.config_file})")
+    if result.registered is not None:
+        print(f"registered model: {result.registered[0]} version {result.registered[1]}")
+    failed = [o.trial.name for o in result.outcomes if o.status == "FAILED"]
+    if failed:
+        print(f"failed trials: {', '.join(failed)} (their runs hold error.txt)")
+    print(f"MLflow parent run: {result.parent_run_id}")
+    print(f"open the MLflow UI: {ui_command(redact_uri(result.tracking_uri))}")

@@ -1,0 +1,131 @@
+"""The sweep's choice rule and Pareto front (tuning/choice.py) on constructed trial results, and the
+parts of the sweep that need no cluster: the space, the grid file, the quality-loss flag, the config file."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from memshard.config import build_config
+from memshard.errors import MemshardError
+from memshard.tuning.choice import Point, choose, pareto_front, quality_budget
+from memshard.tuning.report import chosen_config
+from memshard.tuning.space import sweep_space
+
+
+def point(trial: str, copies: float, frechet: float, shards: int = 2, compute: float = 100.0, round_: int = 1,
+          coverage: float | None = 1.0) -> Point:
+    return Point(trial, round_, copies, copies / 100, frechet, coverage, shards, compute)
+
+
+REFERENCE = point("ref", copies=30, frechet=10.0, shards=1, compute=200.0)
+
+
+def test_the_fewest_copies_within_budget_is_chosen_and_over_budget_never_is():
+    over = point("over", copies=0, frechet=11.5)  # copies least, but 15% worse than the reference
+    inside = point("inside", copies=4, frechet=10.9)  # 9% worse: within 10%
+    choice = choose([REFERENCE, over, inside], quality_budget(REFERENCE, 0.10))
+    assert choice.chosen == inside and not choice.over_budget
+    assert over not in choice.within and choice.within == (inside, REFERENCE)
+    assert math.isclose(choice.budget.max_frechet, 11.0)
+
+
+def test_coverage_worse_than_the_reference_is_over_budget():
+    narrow = point("narrow", copies=0, frechet=9.0, coverage=0.8)
+    assert choose([REFERENCE, narrow], quality_budget(REFERENCE, 0.10)).chosen == REFERENCE
+
+
+def test_ties_go_to_fewer_shards_then_less_compute():
+    many = point("many", copies=2, frechet=10.5, shards=4, compute=50.0)
+    few_costly = point("few-costly", copies=2, frechet=10.5, shards=2, compute=300.0)
+    few_cheap = point("few-cheap", copies=2, frechet=10.8, shards=2, compute=100.0)
+    choice = choose([many, few_costly, few_cheap, REFERENCE], quality_budget(REFERENCE, 0.10))
+    assert choice.chosen == few_cheap
+    assert choice.within[:3] == (few_cheap, few_costly, many)
+    # The order the trials finished in does not matter.
+    assert choose(reversed([many, few_costly, few_cheap, REFERENCE]), quality_budget(REFERENCE, 0.10)).chosen == few_cheap
+
+
+def test_no_point_within_budget_recommends_the_closest_and_chooses_nothing():
+    far = point("far", copies=0, frechet=20.0)
+    near = point("near", copies=9, frechet=11.5)
+    nan = point("nan", copies=0, frechet=float("nan"))
+    choice = choose([far, near, nan], quality_budget(REFERENCE, 0.10))  # the reference itself not a candidate
+    assert choice.chosen is None and choice.over_budget and choice.within == ()
+    assert choice.closest == near
+
+
+def test_pareto_front_keeps_only_points_nothing_beats_on_both():
+    a, b, c = point("a", 10, 5.0), point("b", 4, 7.0), point("c", 1, 12.0)
+    dominated = point("d", 6, 8.0)
+    equal_quality_more_copies = point("e", 12, 5.0)
+    assert pareto_front([dominated, c, a, equal_quality_more_copies, b]) == [a, b, c]
+    assert pareto_front([point("x", 1, float("nan")), a]) == [a]
+
+
+def test_the_reference_is_always_a_trial_and_settings_a_method_ignores_make_no_second_trial(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("iet.method: [iet, iet-agc]\nagc.lam: [1.5, 3.0]\n")
+    space = sweep_space("tiny", None, [], grid_file=str(grid))
+    methods = [t.cfg.iet.method for t in space.trials]
+    assert methods.count("ddpm") == 1 and space.reference.cfg.iet.method == "ddpm" and space.reference.reference
+    assert methods.count("iet") == 1 and methods.count("iet-agc") == 2  # iet ignores agc.lam: one trial
+    assert space.reference_round == build_config("tiny").iet.rounds
+
+
+def test_the_default_space_starts_with_every_method_at_its_preset_values():
+    space = sweep_space("tiny", None, [], trials=6, seed=3)
+    assert [t.cfg.iet.method for t in space.trials[:4]] == ["ddpm", "iet", "iet-agc", "iet-agc-plus"]
+    assert len(space.trials) == 6 and space.trials[0].reference
+    assert space.trials[1].cfg.iet.rounds == 2 * space.reference_round  # averaged methods train longer
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("agc.lamb: [1, 2]\n", "unknown key"),
+    ("agc.lam: [-1]\n", "agc.lam = -1.0: must be > 0"),
+    ("msr.rule: [nearest]\n", "msr.rule"),
+    ("agc.lam: []\n", "has no values"),
+    ("[1, 2]\n", "must hold sections"),
+])
+def test_a_bad_grid_is_one_line_before_any_work(tmp_path, text, message):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(text)
+    with pytest.raises(MemshardError, match=message) as error:
+        sweep_space("tiny", None, [], grid_file=str(grid))
+    assert "\n" not in str(error.value)
+
+
+def test_a_grid_reads_json_and_sections(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text('{"agc": {"lam": [1.5, 2.5]}, "iet.method": "iet-agc"}')
+    lams = sorted(t.cfg.agc.lam for t in sweep_space("tiny", None, [], grid_file=str(grid)).trials
+                  if t.cfg.iet.method == "iet-agc")
+    assert lams == [1.5, 2.5]
+
+
+@pytest.mark.parametrize(("text", "value"), [("10%", 0.10), ("0.1", 0.10), ("0", 0.0), ("25 %", 0.25)])
+def test_max_quality_loss_takes_percent_or_fraction(text, value):
+    from memshard.commands.tune import parse_quality_loss
+
+    assert math.isclose(parse_quality_loss(text), value)
+
+
+@pytest.mark.parametrize("text", ["ten", "-5%", "nan", "inf"])
+def test_max_quality_loss_refuses_what_is_not_a_fraction(text):
+    from memshard.commands.tune import parse_quality_loss
+
+    with pytest.raises(MemshardError, match="--max-quality-loss"):
+        parse_quality_loss(text)
+
+
+def test_the_chosen_config_is_the_trial_stopped_at_its_round_and_builds_again(tmp_path):
+    cfg = build_config("tiny", sets=["iet.method=iet-agc", "agc.lam=3.0", "iet.rounds=6",
+                                     "mlflow.tracking_uri=https://user:secret@host"])
+    path = tmp_path / "chosen.yaml"
+    path.write_text(chosen_config(cfg, rounds=4))
+    assert "secret" not in path.read_text() and "tracking_uri" not in yaml.safe_load(path.read_text())["mlflow"]
+    again = build_config("digits", path)  # any preset: the file holds every setting
+    assert (again.iet.method, again.agc.lam, again.iet.rounds, again.model.block_out_channels) == \
+        ("iet-agc", 3.0, 4, cfg.model.block_out_channels)

@@ -1,0 +1,100 @@
+"""The choice at a quality budget (method.md §7), pure: no Ray, no MLflow.
+
+Every trial gives points: its global weights after some rounds, each with its copying and quality.
+The budget is the reference's quality (ddpm at the preset's full training length) loosened by
+`max_quality_loss`: classifier-space Fréchet at most reference × (1 + loss), and class coverage no
+worse than the reference's where both are known. Among the points within the budget the choice is
+the one with the fewest copied training images; ties go to fewer shards, then less compute (total
+optimizer steps), then better quality (lower Fréchet), then the earlier trial and round, so the
+choice never depends on the order trials finished in. A point over budget is never chosen: when no
+point is within it, the choice is None and the closest point is recommended and flagged as such.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+COVERAGE_SLACK = 1e-9  # coverage is a share of classes: equal within rounding counts as no worse
+
+
+@dataclass(frozen=True)
+class Point:
+    trial: str
+    round: int
+    copies: float  # distinct training images copied (r < 0.5): what the choice minimizes
+    copy_fraction: float  # generations with r < 0.5 (MQ@0.5 / M)
+    frechet: float  # classifier-space Fréchet distance: the quality measure (lower is better)
+    coverage: float | None  # classes predicted / classes in the labels (None: unlabelled data)
+    shards: int
+    compute: float  # optimizer steps, summed over the shards, up to this round
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_frechet: float
+    min_coverage: float | None
+    reference: Point
+    max_quality_loss: float
+
+    def admits(self, point: Point) -> bool:
+        if not point.frechet <= self.max_frechet:  # also false for NaN
+            return False
+        if self.min_coverage is None or point.coverage is None:
+            return True
+        return point.coverage >= self.min_coverage - COVERAGE_SLACK
+
+    def excess(self, point: Point) -> float:
+        """How far over the budget a point is, as a fraction of the bar: the larger of the Fréchet
+        excess and the coverage shortfall (0 within budget; a point with no finite Fréchet is furthest)."""
+        if not math.isfinite(point.frechet):
+            return float("inf")
+        frechet = max(0.0, point.frechet / self.max_frechet - 1.0) if self.max_frechet > 0 else float("inf")
+        coverage = 0.0
+        if self.min_coverage and point.coverage is not None:
+            coverage = max(0.0, 1.0 - point.coverage / self.min_coverage)
+        return max(frechet, coverage)
+
+
+def quality_budget(reference: Point, max_quality_loss: float) -> Budget:
+    return Budget(reference.frechet * (1.0 + max_quality_loss), reference.coverage, reference, max_quality_loss)
+
+
+@dataclass(frozen=True)
+class Choice:
+    budget: Budget
+    chosen: Point | None  # None: no point within the budget
+    closest: Point | None  # with no point within the budget, the one nearest to it (a recommendation)
+    within: tuple[Point, ...]  # every point within the budget, best first
+
+    @property
+    def over_budget(self) -> bool:
+        return self.chosen is None
+
+
+def preference(point: Point) -> tuple:
+    """The order among points within the budget: fewest copies, then fewer shards, then less compute."""
+    return (point.copies, point.shards, point.compute, point.frechet, point.copy_fraction, point.trial, point.round)
+
+
+def choose(points: Iterable[Point], budget: Budget) -> Choice:
+    """The point with the fewest copies among those within `budget` (see the module notes)."""
+    points = list(points)
+    within = tuple(sorted((p for p in points if budget.admits(p)), key=preference))
+    if within:
+        return Choice(budget, within[0], None, within)
+    closest = min(points, key=lambda p: (budget.excess(p), preference(p)), default=None)
+    return Choice(budget, None, closest, ())
+
+
+def pareto_front(points: Iterable[Point], copies: str = "copies") -> list[Point]:
+    """The points no other point beats on both quality (Fréchet) and copying (`copies`: the Point
+    field, copies or copy_fraction), by ascending Fréchet."""
+    measured = [p for p in points if math.isfinite(p.frechet) and math.isfinite(getattr(p, copies))]
+    ordered = sorted(measured, key=lambda p: (p.frechet, getattr(p, copies)))
+    front: list[Point] = []
+    for point in ordered:
+        if not front or getattr(point, copies) < getattr(front[-1], copies):
+            front.append(point)
+    return front

@@ -1,0 +1,81 @@
+"""One point of a copying-against-quality curve (method.md §7): the global weights of a run after some
+round -> seeded generations made in this process -> copying (MQ@0.5, distinct training images copied)
+and quality in the training set's classifier space (Fréchet, mean confidence, class coverage), beside
+the same figures for real images.
+
+Shared by the sweep's trials (`memshard.tuning.sweep`) and the efficacy bench (bench/efficacy_curves.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from memshard.config import Config
+from memshard.data import ImageDataset
+from memshard.evaluation.classifier_space import ClassifierSpace, QualitySpaceChoice, quality_report
+from memshard.evaluation.evaluate import EvaluateSettings, Generation, evaluate, sampling_plan
+from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
+
+# The copying measures (lower is better) and the quality measures of every point.
+COPYING = ("generations_r_below_0.5", "copied_training_images")
+QUALITY = ("frechet", "mean_confidence", "coverage", "tv_distance")
+
+
+@dataclass(frozen=True)
+class Data:
+    train: ImageDataset  # what the models train on and copying is measured against
+    quality: ImageDataset  # what quality is measured against (the whole dataset)
+    regime: str  # "full" or "first-N"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    figures: dict  # COPYING, QUALITY and the real images' reference, by the names above
+    seconds: dict  # wall time per phase: generate, nearest_neighbors, quality
+    metrics: dict  # the same numbers under `memshard evaluate`'s metric names (fid.SPACE, quality.SPACE.*)
+    params: dict  # how they were made, as `memshard evaluate` logs it
+    pipeline: object  # the DDPMPipeline of the weights (the sweep saves the chosen point's)
+
+
+def generate_here(pipeline) -> Callable[[SamplingPlan], Generation]:
+    """`evaluate`'s generate callable: the plan's batches made in this process, in order. The shard
+    actors hold the cluster's CPUs but wait between rounds, so generation has the machine."""
+
+    def generate(plan: SamplingPlan) -> Generation:
+        return Generation(generate_plan(pipeline, plan), pipeline.device.type, {"workers": 1, "where": "the driver process"})
+
+    return generate
+
+
+def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, space: ClassifierSpace,
+            device: str) -> Measurement:
+    """Copying and quality of the global weights."""
+    pipeline = build_pipeline(cfg, data.train.channels, weights).to(device)
+    choice = sampling_plan(settings, cfg.model.num_train_timesteps, gpu=device.startswith("cuda"))
+    report = evaluate(choice, data.train, generate_here(pipeline), settings,
+                      QualitySpaceChoice(None, "measured below, against the whole dataset"), device=device)
+    start = time.perf_counter()
+    quality = quality_report(report.generated, data.quality, space, seed=settings.seed)
+    seconds = {**report.seconds, "quality": time.perf_counter() - start}
+    memorization = report.memorization.metrics()  # copies counted at settings.copy_threshold = 0.5
+    figures = {
+        "generations_r_below_0.5": memorization["mq_0.5_fraction"],
+        "copied_training_images": memorization["copied_training_samples"],  # distinct images, r < 0.5
+        "mq_0.5_count": memorization["mq_0.5_count"],
+        "nn_ratio_copy_fraction": memorization["nn_ratio_copy_fraction"],
+        "r_median": memorization["r_median"],
+        **{key: getattr(quality.generated, key) for key in QUALITY},
+        "real_frechet": quality.real.frechet, "real_mean_confidence": quality.real.mean_confidence,
+        "real_coverage": quality.real.coverage,
+    }
+    metrics = {**memorization, f"fid.{quality.space}": quality.generated.frechet,
+               **quality.metrics(prefix=f"quality.{quality.space}")}
+    params = {**report.params(), "feature_space": quality.space}
+    return Measurement(figures, seconds, metrics, params, pipeline)
+
+
+def evaluation_rounds(rounds: int, eval_every: int, also: int | None = None) -> set[int]:
+    """Every `eval_every`-th round, the last, and `also` (the baseline's reference round) when it is trained."""
+    return {r for r in range(1, rounds + 1) if r % eval_every == 0 or r == rounds or r == also}
