@@ -351,6 +351,11 @@ def coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
             return value
         raise wrong
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads a float without a dot (5e-5) as text
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise wrong from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 number = float(value)

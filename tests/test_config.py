@@ -54,6 +54,15 @@ def test_round_trip_through_dict_and_flatten():
     assert flat["model.block_out_channels"] == "[128, 256, 256, 256]" and flat["msr.schedule"] == "every"
 
 
+def test_a_float_without_a_dot_reads_as_a_number():
+    """YAML 1.1 reads 5e-5 as text; a float setting takes it as the number a user means."""
+    cfg = build_config("tiny", sets=["training.learning_rate=5e-5", "agc.lam=2"])
+    assert cfg.training.learning_rate == 5e-5 and cfg.agc.lam == 2.0
+    for bad in ("training.learning_rate=fast", "training.learning_rate=nan", "training.learning_rate=1e999"):
+        with pytest.raises(MemshardError, match="wrong type|finite"):
+            build_config("tiny", sets=[bad])
+
+
 @pytest.mark.parametrize(
     "sets, fragment",
     [
