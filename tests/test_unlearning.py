@@ -32,6 +32,9 @@ from memshard.unlearning.methods import METHODS, UnlearnSettings, combine_gradie
 
 PLANTED_COPIES = 60
 AUDIT = ["audit.num_images=32", "audit.sampling_steps=20"]
+# The tiny planted model (trained at 1e-3 for 300 steps) forgets in ~100 steps at 2e-4, checked every
+# 20; the digits-measured defaults (1e-4, every 10) are slower on it than the tests' 200-step cap allows.
+TINY = ["learning_rate=2e-4", "check_every=20"]
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +80,7 @@ def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch,
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the system temp dir, for this process
     before_versions = versions(planted["store"])
     result = unlearn_model("models:/planted/1", str(planted["root"] / "planted.png"), "siss", steps=200,
-                           sets=planted["sets"] + AUDIT + ["batch_size=32"])
+                           sets=planted["sets"] + AUDIT + TINY + ["batch_size=32"])
     assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.glob("memshard-*"))
     report = result.report
     assert report.forget_size == PLANTED_COPIES  # the image matched every duplicate by content hash
@@ -162,7 +165,7 @@ def test_the_closed_loop_evaluate_then_unlearn_what_it_found(planted, monkeypatc
     before_versions = versions(store)
     code = main(["unlearn", "models:/planted/1", "--forget", f"evaluation:{evaluation}", "--steps", "200",
                  "--set", f"mlflow.tracking_uri={store}", "--set", "batch_size=32",
-                 *[arg for setting in AUDIT for arg in ("--set", setting)]])
+                 *[arg for setting in AUDIT + TINY for arg in ("--set", setting)]])
     out = capsys.readouterr().out
     assert code == 0, out
     run_id = re.search(r"run id: (\w+)", out).group(1)
@@ -206,7 +209,8 @@ def test_relative_scaling_keeps_the_rest_where_the_absolute_norm_breaks_it(plant
     keep, forget = dataset.images[:100], dataset.images[100:]
     runs = {}
     for mode in ("relative", "absolute"):
-        settings = UnlearnSettings(batch_size=32, max_steps=200, forget_scale_mode=mode, seed=1)
+        settings = UnlearnSettings(batch_size=32, max_steps=200, forget_scale_mode=mode, seed=1, learning_rate=2e-4,
+                                   check_every=20)
         runs[mode] = unlearn("siss", _planted_unet(planted), build_scheduler(cfg), keep, forget, settings)
     for mode, stats in runs.items():
         first, last = stats.trajectory[0], stats.trajectory[-1]
@@ -223,7 +227,7 @@ def test_relative_scaling_keeps_the_rest_where_the_absolute_norm_breaks_it(plant
 def test_early_stopping_stops_when_forgotten_and_at_the_cap_otherwise(planted):
     dataset, cfg = planted["dataset"], planted["cfg"]
     keep, forget = dataset.images[:100], dataset.images[100:]
-    settings = UnlearnSettings(batch_size=32, max_steps=200, check_every=10, seed=2)
+    settings = UnlearnSettings(batch_size=32, max_steps=200, check_every=10, seed=2, learning_rate=2e-4)
     stopped = unlearn("siss", _planted_unet(planted), build_scheduler(cfg), keep, forget, settings)
     assert stopped.stopped == "forgotten" and stopped.steps < 200 and stopped.steps % 10 == 0, stopped.trajectory
     assert [p.step for p in stopped.trajectory] == list(range(0, stopped.steps + 1, 10))
