@@ -98,7 +98,7 @@ FRECHET_SLACK = 0.10  # the issue's quality bar: Fréchet within +10% of ddpm's 
 TARGET_REDUCTION = 0.80  # ... and >= 80% less copying on both measures
 CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "optimizer_steps_sequential",
               "train_seconds", "eval_seconds", "wall_seconds", "loss", *COPYING, "mq_0.5_count",
-              "nn_ratio_copy_fraction", "r_median", *QUALITY, "real_frechet", "real_mean_confidence",
+              "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", *QUALITY, "real_frechet", "real_mean_confidence",
               "real_coverage")
 
 

@@ -51,6 +51,10 @@ COPIES_TABLE = "copies_per_sample.parquet"  # the artifact `unlearn --forget eva
 COPY_DEFINITION = ("a generation copies its nearest training image when r < copy_threshold, with "
                    "r = d1^2 / mean(d1^2..dk^2) over its k nearest distinct training images (squared L2, pixels in "
                    "[0, 1]; exact duplicates count once, the copy credited to the first of them)")
+REAL_PREFIX = "real_heldout"  # metric names of the copying real reference: real_heldout.mq_0.5_fraction, ...
+REAL_REFERENCE_FRACTION = 0.2
+REAL_REFERENCE_WHAT = (f"a seeded {REAL_REFERENCE_FRACTION:.0%} of the distinct training images, held out and scanned "
+                       "against the other distinct images as generations are against all of them")
 AUTO = "auto"
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -173,6 +177,7 @@ class EvaluationReport:
     generated: np.ndarray = field(repr=False)  # (M, C, H, W) uint8
     memorization: MemorizationReport = field(repr=False)
     quality: QualityReport | None  # None: no quality measure (see quality_note)
+    real_memorization: MemorizationReport | None = field(repr=False)  # held-out real images (real_copy_reference)
     quality_note: str  # which space, and why (or why none)
     generation: dict  # how the generations were made (workers, placement, timing)
     seconds: dict[str, float]  # wall time per phase: generate, nearest_neighbors, quality
@@ -190,6 +195,9 @@ class EvaluationReport:
         """Memorization metrics; with a quality measure `fid.SPACE` and `quality.SPACE.*`, the real
         reference's figures as `quality.SPACE.real.*`: the space is in every quality metric's name."""
         metrics = self.memorization.metrics()
+        if self.real_memorization is not None:
+            metrics.update({f"{REAL_PREFIX}.{key}": value for key, value in self.real_memorization.metrics().items()
+                            if key != "copied_training_samples"})
         if self.quality is not None:
             metrics[f"fid.{self.quality.space}"] = self.fid
             metrics.update(self.quality.metrics(prefix=f"quality.{self.quality.space}"))
@@ -223,6 +231,9 @@ class EvaluationReport:
                 "copy": COPY_DEFINITION.replace("copy_threshold", str(self.settings.copy_threshold)),
             },
             "metrics": self.metrics(),
+            "copying_real_reference": None if self.real_memorization is None else {
+                "what": REAL_REFERENCE_WHAT, "images": self.real_memorization.num_generations,
+                "metrics": {key: value for key, value in self.metrics().items() if key.startswith(REAL_PREFIX + ".")}},
             "quality": {"space": self.feature_space, "why": self.quality_note,
                         **(self.quality.as_dict() if self.quality else {})},
             "fid": {"value": self.fid, "feature_space": self.feature_space,
@@ -272,10 +283,30 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
                                  settings.copy_threshold)
     seconds["nearest_neighbors"] = time.perf_counter() - start
 
+    start = time.perf_counter()
+    real = real_copy_reference(dataset, settings, device)
+    seconds["real_reference"] = time.perf_counter() - start
+
     quality = None
     if quality_space.space is not None:
         start = time.perf_counter()
         quality = quality_report(generated, dataset, quality_space.space, seed=plan.seed)
         seconds["quality"] = time.perf_counter() - start
-    return EvaluationReport(settings, plan, choice.protocol, generation.device, generated, report, quality,
+    return EvaluationReport(settings, plan, choice.protocol, generation.device, generated, report, quality, real,
                             quality_space.reason, generation.details, seconds)
+
+
+def real_copy_reference(dataset: ImageDataset, settings: EvaluateSettings, device: str = "cpu") -> MemorizationReport | None:
+    """The copy measures of real images no model saw: a seeded REAL_REFERENCE_FRACTION of the distinct
+    training images scanned, like generations, against the other distinct images. On a set of similar
+    images (the 8x8 digits) ordinary near neighbours have a small r — there most real held-out digits
+    have r < 0.5 — so a copy rate means something only beside this one. None: too few images to split."""
+    _, first = np.unique(dataset.content_hashes, return_index=True)
+    distinct = np.random.default_rng(settings.seed).permutation(np.sort(first))
+    cut = int(round(REAL_REFERENCE_FRACTION * len(distinct)))
+    held, rest = np.sort(distinct[:cut]), np.sort(distinct[cut:])
+    if len(held) < 1 or len(rest) < 2:
+        return None
+    neighbors = nearest_neighbors(dataset.images[held], dataset.images[rest], min(R_NEIGHBORS, len(rest)),
+                                  scale=1 / 255, device=device)
+    return memorization_report(neighbors.sq_distances, rest[neighbors.indices], len(dataset), settings.copy_threshold)

@@ -120,6 +120,8 @@ def test_cli_evaluate_prints_the_numbers(store, capsys):
                  "--sampling-steps", "3", "--feature-space", "none", "--tracking-uri", store["uri"], "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "MQ@0.5: " in out and "of 8" in out and "FID" not in out
+    mq = next(line for line in out.splitlines() if line.startswith("MQ@0.5: "))
+    assert "; real held-out images: " in mq and "(real held-out images: a seeded 20%" in out, out
     assert f"mlflow ui --backend-store-uri {store['uri']}" in out
 
 
@@ -138,7 +140,8 @@ def test_with_no_flags_the_quality_space_is_chosen_and_named_beside_every_figure
     run_id = out.split("evaluation run id: ", 1)[1].split()[0]
     metrics = MlflowClient(store["uri"]).get_run(run_id).data.metrics
     assert {f"fid.{space}", f"quality.{space}.mean_confidence", f"quality.{space}.real.frechet",
-            f"quality.{space}.coverage", f"quality.{space}.real.coverage"} <= set(metrics)
+            f"quality.{space}.coverage", f"quality.{space}.real.coverage", "real_heldout.mq_0.5_fraction",
+            "real_heldout.nn_ratio_copy_fraction"} <= set(metrics)
 
 
 @pytest.mark.parametrize("args, message", [

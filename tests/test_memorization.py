@@ -176,3 +176,31 @@ def test_inception_without_torch_fidelity_says_how_to_get_it():
     message = str(error.value)
     assert "\n" not in message and "pixels-random-projection-64" in message
     assert "memshard[fid]" in message or "torchvision" in message
+
+
+def test_the_real_reference_scans_held_out_real_images_like_generations(tmp_path):
+    """Copy rates mean something only beside real images no model saw: on the bundled digits most
+    held-out digits already have r < 0.5 (ordinary near neighbours), on independent noise none do,
+    and a set of near-twins puts every held-out image whose twin stayed in below the strictest threshold."""
+    from memshard.data import load_dataset, resolve_dataset
+    from memshard.evaluation.evaluate import EvaluateSettings, real_copy_reference
+
+    settings = EvaluateSettings(seed=0)
+
+    def reference(source):
+        dataset = load_dataset(resolve_dataset(str(source), 16, None, str(tmp_path / "cache")))
+        return real_copy_reference(dataset, settings)
+
+    digits = reference("digits").metrics()
+    assert digits["mq_0.5_fraction"] > 0.5 and digits["mq_0.15_fraction"] < 0.2, digits
+    assert reference("digits").num_generations == round(0.2 * 1797)  # no exact duplicates among the digits
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (300, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", images=noise)
+    assert reference(tmp_path / "noise.npz").metrics()["mq_0.5_fraction"] == 0.0
+
+    twins = np.concatenate([noise, np.clip(noise.astype(int) + rng.integers(-2, 3, noise.shape), 0, 255).astype(np.uint8)])
+    np.savez(tmp_path / "twins.npz", images=twins)
+    report = reference(tmp_path / "twins.npz")
+    assert report.metrics()["mq_0.15_fraction"] > 0.6, report.metrics()  # ~80% of held-out twins kept their pair in

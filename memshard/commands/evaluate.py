@@ -36,6 +36,8 @@ from memshard.errors import MemshardError
 from memshard.evaluation.compare import CompareRow, CompareTable, compare_row, compare_table
 from memshard.evaluation.evaluate import (
     COPIES_TABLE,
+    REAL_PREFIX,
+    REAL_REFERENCE_WHAT,
     EvaluateSettings,
     EvaluationReport,
     Generation,
@@ -245,9 +247,18 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
                             experiment=args.experiment, show_progress=not args.no_progress)
     report, m = result.report, result.metrics
     print(f"evaluation run id: {result.run_id} (source run: {result.source_run_id or 'none'})")
+    real = report.real_memorization
+
+    def beside(key: str) -> str:  # the same measure for real images no model saw
+        return "" if real is None else f"; real held-out images: {100 * m[f'{REAL_PREFIX}.{key}']:.2f}%"
+
     for t in THRESHOLDS:
-        print(f"MQ@{t}: {int(m[f'mq_{t}_count'])} of {report.plan.num_images} ({100 * m[f'mq_{t}_fraction']:.2f}%)")
-    print(f"NN1/NN2 < 1/3: {int(m['nn_ratio_copy_count'])} ({100 * m['nn_ratio_copy_fraction']:.2f}%)")
+        print(f"MQ@{t}: {int(m[f'mq_{t}_count'])} of {report.plan.num_images} ({100 * m[f'mq_{t}_fraction']:.2f}%"
+              f"{beside(f'mq_{t}_fraction')})")
+    print(f"NN1/NN2 < 1/3: {int(m['nn_ratio_copy_count'])} ({100 * m['nn_ratio_copy_fraction']:.2f}%"
+          f"{beside('nn_ratio_copy_fraction')})")
+    if real is not None:
+        print(f"(real held-out images: {REAL_REFERENCE_WHAT}; {real.num_generations} images)")
     print(f"training images copied (r < {settings.copy_threshold}): {int(m['copied_training_samples'])}")
     for line in quality_lines(report):
         print(line)
