@@ -406,3 +406,26 @@ def test_more_shards_than_gpus_get_fractional_gpus_on_the_gpu_nodes(ray_cluster,
 def test_resources_the_cluster_can_never_offer_fail_fast_with_one_line(ray_cluster, mlflow_store, cli_rejects, args, message):
     cli_rejects(["train", "--preset", "tiny", "--no-progress", "--set", f"mlflow.tracking_uri={mlflow_store}", *args],
                 message)
+
+
+def test_ray_job_submit_runs_a_tune_sweep_unchanged(job_cluster, tmp_path):
+    """`memshard tune` as a Ray job on the token-authenticated cluster: the trials run there, the sweep's
+    parent run holds a nested run per trial, and the chosen point is registered."""
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("iet.method: [ddpm, iet-agc-plus]\n")
+    job = job_cluster.client.submit_job(
+        entrypoint=f"memshard tune --preset tiny --grid {grid} --num-images 16 --sampling-steps 5 --eval-every 1 "
+                   "--register-as tuned-by-job",
+        runtime_env={**documented_runtime_env(store), "working_dir": str(REPO)},
+    )
+    status, logs = wait_for_job(job_cluster.client, job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "registered model: tuned-by-job version 1" in logs and "MLflow parent run: " in logs, logs[-3000:]
+
+    runs = all_runs(store)
+    (parent,) = [r for r in runs if r.info.run_name == "tune tiny"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(trials) == 2, [(r.info.run_name, r.info.status) for r in runs]
+    assert all(r.info.status == "FINISHED" and r.data.tags["ray.address"] == job_cluster.gcs_address for r in trials)
+    assert MlflowClient(store).search_model_versions("name='tuned-by-job'")
