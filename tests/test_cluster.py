@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from memshard import SUBPACKAGES
 from memshard.cli import build_parser
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
@@ -278,7 +279,7 @@ def test_a_job_runs_the_uploaded_code_not_the_installed_one(job_cluster, tmp_pat
     """`--working-dir .` uploads a checkout: its memshard (and the top-level folders it maps as
     subpackages) is what the job and its actors import, though memshard is installed on the node."""
     work = tmp_path / "checkout"
-    for name in ["memshard", "orchestrator", "shard_worker", "aggregation", "evaluation", "unlearning"]:
+    for name in ["memshard", *SUBPACKAGES]:  # a checkout holds every folder memshard maps
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     (work / "orchestrator" / "__init__.py").write_text("UPLOADED = True\n")
     probe = ("import ray, memshard.orchestrator as o; ray.init(); "
