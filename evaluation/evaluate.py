@@ -273,14 +273,7 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
         raise AssertionError(f"generate returned {generated.dtype} {generated.shape}, expected uint8 {expected}")
 
     start = time.perf_counter()
-    # Exact duplicates are scanned once: k copies of one image would all be "nearest" and make r ≈ 1,
-    # so an image planted many times, the clearest case of memorization, would never count as copied.
-    _, first = np.unique(dataset.content_hashes, return_index=True)
-    distinct = np.sort(first)
-    neighbors = nearest_neighbors(generated, dataset.images[distinct], min(R_NEIGHBORS, len(distinct)),
-                                  scale=1 / 255, device=device)
-    report = memorization_report(neighbors.sq_distances, distinct[neighbors.indices], len(dataset),
-                                 settings.copy_threshold)
+    report = scan_for_copies(generated, dataset, distinct_rows(dataset), settings.copy_threshold, device)
     seconds["nearest_neighbors"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -296,17 +289,30 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
                             quality_space.reason, generation.details, seconds)
 
 
+def distinct_rows(dataset: ImageDataset) -> np.ndarray:
+    """The first row of every distinct image, ascending. Exact duplicates are scanned once: k copies of
+    one image would all be "nearest" and make r ≈ 1, so an image planted many times, the clearest case
+    of memorization, would never count as copied."""
+    _, first = np.unique(dataset.content_hashes, return_index=True)
+    return np.sort(first)
+
+
+def scan_for_copies(queries: np.ndarray, dataset: ImageDataset, rows: np.ndarray, copy_threshold: float,
+                    device: str) -> MemorizationReport:
+    """The memorization measures of `queries` against the training images at `rows` (pixels in [0, 1])."""
+    neighbors = nearest_neighbors(queries, dataset.images[rows], min(R_NEIGHBORS, len(rows)), scale=1 / 255,
+                                  device=device)
+    return memorization_report(neighbors.sq_distances, rows[neighbors.indices], len(dataset), copy_threshold)
+
+
 def real_copy_reference(dataset: ImageDataset, settings: EvaluateSettings, device: str = "cpu") -> MemorizationReport | None:
     """The copy measures of real images no model saw: a seeded REAL_REFERENCE_FRACTION of the distinct
     training images scanned, like generations, against the other distinct images. On a set of similar
     images (the 8x8 digits) ordinary near neighbours have a small r — there most real held-out digits
     have r < 0.5 — so a copy rate means something only beside this one. None: too few images to split."""
-    _, first = np.unique(dataset.content_hashes, return_index=True)
-    distinct = np.random.default_rng(settings.seed).permutation(np.sort(first))
+    distinct = np.random.default_rng(settings.seed).permutation(distinct_rows(dataset))
     cut = int(round(REAL_REFERENCE_FRACTION * len(distinct)))
     held, rest = np.sort(distinct[:cut]), np.sort(distinct[cut:])
     if len(held) < 1 or len(rest) < 2:
         return None
-    neighbors = nearest_neighbors(dataset.images[held], dataset.images[rest], min(R_NEIGHBORS, len(rest)),
-                                  scale=1 / 255, device=device)
-    return memorization_report(neighbors.sq_distances, rest[neighbors.indices], len(dataset), settings.copy_threshold)
+    return scan_for_copies(dataset.images[held], dataset, rest, settings.copy_threshold, device)
