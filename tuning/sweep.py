@@ -359,7 +359,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
         raise MemshardError(f"memshard tune measures quality in the training set's classifier space, and {dataset.path} "
                             f"cannot have one ({why_not}): tune on labelled data")
     classifier_cache = Path(".memshard/classifiers").absolute()
-    ClassifierSpace(dataset, cache_dir=classifier_cache)  # trained once here; every trial loads it
+    space_name = ClassifierSpace(dataset, cache_dir=classifier_cache).name  # trained once here; every trial loads it
     started_ray = connect_ray(base.ray.address)
     try:
         nodes = node_resources()
@@ -375,7 +375,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
                 "reference_round": space.reference_round, "max_quality_loss": settings.max_quality_loss,
                 "num_images": settings.num_images, "sampler": settings.sampler,
                 "sampling_steps": settings.sampling_steps, "eval_every": eval_every, "seed": settings.seed,
-                "quality_space": ClassifierSpace(dataset, cache_dir=classifier_cache).name,
+                "quality_space": space_name,
                 "dataset.fingerprint": dataset.fingerprint, "dataset.path": dataset.path})
             with_retries(mlflow.log_dict, {t.name: {"setting": t.describe(), "settings": t.settings,
                                                     "reference": t.reference} for t in space.trials}, "space.json")
