@@ -89,16 +89,17 @@ from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_
 from memshard.orchestrator.tracking import connect_mlflow
 from memshard.orchestrator.train import initial_shards
 from memshard.pipeline import SAMPLERS
-from memshard.tuning.measure import COPYING, QUALITY, Data, evaluation_rounds, measure
+from memshard.tuning.measure import COPYING, QUALITY, STRICT_COPYING, Data, evaluation_rounds, measure
 from memshard.unlearning.runner import write_subset
 
 EXPERIMENT = "memshard-efficacy"
+OUTPUTS = ("results.json", "points.csv", "curves.png", "summary.md")
 BASELINE = "ddpm"
 FRECHET_SLACK = 0.10  # the issue's quality bar: Fréchet within +10% of ddpm's final model
 TARGET_REDUCTION = 0.80  # ... and >= 80% less copying on both measures
 CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "optimizer_steps_sequential",
               "train_seconds", "eval_seconds", "wall_seconds", "loss", *COPYING, "mq_0.5_count",
-              "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", *QUALITY, "real_frechet", "real_mean_confidence",
+              *STRICT_COPYING, "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", "real_r_below_0.15", *QUALITY, "real_frechet", "real_mean_confidence",
               "real_coverage")
 
 
@@ -178,6 +179,11 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
 # ---------------------------------------------------------------- the summary (the issue's target check)
 
 
+def copying_keys(points: list[dict]) -> tuple[str, ...]:
+    """COPYING, and STRICT_COPYING where every point has it (points measured before it was added lack it)."""
+    return COPYING + tuple(key for key in STRICT_COPYING if all(key in p for p in points))
+
+
 def mean_curve(points: list[dict], method: str, seed: int | None = None) -> list[dict]:
     """A method's points by round, the mean over seeds (or one seed's), with each measure's range."""
     rows = [p for p in points if p["method"] == method and (seed is None or p["seed"] == seed)]
@@ -187,8 +193,10 @@ def mean_curve(points: list[dict], method: str, seed: int | None = None) -> list
         point = {"round": round_index, "seeds": len(at),
                  "optimizer_steps_total": float(np.mean([p["optimizer_steps_total"] for p in at])),
                  "optimizer_steps_sequential": float(np.mean([p["optimizer_steps_sequential"] for p in at]))}
-        for key in (*COPYING, *QUALITY, "real_frechet"):
-            values = [p[key] for p in at]
+        for key in copying_keys(at) + (*QUALITY, "real_frechet", "real_r_below_0.5", "real_r_below_0.15"):
+            values = [p[key] for p in at if p.get(key) is not None]
+            if not values:
+                continue
             point[key], point[f"{key}_min"], point[f"{key}_max"] = float(np.mean(values)), min(values), max(values)
         out.append(point)
     return out
@@ -201,7 +209,7 @@ def at_quality_bar(curve_points: list[dict], max_frechet: float, min_coverage: f
     previous = None
     for point in curve_points:
         if point["frechet"] <= max_frechet and point["coverage"] >= min_coverage - 1e-9:
-            keys = (*COPYING, "frechet", "round", "optimizer_steps_total", "optimizer_steps_sequential")
+            keys = (*copying_keys([point]), "frechet", "round", "optimizer_steps_total", "optimizer_steps_sequential")
             if previous is None or previous["frechet"] <= max_frechet:
                 return {**{key: point[key] for key in keys}, "interpolated": False}
             w = (previous["frechet"] - max_frechet) / (previous["frechet"] - point["frechet"])
@@ -219,6 +227,7 @@ def summarize(points: list[dict], reference_round: int | None, baseline: str = B
     (None: its last evaluated round), and the reduction against that model and against `baseline`
     stopped early at the same quality bar; per seed too (against the seeds' mean bar)."""
     base = mean_curve(points, baseline)
+    measures = copying_keys(points)
     if not base:
         return {"note": f"no {baseline} points: the target check needs the baseline among the methods"}
     rounds = [p["round"] for p in base]
@@ -235,20 +244,25 @@ def summarize(points: list[dict], reference_round: int | None, baseline: str = B
         for seed in sorted({p["seed"] for p in points if p["method"] == method}):
             mine = at_quality_bar(mean_curve(points, method, seed), bar["frechet_max"], bar["coverage_min"])
             per_seed.append({"seed": seed, "at_bar": mine, "reduction_vs_final": None if mine is None else {
-                key: _reduction(mine[key], reference[key]) for key in COPYING}})
+                key: _reduction(mine[key], reference[key]) for key in measures}})
         mine = mean_curve(points, method)
         good_enough = [p["coverage"] for p in mine if p["frechet"] <= bar["frechet_max"]]
         entry = {"reached": found is not None, "at_bar": found, "per_seed": per_seed,
                  "best_frechet_ratio": min(p["frechet"] for p in mine) / reference["frechet"],
                  "best_coverage_within_frechet_bar": max(good_enough) if good_enough else None}
         if found is not None:
-            entry["reduction_vs_final"] = {key: _reduction(found[key], reference[key]) for key in COPYING}
+            entry["reduction_vs_final"] = {key: _reduction(found[key], reference[key]) for key in measures}
             entry["reduction_vs_early_stopped"] = None if baseline_at_bar is None else {
-                key: _reduction(found[key], baseline_at_bar[key]) for key in COPYING}
-            entry["target_met"] = all(r is not None and r >= TARGET_REDUCTION for r in entry["reduction_vs_final"].values())
+                key: _reduction(found[key], baseline_at_bar[key]) for key in measures}
+            entry["target_met"] = all(entry["reduction_vs_final"][key] is not None
+                                      and entry["reduction_vs_final"][key] >= TARGET_REDUCTION for key in COPYING)
+            if set(STRICT_COPYING) <= set(measures):
+                entry["target_met_strict"] = all(entry["reduction_vs_final"][key] is not None
+                                                 and entry["reduction_vs_final"][key] >= TARGET_REDUCTION
+                                                 for key in STRICT_COPYING)
             seeds_reduction = [s["reduction_vs_final"] for s in per_seed if s["reduction_vs_final"]]
             entry["reduction_vs_final_range"] = {key: [min(r[key] for r in seeds_reduction), max(r[key] for r in seeds_reduction)]
-                                                 for key in COPYING if all(r[key] is not None for r in seeds_reduction)} \
+                                                 for key in measures if all(r[key] is not None for r in seeds_reduction)} \
                 if seeds_reduction else {}
         methods[method] = entry
     return {"baseline": baseline, "reference": reference, "quality_bar": bar, "baseline_at_bar": baseline_at_bar,
@@ -265,7 +279,10 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"Reference: {summary['baseline']} at round {ref['round']} (mean of {ref['seeds']} seeds): Fréchet "
              f"{ref['frechet']:.3f} (real images {ref['real_frechet']:.3f}), coverage {ref['coverage']:.2f}, "
              f"{100 * ref['generations_r_below_0.5']:.1f}% of generations below r = 0.5, "
-             f"{ref['copied_training_images']:.1f} training images copied.",
+             f"{ref['copied_training_images']:.1f} training images copied."
+             + ("" if ref.get("real_r_below_0.5") is None else
+                f" Real held-out training images (never generated): {100 * ref['real_r_below_0.5']:.1f}% below r = 0.5, "
+                f"{100 * ref.get('real_r_below_0.15', float('nan')):.1f}% below r = 0.15."),
              f"Quality bar: Fréchet <= {bar['frechet_max']:.3f}, coverage >= {bar['coverage_min']:.2f}. "
              f"Target: {summary['target']}.", "",
              "| method | reaches the bar at round (steps) | r < 0.5 | copied images | fewer r < 0.5 vs final ddpm "
@@ -293,6 +310,23 @@ def summary_markdown(summary: dict) -> str:
             f"{pct(final['copied_training_images'])}{span['copied_training_images']} | "
             f"{pct(early.get('generations_r_below_0.5'))} / {pct(early.get('copied_training_images'))} | "
             f"{'yes' if entry['target_met'] else 'no'} |")
+    strict = [(method, entry) for method, entry in summary["methods"].items()
+              if entry["at_bar"] is not None and "target_met_strict" in entry]
+    if strict:
+        lines += ["", f"The same at the strict threshold r < 0.15 (reference: {100 * ref['generations_r_below_0.15']:.1f}% "
+                      f"of generations, {ref['copied_r_below_0.15']:.1f} images copied):", "",
+                  "| method | r < 0.15 | copied (r < 0.15) | fewer r < 0.15 vs final ddpm | fewer copied vs final ddpm "
+                  "| same vs ddpm stopped at the bar | target at r < 0.15 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for method, entry in strict:
+            found, final = entry["at_bar"], entry["reduction_vs_final"]
+            early, spread = entry.get("reduction_vs_early_stopped") or {}, entry.get("reduction_vs_final_range", {})
+            span = {key: f" ({pct(spread[key][0])} to {pct(spread[key][1])})" if key in spread else "" for key in STRICT_COPYING}
+            lines.append(
+                f"| {method} | {100 * found['generations_r_below_0.15']:.1f}% | {found['copied_r_below_0.15']:.1f} | "
+                f"{pct(final['generations_r_below_0.15'])}{span['generations_r_below_0.15']} | "
+                f"{pct(final['copied_r_below_0.15'])}{span['copied_r_below_0.15']} | "
+                f"{pct(early.get('generations_r_below_0.15'))} / {pct(early.get('copied_r_below_0.15'))} | "
+                f"{'yes' if entry['target_met_strict'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -305,14 +339,20 @@ def plot(points: list[dict], summary: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    panels = [("generations_r_below_0.5", 100.0, "generations with r < 0.5 (%)"),
+              ("copied_training_images", 1.0, "training images copied (r < 0.5)")]
+    if len(copying_keys(points)) > len(COPYING):
+        panels += [("generations_r_below_0.15", 100.0, "generations with r < 0.15 (%)"),
+                   ("copied_r_below_0.15", 1.0, "training images copied (r < 0.15)")]
+    figure, grid = plt.subplots(len(panels) // 2, 2, figsize=(13, 5.2 * len(panels) // 2), squeeze=False)
+    axes = grid.ravel()
     methods = list(dict.fromkeys(p["method"] for p in points))
     colours = iter(plt.cm.tab10.colors)
     for method in methods:
         mean = mean_curve(points, method)
         baseline = method == summary.get("baseline", BASELINE)
         style = {"color": "black", "linewidth": 2.4, "zorder": 5} if baseline else {"color": next(colours), "linewidth": 1.4}
-        for axis, key, scale in ((axes[0], "generations_r_below_0.5", 100.0), (axes[1], "copied_training_images", 1.0)):
+        for axis, (key, scale, _) in zip(axes, panels, strict=True):
             x = np.array([p["frechet"] for p in mean])
             y = np.array([p[key] for p in mean]) * scale
             xerr = np.array([[p["frechet"] - p["frechet_min"], p["frechet_max"] - p["frechet"]] for p in mean]).T
@@ -323,8 +363,11 @@ def plot(points: list[dict], summary: dict, path: Path, title: str) -> None:
                 axis.annotate(f"r{p['round']}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points",
                               color=style["color"])
     reference = summary.get("reference")
-    for axis, key, scale, label in ((axes[0], "generations_r_below_0.5", 100.0, "generations with r < 0.5 (%)"),
-                                    (axes[1], "copied_training_images", 1.0, "training images copied (r < 0.5)")):
+    for axis, (key, scale, label) in zip(axes, panels, strict=True):
+        real = [p[f"real_{key}"] for p in points if p.get(f"real_{key}") is not None]
+        if real:
+            axis.axhline(100.0 * float(np.mean(real)), color="green", linestyle="-.", linewidth=1,
+                         label="real held-out training images")
         if reference:
             axis.plot(reference["frechet"], reference[key] * scale, marker="*", markersize=16, color="black",
                       linestyle="none", label=f"{summary['baseline']} reference (round {reference['round']})", zorder=6)
@@ -487,7 +530,9 @@ def main(argv: list[str] | None = None) -> None:
                 for against in ("reduction_vs_final", "reduction_vs_early_stopped"):
                     mlflow.log_metrics({metric_key(f"{against}/{method}/{key}"): value
                                         for key, value in (entry.get(against) or {}).items() if value is not None})
-            mlflow.log_artifacts(str(out))
+            for name in OUTPUTS:  # these files only: --out may also hold the tracking store
+                if (out / name).exists():
+                    mlflow.log_artifact(str(out / name))
             print(f"MLflow run {parent.info.run_id} in experiment {args.experiment} ({args.tracking_uri})")
     finally:
         if started_ray:

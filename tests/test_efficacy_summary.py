@@ -73,3 +73,23 @@ def test_summary_reads_reductions_against_ddpms_final_and_early_stopped_models()
     assert "| slow | not reached (best Fréchet 2.38 x the reference)" in efficacy.summary_markdown(summary)
     assert efficacy.summarize(points, reference_round=None)["reference"]["round"] == 4  # the last one evaluated
     assert "was not evaluated at round 3" in efficacy.summarize(points, reference_round=3)["note"]
+
+
+def test_the_strict_threshold_is_summarized_beside_the_loose_one_when_every_point_has_it():
+    def strict(p, fraction, images, real_fraction=0.04):
+        return {**p, "generations_r_below_0.15": fraction, "copied_r_below_0.15": images,
+                "real_r_below_0.5": 0.8, "real_r_below_0.15": real_fraction}
+
+    points = [strict(point("ddpm", 0, 2, 3.0, 0.10, 40), 0.02, 8), strict(point("ddpm", 0, 4, 2.0, 0.40, 180), 0.20, 60),
+              strict(point("iet", 0, 2, 2.1, 0.30, 120), 0.01, 5), strict(point("iet", 0, 4, 1.5, 0.35, 150), 0.02, 6)]
+    summary = efficacy.summarize(points, reference_round=4)
+    iet = summary["methods"]["iet"]
+    assert iet["reduction_vs_final"]["generations_r_below_0.15"] == pytest.approx(1 - 0.01 / 0.20)
+    assert iet["reduction_vs_final"]["copied_r_below_0.15"] == pytest.approx(1 - 5 / 60)
+    assert iet["target_met_strict"] and not iet["target_met"]  # 25% / 33% fewer at r < 0.5
+    text = efficacy.summary_markdown(summary)
+    assert "80.0% below r = 0.5, 4.0% below r = 0.15" in text  # the real reference beside the reference model
+    assert "| iet | 1.0% | 5.0 | 95% (95% to 95%) | 92% (92% to 92%) | 94% / 90% | yes |" in text
+    # points measured before the strict figures existed: the summary keeps to r < 0.5
+    old = efficacy.summarize([point("ddpm", 0, 4, 2.0, 0.4, 180), point("iet", 0, 4, 2.0, 0.1, 20)], reference_round=4)
+    assert "target_met_strict" not in old["methods"]["iet"] and "r < 0.15" not in efficacy.summary_markdown(old)

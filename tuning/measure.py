@@ -20,6 +20,9 @@ from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
 
 # The copying measures (lower is better) and the quality measures of every point.
 COPYING = ("generations_r_below_0.5", "copied_training_images")
+# The same two at the strictest MQ threshold: on data whose real held-out images already sit below
+# r = 0.5 (full digits: 84%), only these separate copies from ordinary near neighbours.
+STRICT_COPYING = ("generations_r_below_0.15", "copied_r_below_0.15")
 QUALITY = ("frechet", "mean_confidence", "coverage", "tv_distance")
 
 
@@ -66,7 +69,10 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
         "mq_0.5_count": memorization["mq_0.5_count"],
         "nn_ratio_copy_fraction": memorization["nn_ratio_copy_fraction"],
         "r_median": memorization["r_median"],
+        "generations_r_below_0.15": memorization["mq_0.15_fraction"],
+        "copied_r_below_0.15": int((report.memorization.min_r < 0.15).sum()),
         "real_r_below_0.5": None if report.real_memorization is None else report.real_memorization.metrics()["mq_0.5_fraction"],
+        "real_r_below_0.15": None if report.real_memorization is None else report.real_memorization.metrics()["mq_0.15_fraction"],
         **{key: getattr(quality.generated, key) for key in QUALITY},
         "real_frechet": quality.real.frechet, "real_mean_confidence": quality.real.mean_confidence,
         "real_coverage": quality.real.coverage,
