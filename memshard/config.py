@@ -101,6 +101,9 @@ class TAAConfig:
     max_brightness: float = 0.2
     max_contrast: float = 0.2
     flip: bool = False  # horizontal flips are not label-preserving for digits
+    # EDM's non-leaky augmentation (method.md §9): the UNet sees each image's augmentation parameters
+    # (added to its time embedding) and samples with the zero vector, i.e. "no augmentation".
+    non_leaky: bool = False
 
 
 @dataclass
@@ -151,6 +154,10 @@ class Config:
     @property
     def uses_taa(self) -> bool:
         return self.iet.method == "iet-agc-plus"
+
+    @property
+    def conditions_on_augmentation(self) -> bool:
+        return self.uses_taa and self.taa.non_leaky
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -10,15 +10,24 @@ from diffusers import DDPMScheduler, UNet2DModel
 from memshard.config import Config
 from memshard.errors import MemshardError
 
+# Non-leaky augmentation (Karras et al., EDM, 2022; method.md §9): TAA's per-image parameters (shard_worker.taa)
+# go through a bias-free linear map into the UNet's time embedding (diffusers' "identity" class
+# embedding). "No augmentation" is the zero vector, whose embedding is zero, so the model without the
+# map -- the one that is sampled, saved and registered -- is exactly the trained model at zero.
+AUGMENTATION_PARAMS = 5  # shift x, shift y, flip, contrast, brightness
+AUGMENTATION_EMBEDDING = "augmentation_embedding.weight"
 
-def build_unet(cfg: Config, channels: int) -> UNet2DModel:
-    """The DDPM UNet: one down/up block per width, attention at `model.attention_resolutions`."""
+
+def build_unet(cfg: Config, channels: int, *, for_training: bool = False) -> UNet2DModel:
+    """The DDPM UNet: one down/up block per width, attention at `model.attention_resolutions`. The
+    training UNet of a non-leaky TAA run also takes the augmentation parameters (see above)."""
     m = cfg.model
     resolution = cfg.data.resolution
     sizes = [resolution // 2**level for level in range(len(m.block_out_channels))]
     down = tuple("AttnDownBlock2D" if size in m.attention_resolutions else "DownBlock2D" for size in sizes)
     up = tuple("AttnUpBlock2D" if size in m.attention_resolutions else "UpBlock2D" for size in reversed(sizes))
-    return UNet2DModel(
+    conditioned = for_training and cfg.conditions_on_augmentation
+    unet = UNet2DModel(
         sample_size=resolution,
         in_channels=channels,
         out_channels=channels,
@@ -29,7 +38,29 @@ def build_unet(cfg: Config, channels: int) -> UNet2DModel:
         dropout=m.dropout,
         # GroupNorm needs every width divisible by the group count; small test models use 8.
         norm_num_groups=32 if all(c % 32 == 0 for c in m.block_out_channels) else 8,
+        class_embed_type="identity" if conditioned else None,
     )
+    if conditioned:
+        unet.augmentation_embedding = torch.nn.Linear(AUGMENTATION_PARAMS, unet.time_embedding.linear_2.out_features,
+                                                      bias=False)
+        torch.nn.init.zeros_(unet.augmentation_embedding.weight)  # starts as the plain UNet
+    return unet
+
+
+def denoise(unet: UNet2DModel, noisy: torch.Tensor, timesteps: torch.Tensor,
+            augmentation: torch.Tensor | None = None) -> torch.Tensor:
+    """ε_θ(x_t, t); a training UNet conditioned on augmentation gets its parameters (None: none applied)."""
+    if not hasattr(unet, "augmentation_embedding"):
+        return unet(noisy, timesteps).sample
+    if augmentation is None:
+        augmentation = noisy.new_zeros(len(noisy), AUGMENTATION_PARAMS)
+    return unet(noisy, timesteps, class_labels=unet.augmentation_embedding(augmentation.to(noisy.dtype))).sample
+
+
+def sampling_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weights of the model that is sampled: a training UNet's augmentation map dropped (exact,
+    since sampling conditions on the zero vector)."""
+    return {name: array for name, array in weights.items() if name != AUGMENTATION_EMBEDDING}
 
 
 def build_scheduler(cfg: Config) -> DDPMScheduler:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from memshard.config import Config
 from memshard.errors import MemshardError
-from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device
+from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device, sampling_weights
 
 MIN_TILE_PX = 64  # an 8x8 digit is a speck in the MLflow UI; upscale tiles to at least this
 GRID_GAP_PX = 2  # dark gap between tiles so black-background digits do not run together
@@ -30,7 +30,7 @@ GRID_GAP_PX = 2  # dark gap between tiles so black-background digits do not run 
 def build_pipeline(cfg: Config, channels: int, unet_weights: dict[str, np.ndarray]) -> DDPMPipeline:
     """The averaged weights in the config's UNet, with the config's noise schedule."""
     unet = build_unet(cfg, channels)
-    load_numpy_state(unet, unet_weights)
+    load_numpy_state(unet, sampling_weights(unet_weights))
     unet.eval()  # dropout off: the pipeline is for sampling only
     return DDPMPipeline(unet=unet, scheduler=build_scheduler(cfg))
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from memshard.model import noised, to_model_range
+from memshard.model import denoise, noised, to_model_range
 
 BLOCK = 1024
 
@@ -36,11 +36,13 @@ def fixed_timesteps_and_noise(
 
 
 def per_sample_loss(
-    model: UNet2DModel, scheduler: DDPMScheduler, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+    model: UNet2DModel, scheduler: DDPMScheduler, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+    augmentation: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ℓ_i = mean over pixels of (ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t) − ε)², one value per sample."""
+    """ℓ_i = mean over pixels of (ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t) − ε)², one value per sample
+    (`augmentation`: x0's TAA parameters, for a UNet conditioned on them; None: no augmentation)."""
     noisy, _ = noised(scheduler.alphas_cumprod.to(x0.device), x0, timesteps, noise)
-    prediction = model(noisy, timesteps).sample
+    prediction = denoise(model, noisy, timesteps, augmentation)
     return ((prediction.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
 
 

@@ -67,7 +67,7 @@ class ProxyTrainer:
         # for everything random after that (batches, t, ε, augmentation, dropout).
         torch.manual_seed(seed)
         channels = images.shape[1]
-        self.model = build_unet(cfg, channels).to(self.device).train()
+        self.model = build_unet(cfg, channels, for_training=True).to(self.device).train()
         self.scheduler = build_scheduler(cfg)
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
         t = cfg.training
@@ -115,12 +115,13 @@ class ProxyTrainer:
                 self.faults.before_step(self.shard, self.global_step)
             rows = self._next_batch_rows(n, batch)
             x0 = to_model_range(shard_images[rows])
+            parameters = None
             if cfg.uses_taa:
-                x0 = augment(x0, self.taa_strength[global_index[rows]], cfg.taa, self.generator)
+                x0, parameters = augment(x0, self.taa_strength[global_index[rows]], cfg.taa, self.generator)
             noise = torch.randn(x0.shape, generator=self.generator, device=device)
             timesteps = torch.randint(0, cfg.model.num_train_timesteps, (batch,), generator=self.generator, device=device)
             with autocast:
-                losses = per_sample_loss(self.model, self.scheduler, x0, timesteps, noise)
+                losses = per_sample_loss(self.model, self.scheduler, x0, timesteps, noise, parameters)
             if self.faults is not None:
                 losses = self.faults.losses(losses, self.shard, self.global_step)
             detached = losses.detach()

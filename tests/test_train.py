@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from memshard.aggregation import weighted_average
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
+from memshard.model import AUGMENTATION_EMBEDDING, AUGMENTATION_PARAMS
 from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import train
@@ -114,6 +115,21 @@ def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster,
         unweighted = weighted_average([(w, 1) for w in held])
         assert any(not np.allclose(unweighted[n], expected[n]) for n in expected)
         assert report.samples_moved > 0 and sum(len(s) for s in driver.shards) == len(dataset)
+
+
+def test_non_leaky_augmentation_trains_its_map_and_ships_a_plain_unet(ray_cluster, mlflow_store):
+    cfg = tiny_config(mlflow_store, "taa.non_leaky=true", "iet.local_steps=8", **{"iet.shards": 2, "iet.rounds": 2})
+    result = train(cfg, show_progress=False)
+    assert MlflowClient(mlflow_store).get_run(result.run_id).data.params["taa.non_leaky"] == "True"
+    pipeline = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.register_as}/{result.registered_version}")
+    assert pipeline.predict({"num_images": 2, "seed": 0, "num_inference_steps": 3}).shape == (2, 8, 8, 1)
+    dataset = load_dataset(resolve_dataset(cfg.data.path, 8, None, cfg.data.cache_dir))
+    few = [np.arange(0, 24), np.arange(24, 48)]  # small shards: a sample comes back, augmented by its strength
+    with start_shard_driver(cfg, dataset.images[:48], few) as (driver, _):
+        for round_index in (1, 2):
+            driver.run_round(round_index, is_last=round_index == 2)
+        learned = driver.weights[AUGMENTATION_EMBEDDING]  # averaged like every weight; zero at the start
+    assert learned.shape[1] == AUGMENTATION_PARAMS and np.abs(learned).max() > 0
 
 
 def test_actors_spread_across_nodes_by_custom_resource(ray_cluster, mlflow_store):
