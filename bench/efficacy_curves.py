@@ -36,7 +36,9 @@ curve per method, the mean over seeds with their range, ddpm drawn as the baseli
 all of it is also logged to one MLflow run (experiment memshard-efficacy) with a nested run per
 method and seed whose metrics are stepped by round. results.json and points.csv are rewritten after
 every point, so a stopped run keeps what it measured; `--from-results results.json` redraws the plot
-and the summary from them without training.
+and the summary from them without training. `--from-results a.json b.json` merges the points of
+several runs of one regime (settings from the first): a variant trained later, for one seed, is
+compared with the baseline curves of an earlier run without training them again.
 
 The summary is the issue's target check: at the quality of ddpm's final model (`--reference-round`;
 default the preset's rounds on the whole data, ddpm's last round with `--subset`) — classifier Fréchet
@@ -419,6 +421,23 @@ def environment(argv: list[str]) -> dict:
             "versions": {name: version(name) for name in ("torch", "diffusers", "ray", "memshard")}}
 
 
+def merge_results(runs: list[dict]) -> dict:
+    """The first run's settings with every run's points; runs of another regime or preset are refused
+    (their copying is counted against other training images)."""
+    first = runs[0]
+    for other in runs[1:]:
+        for key in ("preset", "regime", "num_images", "sampler", "sampling_steps", "eval_seed"):
+            if other["settings"][key] != first["settings"][key]:
+                raise MemshardError(f"--from-results: the runs differ in {key} ({first['settings'][key]} and "
+                                    f"{other['settings'][key]}): merge only runs of one regime and evaluation")
+    merged = {**first, "points": [p for run in runs for p in run["points"]]}
+    if len(runs) > 1:
+        merged["merged_from"] = [run["environment"] for run in runs]
+        merged["settings"] = {**first["settings"], "seeds": sorted({p["seed"] for p in merged["points"]}),
+                              "methods": {k: v for run in runs for k, v in run["settings"]["methods"].items()}}
+    return merged
+
+
 def title_of(results: dict) -> str:
     s = results["settings"]
     return (f"{s['preset']} ({s['regime']}): copying against quality along training, mean of seeds {s['seeds']} "
@@ -449,7 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="where evaluation runs: auto, cpu, cuda")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--experiment", default=EXPERIMENT)
-    parser.add_argument("--from-results", default=None, help="redraw the plot and summary from a results.json")
+    parser.add_argument("--from-results", nargs="+", default=None,
+                        help="redraw the plot and summary from results.json files (several: their points merged)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs (Ray, MLflow, diffusers)")
     args = parser.parse_args(argv)
     quiet_terminal(args.verbose)
@@ -457,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.from_results:
-        results = json.loads(Path(args.from_results).read_text())
+        results = merge_results([json.loads(Path(path).read_text()) for path in args.from_results])
         results["summary"] = summarize(results["points"], results["settings"]["reference_round"])
         write_outputs(out, results, title_of(results))
         print(summary_markdown(results["summary"]))

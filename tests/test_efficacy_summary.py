@@ -93,3 +93,19 @@ def test_the_strict_threshold_is_summarized_beside_the_loose_one_when_every_poin
     # points measured before the strict figures existed: the summary keeps to r < 0.5
     old = efficacy.summarize([point("ddpm", 0, 4, 2.0, 0.4, 180), point("iet", 0, 4, 2.0, 0.1, 20)], reference_round=4)
     assert "target_met_strict" not in old["methods"]["iet"] and "r < 0.15" not in efficacy.summary_markdown(old)
+
+
+def test_results_of_one_regime_merge_and_of_another_are_refused():
+    def run(regime, points, methods):
+        return {"environment": {"command": regime}, "points": points,
+                "settings": {"preset": "digits", "regime": regime, "num_images": 500, "sampler": "ddim",
+                             "sampling_steps": 50, "eval_seed": 0, "seeds": [0, 1], "methods": methods,
+                             "reference_round": 4}}
+
+    baseline = run("first-300", [point("ddpm", 0, 4, 2.0, 0.4, 180), point("ddpm", 1, 4, 2.2, 0.4, 170)], {"ddpm": []})
+    variant = run("first-300", [point("iet+fast", 0, 4, 2.1, 0.1, 20)], {"iet+fast": ["iet.method=iet"]})
+    merged = efficacy.merge_results([baseline, variant])
+    assert len(merged["points"]) == 3 and set(merged["settings"]["methods"]) == {"ddpm", "iet+fast"}
+    assert efficacy.summarize(merged["points"], 4)["methods"]["iet+fast"]["reached"]
+    with pytest.raises(MemshardError, match="differ in regime"):
+        efficacy.merge_results([baseline, run("full", [], {})])
