@@ -38,11 +38,13 @@ from memshard.evaluation.classifier_space import (
 from memshard.evaluation.fid import feature_space
 from memshard.evaluation.memorization import (
     DEFAULT_COPY_THRESHOLD,
+    NEAR_COPY_QUANTILE,
     NN_RATIO_THRESHOLD,
     R_NEIGHBORS,
     THRESHOLDS,
     MemorizationReport,
     memorization_report,
+    near_copies,
 )
 from memshard.evaluation.nearest_neighbors import nearest_neighbors
 from memshard.pipeline import DEFAULT_SAMPLING_STEPS, SAMPLERS, SamplingPlan, image_shape
@@ -53,6 +55,11 @@ COPY_DEFINITION = ("a generation copies its nearest training image when r < copy
                    "[0, 1]; exact duplicates count once, the copy credited to the first of them)")
 REAL_PREFIX = "real_heldout"  # metric names of the copying real reference: real_heldout.mq_0.5_fraction, ...
 REAL_REFERENCE_FRACTION = 0.2
+NEAR_COPY_SAMPLE = 2000  # real images whose leave-one-out distance sets the near-copy threshold
+NEAR_COPY_DEFINITION = (f"d1^2 below the {NEAR_COPY_QUANTILE:.0%} quantile of real images' squared distance to their "
+                        f"nearest other distinct training image (leave-one-out, up to {NEAR_COPY_SAMPLE:,} seeded "
+                        f"images): a model drawing fresh images from the data's distribution scores about "
+                        f"{NEAR_COPY_QUANTILE:.0%}")
 REAL_REFERENCE_WHAT = (f"a seeded {REAL_REFERENCE_FRACTION:.0%} of the distinct training images, held out and scanned "
                        "against the other distinct images as generations are against all of them")
 AUTO = "auto"
@@ -178,6 +185,7 @@ class EvaluationReport:
     memorization: MemorizationReport = field(repr=False)
     quality: QualityReport | None  # None: no quality measure (see quality_note)
     real_memorization: MemorizationReport | None = field(repr=False)  # held-out real images (real_copy_reference)
+    near_copy_threshold: float | None  # d1² of real images at NEAR_COPY_QUANTILE (None: too few images)
     quality_note: str  # which space, and why (or why none)
     generation: dict  # how the generations were made (workers, placement, timing)
     seconds: dict[str, float]  # wall time per phase: generate, nearest_neighbors, quality
@@ -195,6 +203,8 @@ class EvaluationReport:
         """Memorization metrics; with a quality measure `fid.SPACE` and `quality.SPACE.*`, the real
         reference's figures as `quality.SPACE.real.*`: the space is in every quality metric's name."""
         metrics = self.memorization.metrics()
+        if self.near_copy_threshold is not None:
+            metrics.update(near_copies(self.memorization, self.near_copy_threshold))
         if self.real_memorization is not None:
             metrics.update({f"{REAL_PREFIX}.{key}": value for key, value in self.real_memorization.metrics().items()
                             if key != "copied_training_samples"})
@@ -229,6 +239,7 @@ class EvaluationReport:
                 "mq": f"count of generations with r < t, t in {list(THRESHOLDS)}",
                 "nn_ratio_copy": f"d1 / d2 < {NN_RATIO_THRESHOLD:.4f} (d = L2 distance)",
                 "copy": COPY_DEFINITION.replace("copy_threshold", str(self.settings.copy_threshold)),
+                "near_copy": NEAR_COPY_DEFINITION,
             },
             "metrics": self.metrics(),
             "copying_real_reference": None if self.real_memorization is None else {
@@ -278,6 +289,7 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
 
     start = time.perf_counter()
     real = real_copy_reference(dataset, settings, device)
+    threshold = near_copy_threshold(dataset, settings.seed, device)
     seconds["real_reference"] = time.perf_counter() - start
 
     quality = None
@@ -286,7 +298,7 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
         quality = quality_report(generated, dataset, quality_space.space, seed=plan.seed)
         seconds["quality"] = time.perf_counter() - start
     return EvaluationReport(settings, plan, choice.protocol, generation.device, generated, report, quality, real,
-                            quality_space.reason, generation.details, seconds)
+                            threshold, quality_space.reason, generation.details, seconds)
 
 
 def distinct_rows(dataset: ImageDataset) -> np.ndarray:
@@ -316,3 +328,23 @@ def real_copy_reference(dataset: ImageDataset, settings: EvaluateSettings, devic
     if len(held) < 1 or len(rest) < 2:
         return None
     return scan_for_copies(dataset.images[held], dataset, rest, settings.copy_threshold, device)
+
+
+def real_nearest_sq_distances(dataset: ImageDataset, seed: int, device: str = "cpu",
+                              limit: int = NEAR_COPY_SAMPLE) -> np.ndarray | None:
+    """Leave-one-out: for up to `limit` seeded distinct training images, the squared L2 distance (pixels
+    in [0, 1]) to the nearest OTHER distinct training image -- how near a real image of this
+    distribution comes to a set of this size. None: fewer than 3 distinct images."""
+    distinct = distinct_rows(dataset)
+    if len(distinct) < 3:
+        return None
+    chosen = np.sort(np.random.default_rng(seed).permutation(distinct)[:limit])
+    neighbors = nearest_neighbors(dataset.images[chosen], dataset.images[distinct], 2, scale=1 / 255, device=device)
+    itself = distinct[neighbors.indices[:, 0]] == chosen  # the image is its own nearest (distance 0) ...
+    return np.where(itself, neighbors.sq_distances[:, 1], neighbors.sq_distances[:, 0])  # ... unless tied
+
+
+def near_copy_threshold(dataset: ImageDataset, seed: int, device: str = "cpu") -> float | None:
+    """The NEAR_COPY_QUANTILE quantile of `real_nearest_sq_distances` (see memorization.near_copies)."""
+    distances = real_nearest_sq_distances(dataset, seed, device)
+    return None if distances is None else float(np.quantile(distances, NEAR_COPY_QUANTILE))

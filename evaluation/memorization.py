@@ -10,6 +10,11 @@ images, ascending, and those images' rows (`evaluation.nearest_neighbors`).
 - copies per training sample: a generation COPIES its nearest training image when r < the copy
   threshold (default 0.5, the loosest MQ threshold); per training row, how many generations copy
   it and the smallest r among the generations whose nearest image it is.
+- near copies, calibrated on real images (`near_copies`): a generation nearer to its nearest training
+  image than all but NEAR_COPY_QUANTILE of real images are to their nearest other training image
+  (leave-one-out, `evaluate.near_copy_threshold`). A model that draws fresh images from the data's
+  distribution scores about NEAR_COPY_QUANTILE; r and d1/d2 need no reference but, on a small set of
+  similar images (8x8 digits), count ordinary neighbours: there most real unseen digits have r < 0.5.
 
 Where the denominators vanish (the generation equals all k neighbours, or its two nearest), the
 generation is counted as a copy: r = 0 and the ratio = 0.
@@ -25,6 +30,7 @@ from memshard.errors import MemshardError
 
 THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5)
 NN_RATIO_THRESHOLD = 1.0 / 3.0
+NEAR_COPY_QUANTILE = 0.05
 DEFAULT_COPY_THRESHOLD = 0.5
 R_NEIGHBORS = 50  # published IET protocol
 HISTOGRAM_BINS = 50
@@ -78,6 +84,7 @@ class MemorizationReport:
     copy_threshold: float
     copies: np.ndarray  # (N,) generations copying each training row
     min_r: np.ndarray  # (N,) smallest r of a generation whose nearest is that row (inf: none)
+    nearest_sq_distance: np.ndarray  # (M,) d1²: squared L2 to the nearest training image, pixels in [0, 1]
 
     @property
     def num_generations(self) -> int:
@@ -131,4 +138,12 @@ def memorization_report(sq_distances: np.ndarray, indices: np.ndarray, num_sampl
     nearest = indices[:, 0].astype(np.int64)
     copies, min_r = copies_per_sample(nearest, r, num_samples, copy_threshold)
     return MemorizationReport(r=r, ratio=nn_ratio(sq), nearest=nearest, k=sq.shape[1],
-                              copy_threshold=copy_threshold, copies=copies, min_r=min_r)
+                              copy_threshold=copy_threshold, copies=copies, min_r=min_r, nearest_sq_distance=sq[:, 0])
+
+
+def near_copies(report: MemorizationReport, threshold: float) -> dict[str, float]:
+    """Generations with d1² below `threshold` (the real images' NEAR_COPY_QUANTILE quantile): count,
+    fraction, and the distinct training images they are nearest to."""
+    near = report.nearest_sq_distance < threshold
+    return {"near_copy_count": int(near.sum()), "near_copy_fraction": float(near.mean()),
+            "near_copied_training_samples": len(np.unique(report.nearest[near])), "near_copy_sq_distance": float(threshold)}

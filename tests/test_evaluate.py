@@ -122,6 +122,7 @@ def test_cli_evaluate_prints_the_numbers(store, capsys):
     assert code == 0 and "MQ@0.5: " in out and "of 8" in out and "FID" not in out
     mq = next(line for line in out.splitlines() if line.startswith("MQ@0.5: "))
     assert "; real held-out images: " in mq and "(real held-out images: a seeded 20%" in out, out
+    assert "near copies (nearer to a training image than 95% of real images" in out and "about 5% by construction" in out
     assert f"mlflow ui --backend-store-uri {store['uri']}" in out
 
 

@@ -204,3 +204,35 @@ def test_the_real_reference_scans_held_out_real_images_like_generations(tmp_path
     np.savez(tmp_path / "twins.npz", images=twins)
     report = reference(tmp_path / "twins.npz")
     assert report.metrics()["mq_0.15_fraction"] > 0.6, report.metrics()  # ~80% of held-out twins kept their pair in
+
+
+def test_near_copies_are_calibrated_on_real_images(tmp_path):
+    """The leave-one-out threshold puts about 5% of real images below it by construction; fresh real
+    images scored as generations land near 5%, exact copies of training images at 100%, noise at 0%."""
+    from memshard.data import load_dataset, resolve_dataset
+    from memshard.evaluation.evaluate import (
+        distinct_rows,
+        near_copy_threshold,
+        real_nearest_sq_distances,
+        scan_for_copies,
+    )
+    from memshard.evaluation.memorization import near_copies
+
+    full = load_dataset(resolve_dataset("digits", 16, None, str(tmp_path / "cache")))
+    half = np.arange(0, len(full), 2)  # train on the even rows, the odd rows are fresh real digits
+    np.savez(tmp_path / "train.npz", images=full.images[half, 0])
+    train = load_dataset(resolve_dataset(str(tmp_path / "train.npz"), 16, None, str(tmp_path / "cache")))
+    loo = real_nearest_sq_distances(train, seed=0)
+    assert len(loo) == len(train) and (loo > 0).all()  # no image is its own neighbour
+    threshold = near_copy_threshold(train, seed=0)
+    assert np.mean(loo < threshold) == pytest.approx(0.05, abs=0.002)
+
+    def near(images):
+        return near_copies(scan_for_copies(images, train, distinct_rows(train), 0.5, "cpu"), threshold)
+
+    fresh = near(full.images[np.arange(1, len(full), 2)])
+    assert 0.01 <= fresh["near_copy_fraction"] <= 0.12, fresh  # ~5%: real unseen digits are not copies
+    copies = near(train.images[:100])
+    assert copies["near_copy_fraction"] == 1.0 and copies["near_copied_training_samples"] == 100
+    noise = np.random.default_rng(0).integers(0, 256, (50, *train.images.shape[1:]), dtype=np.uint8)
+    assert near(noise)["near_copy_count"] == 0

@@ -16,6 +16,7 @@ from memshard.config import Config
 from memshard.data import ImageDataset
 from memshard.evaluation.classifier_space import ClassifierSpace, QualitySpaceChoice, quality_report
 from memshard.evaluation.evaluate import EvaluateSettings, Generation, evaluate, sampling_plan
+from memshard.evaluation.memorization import MemorizationReport, near_copies
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
 
 # The copying measures (lower is better) and the quality measures of every point.
@@ -23,6 +24,9 @@ COPYING = ("generations_r_below_0.5", "copied_training_images")
 # The same two at the strictest MQ threshold: on data whose real held-out images already sit below
 # r = 0.5 (full digits: 84%), only these separate copies from ordinary near neighbours.
 STRICT_COPYING = ("generations_r_below_0.15", "copied_r_below_0.15")
+# Calibrated on real images (evaluation.memorization.near_copies): nearer to a training image than 95%
+# of real images are to their nearest other one; a model drawing fresh real-like images scores ~5%.
+NEAR_COPYING = ("generations_near_copies", "copied_near")
 QUALITY = ("frechet", "mean_confidence", "coverage", "tv_distance")
 
 
@@ -40,6 +44,7 @@ class Measurement:
     metrics: dict  # the same numbers under `memshard evaluate`'s metric names (fid.SPACE, quality.SPACE.*)
     params: dict  # how they were made, as `memshard evaluate` logs it
     pipeline: object  # the DDPMPipeline of the weights (the sweep saves the chosen point's)
+    generated: object  # (M, C, H, W) uint8: the generations measured
 
 
 def generate_here(pipeline) -> Callable[[SamplingPlan], Generation]:
@@ -62,17 +67,12 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
     start = time.perf_counter()
     quality = quality_report(report.generated, data.quality, space, seed=settings.seed)
     seconds = {**report.seconds, "quality": time.perf_counter() - start}
-    memorization = report.memorization.metrics()  # copies counted at settings.copy_threshold = 0.5
+    memorization = report.metrics()  # copies counted at settings.copy_threshold = 0.5; near copies
+    real = report.real_memorization.metrics() if report.real_memorization is not None else None
     figures = {
-        "generations_r_below_0.5": memorization["mq_0.5_fraction"],
-        "copied_training_images": memorization["copied_training_samples"],  # distinct images, r < 0.5
-        "mq_0.5_count": memorization["mq_0.5_count"],
-        "nn_ratio_copy_fraction": memorization["nn_ratio_copy_fraction"],
-        "r_median": memorization["r_median"],
-        "generations_r_below_0.15": memorization["mq_0.15_fraction"],
-        "copied_r_below_0.15": int((report.memorization.min_r < 0.15).sum()),
-        "real_r_below_0.5": None if report.real_memorization is None else report.real_memorization.metrics()["mq_0.5_fraction"],
-        "real_r_below_0.15": None if report.real_memorization is None else report.real_memorization.metrics()["mq_0.15_fraction"],
+        **copying_figures(report.memorization, report.near_copy_threshold),
+        "real_r_below_0.5": None if real is None else real["mq_0.5_fraction"],
+        "real_r_below_0.15": None if real is None else real["mq_0.15_fraction"],
         **{key: getattr(quality.generated, key) for key in QUALITY},
         "real_frechet": quality.real.frechet, "real_mean_confidence": quality.real.mean_confidence,
         "real_coverage": quality.real.coverage,
@@ -80,7 +80,20 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
     metrics = {**memorization, f"fid.{quality.space}": quality.generated.frechet,
                **quality.metrics(prefix=f"quality.{quality.space}")}
     params = {**report.params(), "feature_space": quality.space}
-    return Measurement(figures, seconds, metrics, params, pipeline)
+    return Measurement(figures, seconds, metrics, params, pipeline, report.generated)
+
+
+def copying_figures(memorization: MemorizationReport, near_copy_threshold: float | None) -> dict:
+    """COPYING, STRICT_COPYING and NEAR_COPYING of one scan (copies counted at its copy threshold, 0.5)."""
+    m = memorization.metrics()
+    near = near_copies(memorization, near_copy_threshold) if near_copy_threshold is not None else {}
+    return {"generations_r_below_0.5": m["mq_0.5_fraction"],
+            "copied_training_images": m["copied_training_samples"],  # distinct images, r < 0.5
+            "mq_0.5_count": m["mq_0.5_count"], "nn_ratio_copy_fraction": m["nn_ratio_copy_fraction"],
+            "r_median": m["r_median"], "generations_r_below_0.15": m["mq_0.15_fraction"],
+            "copied_r_below_0.15": int((memorization.min_r < 0.15).sum()),
+            "generations_near_copies": near.get("near_copy_fraction"), "copied_near": near.get("near_copied_training_samples"),
+            "near_copy_sq_distance": near.get("near_copy_sq_distance")}
 
 
 def evaluation_rounds(rounds: int, eval_every: int, also: int | None = None) -> set[int]:

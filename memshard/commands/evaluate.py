@@ -47,7 +47,7 @@ from memshard.evaluation.evaluate import (
     sampling_plan,
 )
 from memshard.evaluation.figures import most_copied, r_histogram
-from memshard.evaluation.memorization import THRESHOLDS
+from memshard.evaluation.memorization import NEAR_COPY_QUANTILE, THRESHOLDS
 from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.generation import cluster_has_gpu, generate_on_ray, plan_workers
 from memshard.orchestrator.registry import (
@@ -260,6 +260,11 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
     if real is not None:
         print(f"(real held-out images: {REAL_REFERENCE_WHAT}; {real.num_generations} images)")
     print(f"training images copied (r < {settings.copy_threshold}): {int(m['copied_training_samples'])}")
+    if "near_copy_fraction" in m:
+        print(f"near copies (nearer to a training image than {1 - NEAR_COPY_QUANTILE:.0%} of real images are to "
+              f"their nearest other one, d1^2 < {m['near_copy_sq_distance']:.3f}): {int(m['near_copy_count'])} "
+              f"({100 * m['near_copy_fraction']:.2f}%; real images: about {NEAR_COPY_QUANTILE:.0%} by construction), "
+              f"{int(m['near_copied_training_samples'])} training images")
     for line in quality_lines(report):
         print(line)
     print(f"open the MLflow UI: {ui_command(redact_uri(result.tracking_uri))}")
