@@ -531,6 +531,8 @@ def main(argv: list[str] | None = None) -> None:
             folders = [Path(path).parent / "generations" for path in args.from_results]
             found = remeasure_copying(results["points"], folders, data, s["eval_seed"], str(resolve_device(args.device)))
             print(f"measured again: {found} of {len(results['points'])} points (generations in {', '.join(map(str, folders))})")
+        if args.reference_round:  # read the same curves against another ddpm checkpoint
+            results["settings"]["reference_round"] = args.reference_round
         results["summary"] = summarize(results["points"], results["settings"]["reference_round"])
         write_outputs(out, results, title_of(results))
         print(summary_markdown(results["summary"]))
