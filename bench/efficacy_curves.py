@@ -85,6 +85,7 @@ from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
+from memshard.evaluation.memorization import NEAR_COPY_QUANTILE
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
@@ -197,6 +198,16 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
 
 
 # ---------------------------------------------------------------- the summary (the issue's target check)
+
+
+def real_reference_of(fraction_key: str, points: list[dict]) -> float | None:
+    """The real images' value of a copying fraction: the held-out reference the points carry, or the
+    near-copy quantile (real images score it by construction); None for counts and unknown keys."""
+    if fraction_key == NEAR_COPYING[0]:
+        return NEAR_COPY_QUANTILE
+    real_key = {"generations_r_below_0.5": "real_r_below_0.5", **{m[0][0]: m[1] for m in MORE_COPYING.values() if m[1]}}.get(fraction_key)
+    values = [p[real_key] for p in points if real_key and p.get(real_key) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def more_copying(points: list[dict]) -> dict[str, tuple]:
@@ -388,10 +399,9 @@ def plot(points: list[dict], summary: dict, path: Path, title: str) -> None:
                               color=style["color"])
     reference = summary.get("reference")
     for axis, (key, scale, label) in zip(axes, panels, strict=True):
-        real = [p[f"real_{key}"] for p in points if p.get(f"real_{key}") is not None]
-        if real:
-            axis.axhline(100.0 * float(np.mean(real)), color="green", linestyle="-.", linewidth=1,
-                         label="real held-out training images")
+        real = real_reference_of(key, points)
+        if real is not None:
+            axis.axhline(100.0 * real, color="green", linestyle="-.", linewidth=1, label="real images no model saw")
         if reference:
             axis.plot(reference["frechet"], reference[key] * scale, marker="*", markersize=16, color="black",
                       linestyle="none", label=f"{summary['baseline']} reference (round {reference['round']})", zorder=6)
