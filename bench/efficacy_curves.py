@@ -110,10 +110,11 @@ BASELINE = "ddpm"
 FRECHET_SLACK = 0.10  # the issue's quality bar: Fréchet within +10% of ddpm's final model
 TARGET_REDUCTION = 0.80  # ... and >= 80% less copying on both measures
 # Copying measured two more ways where the points have them (older points lack them): the issue's
-# target checked in each. name -> (fraction of generations, distinct training images), what the
-# real reference of the fraction is.
-MORE_COPYING = {"r < 0.15": (STRICT_COPYING, "real_r_below_0.15"),
-                "near copies": (NEAR_COPYING, None)}  # real images: 5% by construction
+# target checked in each. name -> (fraction of generations, distinct training images).
+MORE_COPYING = {"r < 0.15": STRICT_COPYING, "near copies": NEAR_COPYING}
+# The real held-out images' value of a copying fraction, as the points carry it; near copies have
+# none: real images score NEAR_COPY_QUANTILE by construction.
+REAL_REFERENCE = {"generations_r_below_0.5": "real_r_below_0.5", "generations_r_below_0.15": "real_r_below_0.15"}
 CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "optimizer_steps_sequential",
               "train_seconds", "eval_seconds", "wall_seconds", "loss", *COPYING, "mq_0.5_count",
               *STRICT_COPYING, *NEAR_COPYING, "near_copy_sq_distance", "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", "real_r_below_0.15", *QUALITY, "real_frechet", "real_mean_confidence",
@@ -188,7 +189,7 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
             measured = measure(cfg, driver.weights, data, settings, space, device)
             if keep_generations is not None:  # to measure them again later, in another way, without training
                 keep_generations.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(keep_generations / f"{method.label}-seed{seed}-round{round_index}.npz",
+                np.savez_compressed(generations_file(keep_generations, method.label, seed, round_index),
                                     images=measured.generated)
             yield {"regime": data.regime, "method": method.label, "seed": seed, "round": round_index,
                    "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
@@ -205,19 +206,19 @@ def real_reference_of(fraction_key: str, points: list[dict]) -> float | None:
     near-copy quantile (real images score it by construction); None for counts and unknown keys."""
     if fraction_key == NEAR_COPYING[0]:
         return NEAR_COPY_QUANTILE
-    real_key = {"generations_r_below_0.5": "real_r_below_0.5", **{m[0][0]: m[1] for m in MORE_COPYING.values() if m[1]}}.get(fraction_key)
+    real_key = REAL_REFERENCE.get(fraction_key)
     values = [p[real_key] for p in points if real_key and p.get(real_key) is not None]
     return float(np.mean(values)) if values else None
 
 
 def more_copying(points: list[dict]) -> dict[str, tuple]:
     """The MORE_COPYING measures every point has."""
-    return {name: m for name, m in MORE_COPYING.items() if all(p.get(key) is not None for key in m[0] for p in points)}
+    return {name: keys for name, keys in MORE_COPYING.items() if all(p.get(key) is not None for key in keys for p in points)}
 
 
 def copying_keys(points: list[dict]) -> tuple[str, ...]:
     """COPYING, and the MORE_COPYING measures every point has."""
-    return COPYING + tuple(key for keys, _ in more_copying(points).values() for key in keys)
+    return COPYING + tuple(key for keys in more_copying(points).values() for key in keys)
 
 
 def mean_curve(points: list[dict], method: str, seed: int | None = None) -> list[dict]:
@@ -294,7 +295,7 @@ def summarize(points: list[dict], reference_round: int | None, baseline: str = B
                                       and entry["reduction_vs_final"][key] >= TARGET_REDUCTION for key in COPYING)
             entry["target_met_by"] = {name: all(entry["reduction_vs_final"][key] is not None
                                                 and entry["reduction_vs_final"][key] >= TARGET_REDUCTION for key in keys)
-                                      for name, (keys, _) in more_copying(points).items()}
+                                      for name, keys in more_copying(points).items()}
             seeds_reduction = [s["reduction_vs_final"] for s in per_seed if s["reduction_vs_final"]]
             entry["reduction_vs_final_range"] = {key: [min(r[key] for r in seeds_reduction), max(r[key] for r in seeds_reduction)]
                                                  for key in measures if all(r[key] is not None for r in seeds_reduction)} \
@@ -345,12 +346,13 @@ def summary_markdown(summary: dict) -> str:
             f"{pct(final['copied_training_images'])}{span['copied_training_images']} | "
             f"{pct(early.get('generations_r_below_0.5'))} / {pct(early.get('copied_training_images'))} | "
             f"{'yes' if entry['target_met'] else 'no'} |")
-    for name, ((fraction, images), real) in MORE_COPYING.items():
+    for name, (fraction, images) in MORE_COPYING.items():
         rows = [(method, entry) for method, entry in summary["methods"].items()
                 if entry["at_bar"] is not None and name in entry.get("target_met_by", {})]
         if not rows:
             continue
-        reference_real = "5% by construction" if real is None else f"{100 * ref[real]:.1f}%"
+        real = REAL_REFERENCE.get(fraction)
+        reference_real = f"{NEAR_COPY_QUANTILE:.0%} by construction" if real is None else f"{100 * ref[real]:.1f}%"
         lines += ["", f"The same in {name} (the reference model: {100 * ref[fraction]:.1f}% of generations, "
                       f"{ref[images]:.1f} images; real images: {reference_real}):", "",
                   f"| method | {name} | images | fewer vs final ddpm | fewer images vs final ddpm "
@@ -377,7 +379,7 @@ def plot(points: list[dict], summary: dict, path: Path, title: str) -> None:
 
     panels = [("generations_r_below_0.5", 100.0, "generations with r < 0.5 (%)"),
               ("copied_training_images", 1.0, "training images copied (r < 0.5)")]
-    for name, ((fraction, images), _) in more_copying(points).items():
+    for name, (fraction, images) in more_copying(points).items():
         panels += [(fraction, 100.0, f"generations: {name} (%)"), (images, 1.0, f"training images copied ({name})")]
     figure, grid = plt.subplots(len(panels) // 2, 2, figsize=(13, 5.2 * len(panels) // 2), squeeze=False)
     axes = grid.ravel()
@@ -453,6 +455,11 @@ def environment(argv: list[str]) -> dict:
             "versions": {name: version(name) for name in ("torch", "diffusers", "ray", "memshard")}}
 
 
+def generations_file(folder: Path, method: str, seed: int, round_index: int) -> Path:
+    """Where --keep-generations saves one point's generations."""
+    return folder / f"{method}-seed{seed}-round{round_index}.npz"
+
+
 def remeasure_copying(points: list[dict], generations: list[Path], data: Data, eval_seed: int, device: str) -> int:
     """Measure the saved generations of each point (--keep-generations) again with today's copying
     measures, in place; the r < 0.5 figures must come out as recorded. Returns how many were found."""
@@ -460,8 +467,8 @@ def remeasure_copying(points: list[dict], generations: list[Path], data: Data, e
     rows = distinct_rows(data.train)
     found = 0
     for point in points:
-        path = next((folder / f"{point['method']}-seed{point['seed']}-round{point['round']}.npz" for folder in generations
-                     if (folder / f"{point['method']}-seed{point['seed']}-round{point['round']}.npz").exists()), None)
+        saved = [generations_file(folder, point["method"], point["seed"], point["round"]) for folder in generations]
+        path = next((path for path in saved if path.exists()), None)
         if path is None:
             continue
         figures = copying_figures(scan_for_copies(np.load(path)["images"], data.train, rows, 0.5, device), threshold)

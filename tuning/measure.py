@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from memshard.config import Config
 from memshard.data import ImageDataset
 from memshard.evaluation.classifier_space import ClassifierSpace, QualitySpaceChoice, quality_report
-from memshard.evaluation.evaluate import EvaluateSettings, Generation, evaluate, sampling_plan
+from memshard.evaluation.evaluate import REAL_PREFIX, EvaluateSettings, Generation, evaluate, sampling_plan
 from memshard.evaluation.memorization import MemorizationReport, near_copies
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
 
@@ -68,11 +68,10 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
     quality = quality_report(report.generated, data.quality, space, seed=settings.seed)
     seconds = {**report.seconds, "quality": time.perf_counter() - start}
     memorization = report.metrics()  # copies counted at settings.copy_threshold = 0.5; near copies
-    real = report.real_memorization.metrics() if report.real_memorization is not None else None
     figures = {
         **copying_figures(report.memorization, report.near_copy_threshold),
-        "real_r_below_0.5": None if real is None else real["mq_0.5_fraction"],
-        "real_r_below_0.15": None if real is None else real["mq_0.15_fraction"],
+        "real_r_below_0.5": memorization.get(f"{REAL_PREFIX}.mq_0.5_fraction"),  # None: no real reference
+        "real_r_below_0.15": memorization.get(f"{REAL_PREFIX}.mq_0.15_fraction"),
         **{key: getattr(quality.generated, key) for key in QUALITY},
         "real_frechet": quality.real.frechet, "real_mean_confidence": quality.real.mean_confidence,
         "real_coverage": quality.real.coverage,
