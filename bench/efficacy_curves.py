@@ -186,7 +186,7 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
             if round_index not in eval_rounds:
                 continue
             start = time.perf_counter()
-            measured = measure(cfg, driver.weights, data, settings, space, device)
+            measured = measure(cfg, driver.model_weights, data, settings, space, device)
             if keep_generations is not None:  # to measure them again later, in another way, without training
                 keep_generations.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(generations_file(keep_generations, method.label, seed, round_index),

@@ -59,6 +59,13 @@ class TrainingConfig:
     mixed_precision: str = "no"  # "no" or "bf16" (autocast, CUDA only)
     device: str = "auto"  # "auto", "cpu", "cuda"
     seed: int = 0
+    # An exponential moving average of the weights, with warm-up (diffusers' EMAModel, as its
+    # train_unconditional.py uses it): each proxy keeps one, the driver averages them like the weights,
+    # and the averaged EMA is the model that is sampled and registered. Decay at step n:
+    # min(ema_max_decay, 1 - (1 + n)^-ema_power).
+    ema: bool = False
+    ema_max_decay: float = 0.9999
+    ema_power: float = 0.75
 
 
 @dataclass
@@ -456,6 +463,8 @@ def validate(cfg: Config) -> None:
     require(t.weight_decay >= 0, f"training.weight_decay = {t.weight_decay}: must be >= 0")
     require(t.warmup_steps >= 0, f"training.warmup_steps = {t.warmup_steps}: must be >= 0")
     require(t.grad_clip > 0, f"training.grad_clip = {t.grad_clip}: must be > 0")
+    require(0 < t.ema_max_decay < 1, f"training.ema_max_decay = {t.ema_max_decay}: must be in (0, 1), e.g. 0.9999")
+    require(t.ema_power > 0, f"training.ema_power = {t.ema_power}: must be > 0, e.g. 0.75")
     require(t.mixed_precision in ("no", "bf16"), f"training.mixed_precision = {t.mixed_precision!r}: use no or bf16")
     require(t.device in ("auto", "cpu", "cuda"), f"training.device = {shown(t.device)}: use auto, cpu or cuda")
     require(not (t.device == "cuda" and cfg.ray.gpus_per_actor != "auto" and _is_nonnegative_number(

@@ -3,7 +3,9 @@
 A round: the global weights go into the object store once and every actor loads them by reference →
 all actors train their local steps concurrently → per-sample skip counts and losses come back →
 FedAvg weighted by the shard sizes the proxies trained on, then the server optimizer's step
-(`aggregation.server_optimizer`, method.md §8; fedavg takes the average as it is) → MSR moves
+(`aggregation.server_optimizer`, method.md §8; fedavg takes the average as it is); with
+`training.ema` the proxies' EMAs are averaged the same way (no server step: an EMA is not a
+gradient) and the averaged EMA is the model that is sampled and registered → MSR moves
 memorization-prone samples between shards (on exchange rounds) → the shard assignment is checked.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from memshard.aggregation import SERVER_OPTIMIZERS, ServerState, server_update
+from memshard.aggregation import SERVER_OPTIMIZERS, ServerState, server_update, weighted_average
 from memshard.config import Config
 from memshard.errors import MemshardError, shown
 from memshard.orchestrator.cluster import ActorResources, place_shard_actors, release
@@ -71,6 +73,8 @@ class IETDriver:
         self.shards = shards
         self.num_samples = num_samples
         self.weights = weights
+        # With training.ema: the averaged EMA, which starts at the initial weights (as each proxy's does).
+        self.ema_weights = dict(weights) if cfg.training.ema else None
         self.destination_rule = destination_rule(cfg.msr.rule)
         self.server_hyperparameters = server_optimizer_settings(cfg)
         self.server_state = ServerState()  # the server optimizer's moments: checkpointed with the driver
@@ -84,13 +88,19 @@ class IETDriver:
         # Each proxy's state as of the start of the coming round (object-store references): what a
         # replacement actor resumes from, so a re-run round gives what the lost one would have.
         self.worker_states = [actor.state_dict.remote() for actor in actors]
-        self._weights_ref = None
+        self._weights_refs: tuple = ()
+
+    @property
+    def model_weights(self) -> dict[str, np.ndarray]:
+        """The weights of the model this run delivers (sampled, evaluated, registered): the averaged
+        EMA with `training.ema`, else the global weights."""
+        return self.weights if self.ema_weights is None else self.ema_weights
 
     def run_round(self, round_index: int, is_last: bool) -> RoundReport:
         cfg, seconds = self.cfg, {}
         with _timed(seconds, "broadcast"):
-            self._weights_ref = ray.put(self.weights)
-            ray.get([actor.set_weights.remote(self._weights_ref) for actor in self.actors])
+            self._weights_refs = (ray.put(self.weights), None if self.ema_weights is None else ray.put(self.ema_weights))
+            ray.get([actor.set_weights.remote(*self._weights_refs) for actor in self.actors])
         with _timed(seconds, "train"):
             results = self._train_all_shards(round_index)
         for result in results:
@@ -100,11 +110,14 @@ class IETDriver:
             self.last_loss[result.indices[drawn]] = result.mean_loss[drawn]
         with _timed(seconds, "gather"):
             local = ray.get([actor.get_weights.remote() for actor in self.actors])
+            local_ema = None if self.ema_weights is None else ray.get([actor.get_ema_weights.remote() for actor in self.actors])
         with _timed(seconds, "aggregate"):
             sizes = [len(shard) for shard in self.shards]  # the sizes each proxy trained on this round
             self.weights, self.server_state = server_update(
                 cfg.aggregation.server_optimizer, self.weights, list(zip(local, sizes, strict=True)),
                 self.server_state, self.server_hyperparameters)
+            if local_ema is not None:
+                self.ema_weights = weighted_average(list(zip(local_ema, sizes, strict=True)))
         moves = None
         if cfg.uses_msr and not is_last and is_exchange_round(round_index, cfg.msr.schedule):
             with _timed(seconds, "redistribute"):
@@ -166,7 +179,7 @@ class IETDriver:
         ray.kill(self.actors[k], no_restart=True)
         actor = self.start_actor(k)
         ray.get(actor.load_state_dict.remote(self.worker_states[k]))
-        ray.get(actor.set_weights.remote(self._weights_ref))
+        ray.get(actor.set_weights.remote(*self._weights_refs))
         self.actors[k] = actor
 
     def redistribute_memorized_samples(self, round_index: int) -> Moves:
@@ -189,6 +202,7 @@ class IETDriver:
         return {
             "rounds_done": self.rounds_done,
             "weights": self.weights,
+            "ema_weights": self.ema_weights,
             "shards": list(self.shards),
             "skips_since_move": self.skips_since_move,
             "skips_total": self.skips_total,
@@ -202,6 +216,8 @@ class IETDriver:
         """Continue from a checkpoint: driver tables, assignment, weights and every proxy's state."""
         self.rounds_done = int(state["rounds_done"])
         self.weights = state["weights"]
+        if self.ema_weights is not None:  # the checkpoint's config is the run's, so it has them
+            self.ema_weights = state["ema_weights"]
         self.shards = [np.asarray(s, dtype=np.int64) for s in state["shards"]]
         check_partition(self.shards, self.num_samples)
         self.skips_since_move = state["skips_since_move"]

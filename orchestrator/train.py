@@ -58,7 +58,7 @@ class RunHooks:
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     register: bool = True
-    after_round: Callable[[int, dict], None] | None = None  # (round, global weights), inside the run
+    after_round: Callable[[int, dict], None] | None = None  # (round, the model's weights), inside the run
 
 
 def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = None,
@@ -198,7 +198,7 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
             rounds.set_postfix_str(" ".join(f"s{r.shard}:{r.images_per_second:.0f}img/s" for r in report.results))
             tqdm.write(_round_line(report, cfg.iet.rounds), file=sys.stderr)
             if cfg.mlflow.sample_grid_every and round_index % cfg.mlflow.sample_grid_every == 0:
-                _log_sample_grid(cfg, dataset, driver.weights, round_index)
+                _log_sample_grid(cfg, dataset, driver.model_weights, round_index)
             if round_index % cfg.mlflow.checkpoint_every == 0 or round_index == cfg.iet.rounds:
                 save_checkpoint(checkpoint_dir(cfg, run_id), {
                     "config": to_dict(cfg), "dataset_fingerprint": dataset.fingerprint,
@@ -207,11 +207,11 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
             if faults is not None:
                 faults.after_checkpoint(round_index)
             if hooks.after_round is not None:
-                hooks.after_round(round_index, driver.weights)
+                hooks.after_round(round_index, driver.model_weights)
         rounds.close()
 
         # The final model is written locally first, then logged and registered.
-        pipeline = build_pipeline(cfg, dataset.channels, driver.weights)
+        pipeline = build_pipeline(cfg, dataset.channels, driver.model_weights)
         local_pipeline = save_pipeline(pipeline, checkpoint_dir(cfg, run_id) / "pipeline")
         with_retries(log_table, _assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
         with_retries(log_table, _memorization_scores(dataset, driver), "memorization_scores.parquet")

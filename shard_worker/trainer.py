@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 
 from memshard.config import Config
 from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device, state_to_numpy, to_model_range
@@ -77,6 +78,9 @@ class ProxyTrainer:
         )
         warmup = max(t.warmup_steps, 1)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        # The EMA's shadow weights live beside the model (same device); warm-up as diffusers' script.
+        self.ema = EMAModel(self.model.parameters(), decay=t.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
+                            power=t.ema_power, foreach=True) if t.ema else None
         self.generator = torch.Generator(self.device).manual_seed(seed * 7919 + 104729 * (shard + 1))
         torch.manual_seed(seed * 7919 + shard + 1)
         self.memory_bank = torch.zeros(cfg.model.num_train_timesteps, device=self.device)
@@ -88,8 +92,19 @@ class ProxyTrainer:
     def get_weights(self) -> dict[str, np.ndarray]:
         return state_to_numpy(self.model)
 
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def set_weights(self, weights: dict[str, np.ndarray], ema_weights: dict[str, np.ndarray] | None = None) -> None:
+        """The global weights, and with `training.ema` the global (averaged) EMA the local one continues from."""
         load_numpy_state(self.model, weights)
+        if self.ema is not None and ema_weights is not None:
+            for (name, _), shadow in zip(self.model.named_parameters(), self.ema.shadow_params, strict=True):
+                shadow.copy_(torch.from_numpy(np.array(ema_weights[name])))
+
+    def get_ema_weights(self) -> dict[str, np.ndarray]:
+        """The EMA's weights, named like `get_weights` (the UNet has parameters only, no buffers)."""
+        if self.ema is None:
+            raise ValueError("this proxy keeps no EMA: set training.ema=true")
+        return {name: shadow.detach().cpu().numpy().copy()
+                for (name, _), shadow in zip(self.model.named_parameters(), self.ema.shadow_params, strict=True)}
 
     # ---- local training ----
     def train_round(self, indices: np.ndarray, steps: int) -> RoundResult:
@@ -147,6 +162,8 @@ class ProxyTrainer:
             self.optimizer.step()
             self.lr_schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(self.model.parameters())
             self.global_step += 1
 
         # One host sync per round.
@@ -184,17 +201,19 @@ class ProxyTrainer:
 
     # ---- checkpoint (all per-proxy state; tensors only, so torch.load(weights_only=True) reads it) ----
     def state_dict(self) -> dict:
-        return {
+        # A copy on the CPU: the state leaves the actor for the driver and the checkpoint file, where no GPU may be.
+        return _on_cpu({
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
-            "memory_bank": self.memory_bank.cpu(),
-            "taa_strength": self.taa_strength.cpu(),
+            "memory_bank": self.memory_bank,
+            "taa_strength": self.taa_strength,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
             "global_step": self.global_step,
-        }
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+        })
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -207,3 +226,20 @@ class ProxyTrainer:
         if self.device.type == "cuda" and state["cuda_rng"].numel():
             torch.cuda.set_rng_state(state["cuda_rng"])
         self.global_step = int(state["global_step"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError("the checkpoint was trained without training.ema: resume it without the EMA")
+            self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.device)
+
+
+def _on_cpu(tree):
+    """`tree` with every tensor in it copied to the CPU: a snapshot, which later steps do not change
+    (dicts and lists rebuilt, other leaves kept)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {key: _on_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_on_cpu(value) for value in tree)
+    return tree

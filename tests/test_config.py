@@ -72,6 +72,8 @@ def test_a_float_without_a_dot_reads_as_a_number():
         (["iet.shards=1.5"], "wrong type"),
         (["agc.decay=true"], "wrong type"),
         (["iet.shards=0"], "at least 1 shard"),
+        (["training.ema_max_decay=1"], "training.ema_max_decay = 1.0: must be in (0, 1)"),
+        (["training.ema_power=0"], "training.ema_power = 0.0: must be > 0"),
         (["iet.rounds=-1"], "at least 1 round"),
         (["iet.local_steps=0"], "at least 1 step"),
         (["iet.method=magic"], "unknown method"),

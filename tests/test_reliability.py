@@ -119,15 +119,21 @@ def test_a_nan_loss_names_the_shard_and_step_and_rolls_the_round_back(ray_cluste
     assert state["rounds_done"] == 1 and all(np.isfinite(w).all() for w in state["weights"].values())
 
 
-def test_resume_after_the_driver_dies_equals_an_uninterrupted_run(ray_cluster, mlflow_store, tmp_path, reference_weights):
-    reference = reference_weights
+def train_until_the_driver_dies_after_round_one(ray_cluster, store: str, cwd, *sets: str) -> None:
+    """`memshard train --preset tiny --rounds 3` in a process whose driver exits right after round 1's
+    checkpoint (the test fault plan), its run left RUNNING for a resume; `sets` are extra --set items."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, FAULTS_ENV: json.dumps({"driver_exit_after_round": 1})}
     completed = subprocess.run(
         [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
-         "--set", f"mlflow.tracking_uri={mlflow_store}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+         "--set", f"mlflow.tracking_uri={store}", *(arg for item in sets for arg in ("--set", item))],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 3, completed.stderr[-2000:]  # the driver process died after round 1
+
+
+def test_resume_after_the_driver_dies_equals_an_uninterrupted_run(ray_cluster, mlflow_store, tmp_path, reference_weights):
+    reference = reference_weights
+    train_until_the_driver_dies_after_round_one(ray_cluster, mlflow_store, tmp_path)
     run = only_run(mlflow_store)
     assert run.info.status == "RUNNING"
 

@@ -3,18 +3,15 @@ checkpoint and resume — on the session's real Ray cluster and a real MLflow st
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import ray
 from conftest import all_runs
 from mlflow.tracking import MlflowClient
-from test_reliability import assert_same_weights, final_weights
+from test_reliability import assert_same_weights, final_weights, train_until_the_driver_dies_after_round_one
 
 from memshard.aggregation import weighted_average
 from memshard.config import build_config
@@ -24,7 +21,6 @@ from memshard.orchestrator.checkpoint import load_checkpoint
 from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
 from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import checkpoint_dir, resume_config, train
-from memshard.shard_worker.faults import FAULTS_ENV
 
 
 def tiny(store: str, *sets: str):
@@ -100,20 +96,14 @@ def test_fedavgm_without_momentum_at_unit_rate_trains_bitwise_like_fedavg(ray_cl
 
 
 def test_resume_with_fedadam_equals_an_uninterrupted_run(ray_cluster, mlflow_store, tmp_path):
-    adam = ("--set", "aggregation.server_optimizer=fedadam", "--set", "aggregation.eta=0.01")
+    adam = ("aggregation.server_optimizer=fedadam", "aggregation.eta=0.01")
     reference = train(tiny(mlflow_store, "iet.rounds=3", "aggregation.server_optimizer=fedadam",
                            "aggregation.eta=0.01", "mlflow.register_as=reference"), show_progress=False)
     fedavg = train(tiny(mlflow_store, "iet.rounds=3", "mlflow.register_as=fedavg"), show_progress=False)
     assert any(not np.array_equal(a, b) for a, b in zip(final_weights(reference).values(),
                                                         final_weights(fedavg).values(), strict=True))
 
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, FAULTS_ENV: json.dumps({"driver_exit_after_round": 1})}
-    completed = subprocess.run(
-        [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
-         "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "mlflow.register_as=resumed", *adam],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 3, completed.stderr[-2000:]  # the driver process died after round 1
+    train_until_the_driver_dies_after_round_one(ray_cluster, mlflow_store, tmp_path, "mlflow.register_as=resumed", *adam)
     run = [r for r in all_runs(mlflow_store) if r.info.status == "RUNNING"]
     assert len(run) == 1
     run_id = run[0].info.run_id

@@ -107,6 +107,40 @@ def test_state_dict_resumes_bitwise(digits_8x8):
     torch.testing.assert_close(resumed.memory_bank, straight.memory_bank, rtol=0, atol=0)
 
 
+def test_the_ema_follows_diffusers_warmup_decay_and_resumes_bitwise(digits_8x8):
+    shard = np.arange(48)
+    trainer = make_trainer(digits_8x8, **{"training.ema": "true"})
+    trainer.train_round(shard, 1)
+    after_one = trainer.get_weights()
+    for name, value in trainer.get_ema_weights().items():  # decay 0 at the first step: the EMA is the weights
+        np.testing.assert_array_equal(value, after_one[name])
+    state = trainer.state_dict()
+    trainer.train_round(shard, 1)
+    decay = 1 - 2 ** -0.75  # min(0.9999, 1 - (1 + n)^-0.75) at the second step (n = 1)
+    after_two, ema = trainer.get_weights(), trainer.get_ema_weights()
+    for name, value in ema.items():
+        np.testing.assert_allclose(value, decay * after_one[name] + (1 - decay) * after_two[name], rtol=1e-5, atol=1e-7)
+    assert any(not np.array_equal(ema[n], after_two[n]) for n in ema)
+
+    resumed = make_trainer(digits_8x8, **{"training.ema": "true"})
+    resumed.load_state_dict(state)
+    resumed.train_round(shard, 1)
+    for name, value in resumed.get_ema_weights().items():
+        np.testing.assert_array_equal(value, ema[name])
+    with pytest.raises(ValueError, match="without training.ema"):
+        make_trainer(digits_8x8, **{"training.ema": "true"}).load_state_dict(make_trainer(digits_8x8).state_dict())
+
+
+def test_set_weights_continues_the_ema_from_the_given_average(digits_8x8):
+    a, b = make_trainer(digits_8x8, **{"training.ema": "true"}), make_trainer(digits_8x8, **{"training.ema": "true"})
+    a.train_round(np.arange(32), 3)
+    b.set_weights(a.get_weights(), a.get_ema_weights())
+    for name, value in a.get_ema_weights().items():
+        np.testing.assert_array_equal(b.get_ema_weights()[name], value)
+    with pytest.raises(ValueError, match="keeps no EMA"):
+        make_trainer(digits_8x8).get_ema_weights()
+
+
 def test_a_test_fault_plan_makes_a_real_nan_on_its_shard_only(digits_8x8):
     shard = np.arange(32)
     planned = make_trainer(digits_8x8, shard=1)
