@@ -44,7 +44,8 @@ The summary is the issue's target check: at the quality of ddpm's final model (`
 default the preset's rounds on the whole data, ddpm's last round with `--subset`) — classifier Fréchet
 at most 10% above it and class coverage no worse — each method's copying, interpolated linearly in
 Fréchet where its mean curve first reaches that bar, and the reduction against ddpm's final model and
-against ddpm stopped early at the same bar.
+against ddpm stopped early at the same bar. `--baseline LABEL` compares with another ddpm curve instead
+(a variant such as `ddpm+ema:training.ema=true`; every ddpm variant trains `--baseline-rounds`).
 
 Full size on a quiet 2-core CPU (estimated from BENCHMARKS.md's throughput, 540-680 training img/s,
 and about 20 s per evaluation of 500 DDIM-50 generations; not measured end to end):
@@ -128,6 +129,11 @@ CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "opt
 class Method:
     label: str  # how results name it
     sets: tuple[str, ...]  # `section.key=value` settings, iet.method first
+
+    @property
+    def base(self) -> str:
+        """The memshard method it trains (`iet.method`): ddpm variants train `--baseline-rounds`."""
+        return next(item.split("=", 1)[1].strip() for item in self.sets if item.startswith("iet.method="))
 
 
 def parse_method(text: str) -> Method:
@@ -517,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subset", type=int, default=None, help="small-data regime: the first N images")
     parser.add_argument("--reference-round", type=int, default=None,
                         help="ddpm's 'final model' for the target check (default: the preset's rounds; the last with --subset)")
+    parser.add_argument("--baseline", default=BASELINE,
+                        help="the method whose model the target check compares with (e.g. a variant ddpm+ema)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a setting for every method (e.g. iet.local_steps=50)")
     parser.add_argument("--num-images", type=int, default=500)
@@ -550,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"measured again: {found} of {len(results['points'])} points (generations in {', '.join(map(str, folders))})")
         if args.reference_round:  # read the same curves against another ddpm checkpoint
             results["settings"]["reference_round"] = args.reference_round
-        results["summary"] = summarize(results["points"], results["settings"]["reference_round"])
+        results["summary"] = summarize(results["points"], results["settings"]["reference_round"], args.baseline)
         write_outputs(out, results, title_of(results))
         print(summary_markdown(results["summary"]))
         return
@@ -563,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         raise MemshardError(f"--eval-every {args.eval_every} / --reference-round {reference_round}: need an eval "
                             f"interval >= 1 and a reference round within ddpm's {baseline_rounds} (--baseline-rounds)")
     methods = [parse_method(text) for text in args.methods]
-    configs = {(m.label, seed): method_config(args.preset, m, seed, baseline_rounds if m.label == BASELINE else rounds,
+    configs = {(m.label, seed): method_config(args.preset, m, seed, baseline_rounds if m.base == "ddpm" else rounds,
                                               args.set) for seed in args.seeds for m in methods}  # seed-major: a stopped run holds whole comparisons
     settings = EvaluateSettings(protocol="quick", num_images=args.num_images, sampler=args.sampler,
                                 sampling_steps=args.sampling_steps, batch_size=args.eval_batch, seed=args.eval_seed,
@@ -599,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
                 with mlflow.start_run(run_name=f"{label} seed {seed}", nested=True):
                     mlflow.set_tags({"method": label, "seed": str(seed), "regime": data.regime})
                     mlflow.log_params({**flatten(cfg), "label": label, "sets": json.dumps(method.sets)})
-                    when = evaluation_rounds(cfg.iet.rounds, args.eval_every, reference_round if label == BASELINE else None)
+                    when = evaluation_rounds(cfg.iet.rounds, args.eval_every, reference_round if method.base == "ddpm" else None)
                     for point in curve(cfg, method, seed, data, when, settings, space, device,
                                        out / "generations" if args.keep_generations else None):
                         results["points"].append(point)
@@ -617,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
                 rounds_done += cfg.iet.rounds
             results["environment"]["load_average_at_end"] = os.getloadavg()
             results["environment"]["seconds"] = time.perf_counter() - started
-            results["summary"] = summarize(results["points"], reference_round)
+            results["summary"] = summarize(results["points"], reference_round, args.baseline)
             write_outputs(out, results, title_of(results))
             for method, entry in results["summary"].get("methods", {}).items():
                 for against in ("reduction_vs_final", "reduction_vs_early_stopped"):

@@ -30,6 +30,8 @@ def test_method_names_and_variants():
     assert variant == efficacy.Method("iet-agc-plus+wide", ("iet.method=iet-agc-plus", "aggregation.server_optimizer=fedavgm",
                                                             "model.block_out_channels=32,64"))
     assert efficacy.parse_method("mine:iet.method=iet").sets == ("iet.method=iet",)
+    assert [efficacy.parse_method(text).base for text in ("ddpm+ema:training.ema=true", "mine:iet.method=ddpm", "iet")] \
+        == ["ddpm", "ddpm", "iet"]  # ddpm variants train --baseline-rounds
     with pytest.raises(MemshardError, match="start its name with one of ddpm"):
         efficacy.parse_method("magic:aggregation.eta=0.1")
 
@@ -83,6 +85,8 @@ def test_the_strict_threshold_is_summarized_beside_the_loose_one_when_every_poin
     points = [strict(point("ddpm", 0, 2, 3.0, 0.10, 40), 0.02, 8), strict(point("ddpm", 0, 4, 2.0, 0.40, 180), 0.20, 60),
               strict(point("iet", 0, 2, 2.1, 0.30, 120), 0.01, 5), strict(point("iet", 0, 4, 1.5, 0.35, 150), 0.02, 6)]
     summary = efficacy.summarize(points, reference_round=4)
+    renamed = [{**p, "method": "ddpm+ema" if p["method"] == "ddpm" else p["method"]} for p in points]
+    assert efficacy.summarize(renamed, 4, baseline="ddpm+ema")["methods"]["iet"] == summary["methods"]["iet"]
     iet = summary["methods"]["iet"]
     assert iet["reduction_vs_final"]["generations_r_below_0.15"] == pytest.approx(1 - 0.01 / 0.20)
     assert iet["reduction_vs_final"]["copied_r_below_0.15"] == pytest.approx(1 - 5 / 60)
