@@ -98,7 +98,9 @@ def test_a_tiny_sweep_logs_its_trials_chooses_registers_and_its_config_trains(ra
     assert chosen["trial"] in ("t00", "t01") and chosen["frechet"] <= budget["max_frechet"]
     assert choice["reference"]["trial"] == "t00" and choice["reference"]["round"] == 2
     assert all(p["frechet"] <= budget["max_frechet"] for p in choice["within_budget"])
-    assert all(p["copied_training_images"] >= chosen["copied_training_images"] for p in choice["within_budget"])
+    assert all(p["training_images_nearly_copied"] >= chosen["training_images_nearly_copied"] for p in choice["within_budget"])
+    near = client.get_metric_history(trials[chosen["trial"]].info.run_id, "tune.copied_near")  # what the choice minimized
+    assert next(m.value for m in near if m.step == chosen["round"]) == chosen["training_images_nearly_copied"]
     assert f"chosen: {chosen['trial']} stopped at round {chosen['round']}" in out
 
     version = client.get_model_version("tuned", "1")

@@ -4,10 +4,15 @@ Every trial gives points: its global weights after some rounds, each with its co
 The budget is the reference's quality (ddpm at the preset's full training length) loosened by
 `max_quality_loss`: classifier-space Fréchet at most reference × (1 + loss), and class coverage no
 worse than the reference's where both are known. Among the points within the budget the choice is
-the one with the fewest copied training images; ties go to fewer shards, then less compute (total
+the one with the fewest training images nearly copied; ties go to fewer shards, then less compute (total
 optimizer steps), then better quality (lower Fréchet), then the earlier trial and round, so the
 choice never depends on the order trials finished in. A point over budget is never chosen: when no
 point is within it, the choice is None and the closest point is recommended and flagged as such.
+
+Copying is counted in near copies (`evaluation.memorization.near_copies`), calibrated on real images:
+a generation nearer to a training image than 95% of real images come to their nearest other one. Not
+r < 0.5, which real images no model saw already meet on digits 84% of the time (300 digits: 98%), so
+it ranks ordinary near neighbours, not copies (BENCHMARKS.md, issue 12).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ COVERAGE_SLACK = 1e-9  # coverage is a share of classes: equal within rounding c
 class Point:
     trial: str
     round: int
-    copies: float  # distinct training images copied (r < 0.5): what the choice minimizes
-    copy_fraction: float  # generations with r < 0.5 (MQ@0.5 / M)
+    copies: float  # distinct training images nearly copied (near copies): what the choice minimizes
+    copy_fraction: float  # generations that are near copies of a training image
     frechet: float  # classifier-space Fréchet distance: the quality measure (lower is better)
     coverage: float | None  # classes predicted / classes in the labels (None: unlabelled data)
     shards: int

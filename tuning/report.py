@@ -40,8 +40,8 @@ def point_rows(outcomes: list[TrialOutcome], choice: Choice | None) -> list[dict
     for outcome in outcomes:
         for p in outcome.points:
             rows.append({"trial": p.trial, "setting": outcome.trial.describe(), "status": outcome.status,
-                         "round": p.round, "copied_training_images": p.copies,
-                         "generations_r_below_0.5": round(p.copy_fraction, 4), "frechet": round(p.frechet, 4),
+                         "round": p.round, "training_images_nearly_copied": p.copies,
+                         "generations_near_copies": round(p.copy_fraction, 4), "frechet": round(p.frechet, 4),
                          "coverage": p.coverage, "shards": p.shards, "optimizer_steps": p.compute,
                          "reference": outcome.trial.reference and choice is not None and p == choice.budget.reference,
                          "within_budget": p in within, "pareto": p in front,
@@ -64,7 +64,7 @@ def trial_rows(outcomes: list[TrialOutcome], choice: Choice | None) -> list[dict
             "points_within_budget": sum(p in within for p in outcome.points),
             "shown_round": shown.round if shown else None, "shown_is": "best within budget" if best else
             ("last point (none within budget)" if shown else ""),
-            "copied_training_images": shown.copies if shown else None,
+            "training_images_nearly_copied": shown.copies if shown else None,
             "frechet": round(shown.frechet, 4) if shown else None,
             "run_id": outcome.run_id or "", "error": outcome.error or "",
         })
@@ -91,7 +91,7 @@ def as_markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 
 TRIAL_COLUMNS = ("trial", "setting", "status", "shards", "local_steps", "rounds", "points", "points_within_budget",
-                 "shown_round", "copied_training_images", "frechet", "error")
+                 "shown_round", "training_images_nearly_copied", "frechet", "error")
 
 
 def chosen_config(cfg: Config, rounds: int) -> str:
@@ -112,8 +112,8 @@ def tradeoff_figure(outcomes: list[TrialOutcome], choice: Choice | None, path: P
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    panels = ((axes[0], "copies", 1.0, "training images copied (r < 0.5)"),
-              (axes[1], "copy_fraction", 100.0, "generations with r < 0.5 (%)"))
+    panels = ((axes[0], "copies", 1.0, "training images nearly copied"),
+              (axes[1], "copy_fraction", 100.0, "generations that are near copies (%)"))
     everything = [p for o in outcomes for p in o.points if o.status != "FAILED"]
     colours = iter(plt.cm.tab20.colors * 10)
     for outcome in outcomes:

@@ -158,12 +158,15 @@ def _train_and_measure(cfg: Config, spec: dict, context: TrialContext, tags: dic
         if round_index < cfg.iet.rounds:  # the last round's pipeline is the run's model already
             pipeline_dir = str(save_pipeline(m.pipeline.to("cpu"), checkpoint_dir(cfg, run_id) / "rounds" / f"round_{round_index:04d}"))
         figures = m.figures
+        if figures["copied_near"] is None:  # evaluate() calibrates near copies on >= 3 distinct images
+            raise MemshardError(f"{cfg.data.path} has fewer than 3 distinct images: near copies, what the choice "
+                                "minimizes, cannot be calibrated; tune on a dataset of at least 3 images")
         with_retries(mlflow.log_metrics, {f"tune.{k}": float(v) for k, v in figures.items() if v is not None},
                      step=round_index)
         measured.append((round_index, m.metrics, m.params))
         tune.report({"kind": "point", "trial": spec["name"], "round": round_index, "run_id": run_id,
-                     "copies": float(figures["copied_training_images"]),
-                     "copy_fraction": float(figures["generations_r_below_0.5"]),
+                     "copies": float(figures["copied_near"]),
+                     "copy_fraction": float(figures["generations_near_copies"]),
                      "frechet": float(figures["frechet"]),
                      "coverage": -1.0 if figures["coverage"] is None else float(figures["coverage"]),
                      "real_frechet": float(figures["real_frechet"]), "shards": cfg.iet.shards,
@@ -262,7 +265,7 @@ class Progress(tune.Callback):
         outcome.points.append(point)
         if result["pipeline"]:
             outcome.round_pipelines[point.round] = result["pipeline"]
-        self._line(f"{point.trial} round {point.round}: {point.copies:g} copied, Fréchet {point.frechet:.3f}")
+        self._line(f"{point.trial} round {point.round}: {point.copies:g} nearly copied, Fréchet {point.frechet:.3f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         name = trial.config["trial"]["name"]
@@ -286,7 +289,7 @@ class Progress(tune.Callback):
             best = "best within budget: none yet"
         else:
             p = choice.chosen
-            best = (f"best within budget: {p.trial} round {p.round} ({p.copies:g} copied, "
+            best = (f"best within budget: {p.trial} round {p.round} ({p.copies:g} nearly copied, "
                     f"Fréchet {p.frechet:.3f} <= {choice.budget.max_frechet:.3f})")
         self.say(f"{event} | trials: {counts}; {best}")
 
@@ -436,7 +439,7 @@ def _conclude(outcomes: list[TrialOutcome], space: SweepSpace, settings: SweepSe
     metrics = {"trials_failed": sum(o.status == "FAILED" for o in outcomes),
                "trials_finished": sum(o.status == "FINISHED" for o in outcomes)}
     if choice is not None and choice.chosen is not None:
-        metrics.update({"chosen.copied_training_images": choice.chosen.copies, "chosen.frechet": choice.chosen.frechet,
+        metrics.update({"chosen.training_images_nearly_copied": choice.chosen.copies, "chosen.frechet": choice.chosen.frechet,
                         "chosen.round": choice.chosen.round, "budget.max_frechet": choice.budget.max_frechet})
     with_retries(mlflow.log_metrics, metrics)
     if choice is not None and choice.chosen is not None:
@@ -453,8 +456,8 @@ def _choice_summary(choice: Choice | None, space: SweepSpace) -> dict:
         return {"chosen": None, "why": f"the reference trial {space.reference.name} failed: no quality budget"}
 
     def point(p: Point | None) -> dict | None:
-        return None if p is None else {"trial": p.trial, "round": p.round, "copied_training_images": p.copies,
-                                       "generations_r_below_0.5": p.copy_fraction, "frechet": p.frechet,
+        return None if p is None else {"trial": p.trial, "round": p.round, "training_images_nearly_copied": p.copies,
+                                       "generations_near_copies": p.copy_fraction, "frechet": p.frechet,
                                        "coverage": p.coverage, "shards": p.shards, "optimizer_steps": p.compute}
 
     return {"reference": point(choice.budget.reference), "max_quality_loss": choice.budget.max_quality_loss,
