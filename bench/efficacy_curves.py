@@ -108,6 +108,7 @@ from memshard.unlearning.runner import write_subset
 EXPERIMENT = "memshard-efficacy"
 OUTPUTS = ("results.json", "points.csv", "curves.png", "summary.md")
 BASELINE = "ddpm"
+RAW_SUFFIX = "-raw"  # a method with training.ema is also measured on its raw weights, as LABEL-raw
 FRECHET_SLACK = 0.10  # the issue's quality bar: Fréchet within +10% of ddpm's final model
 TARGET_REDUCTION = 0.80  # ... and >= 80% less copying on both measures
 # Copying measured two more ways where the points have them (older points lack them): the issue's
@@ -177,7 +178,9 @@ def load_data(cfg: Config, subset: int | None) -> Data:
 
 def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[int], settings: EvaluateSettings,
           space: ClassifierSpace, device: str, keep_generations: Path | None = None) -> Iterator[dict]:
-    """Train one method with one seed; after each round in `eval_rounds` yield a point."""
+    """Train one method with one seed; after each round in `eval_rounds` yield a point. With
+    `training.ema` two: the EMA (the model the run delivers) and, as LABEL-raw, the raw averaged
+    weights of the same round -- the EMA's effect, paired, at no extra training."""
     shards = initial_shards(cfg, data.train)
     total_steps = sequential_steps = 0
     train_seconds = 0.0
@@ -191,17 +194,21 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
             sequential_steps += max(r.steps for r in report.results)
             if round_index not in eval_rounds:
                 continue
-            start = time.perf_counter()
-            measured = measure(cfg, driver.model_weights, data, settings, space, device)
-            if keep_generations is not None:  # to measure them again later, in another way, without training
-                keep_generations.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(generations_file(keep_generations, method.label, seed, round_index),
-                                    images=measured.generated)
-            yield {"regime": data.regime, "method": method.label, "seed": seed, "round": round_index,
-                   "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
-                   "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
-                   "wall_seconds": time.perf_counter() - started, "loss": report.mean_loss, **measured.figures,
-                   "eval_phase_seconds": measured.seconds}
+            models = [(method.label, driver.model_weights)]
+            if driver.ema_weights is not None:
+                models.append((method.label + RAW_SUFFIX, driver.weights))
+            for label, weights in models:
+                start = time.perf_counter()
+                measured = measure(cfg, weights, data, settings, space, device)
+                if keep_generations is not None:  # to measure them again later, in another way, without training
+                    keep_generations.mkdir(parents=True, exist_ok=True)
+                    np.savez_compressed(generations_file(keep_generations, label, seed, round_index),
+                                        images=measured.generated)
+                yield {"regime": data.regime, "method": label, "seed": seed, "round": round_index,
+                       "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
+                       "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
+                       "wall_seconds": time.perf_counter() - started, "loss": report.mean_loss, **measured.figures,
+                       "eval_phase_seconds": measured.seconds}
 
 
 # ---------------------------------------------------------------- the summary (the issue's target check)
@@ -611,12 +618,13 @@ def main(argv: list[str] | None = None) -> None:
                     for point in curve(cfg, method, seed, data, when, settings, space, device,
                                        out / "generations" if args.keep_generations else None):
                         results["points"].append(point)
-                        mlflow.log_metrics({key: float(value) for key, value in point.items()
+                        prefix = "raw." if point["method"].endswith(RAW_SUFFIX) else ""  # the same run's raw weights
+                        mlflow.log_metrics({prefix + key: float(value) for key, value in point.items()
                                             if key in CSV_FIELDS and isinstance(value, (int, float))}, step=point["round"])
                         write_outputs(out, results, title_of(results))
                         elapsed = time.perf_counter() - started
                         done = rounds_done + point["round"]
-                        print(f"[{label} seed {seed}] round {point['round']}/{cfg.iet.rounds}: steps {point['optimizer_steps_total']:,} "
+                        print(f"[{point['method']} seed {seed}] round {point['round']}/{cfg.iet.rounds}: steps {point['optimizer_steps_total']:,} "
                               f"(sequential {point['optimizer_steps_sequential']:,}), r<0.5 "
                               f"{100 * point['generations_r_below_0.5']:.1f}%, copied {point['copied_training_images']}, "
                               f"Fréchet {point['frechet']:.3f} (real {point['real_frechet']:.3f}), conf "
