@@ -38,7 +38,8 @@ method and seed whose metrics are stepped by round. results.json and points.csv 
 every point, so a stopped run keeps what it measured; `--from-results results.json` redraws the plot
 and the summary from them without training. `--from-results a.json b.json` merges the points of
 several runs of one regime (settings from the first): a variant trained later, for one seed, is
-compared with the baseline curves of an earlier run without training them again.
+compared with the baseline curves of an earlier run without training them again; `--only LABEL ...`
+keeps some methods, and a point two runs both hold is refused (the mean would count it twice).
 
 The summary is the issue's target check: at the quality of ddpm's final model (`--reference-round`;
 default the preset's rounds on the whole data, ddpm's last round with `--subset`) — classifier Fréchet
@@ -493,20 +494,33 @@ def remeasure_copying(points: list[dict], generations: list[Path], data: Data, e
     return found
 
 
-def merge_results(runs: list[dict]) -> dict:
-    """The first run's settings with every run's points; runs of another regime or preset are refused
-    (their copying is counted against other training images)."""
+def merge_results(runs: list[dict], only: list[str] | None = None) -> dict:
+    """The first run's settings with every run's points (with `only`, those methods' points); runs of
+    another regime or preset are refused (their copying is counted against other training images), and
+    so is a point two runs both hold (the mean over seeds would count it twice)."""
     first = runs[0]
     for other in runs[1:]:
         for key in ("preset", "regime", "num_images", "sampler", "sampling_steps", "eval_seed"):
             if other["settings"][key] != first["settings"][key]:
                 raise MemshardError(f"--from-results: the runs differ in {key} ({first['settings'][key]} and "
                                     f"{other['settings'][key]}): merge only runs of one regime and evaluation")
-    merged = {**first, "points": [p for run in runs for p in run["points"]]}
+    merged = {**first, "points": [p for run in runs for p in run["points"] if only is None or p["method"] in only]}
+    seen: set[tuple] = set()
+    for p in merged["points"]:
+        key = (p["method"], p["seed"], p["round"])
+        if key in seen:
+            raise MemshardError(f"--from-results: {key[0]} seed {key[1]} round {key[2]} is in two of the runs: "
+                                "merge each curve once (--only LABEL ... keeps some methods)")
+        seen.add(key)
+    if only is not None:
+        missing = sorted(set(only) - {p["method"] for p in merged["points"]})
+        if missing:
+            raise MemshardError(f"--only {' '.join(missing)}: no such method in the runs")
     if len(runs) > 1:
         merged["merged_from"] = [run["environment"] for run in runs]
         merged["settings"] = {**first["settings"], "seeds": sorted({p["seed"] for p in merged["points"]}),
-                              "methods": {k: v for run in runs for k, v in run["settings"]["methods"].items()}}
+                              "methods": {k: v for run in runs for k, v in run["settings"]["methods"].items()
+                                          if only is None or k in only}}
     return merged
 
 
@@ -544,6 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--from-results", nargs="+", default=None,
                         help="redraw the plot and summary from results.json files (several: their points merged)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                        help="with --from-results: keep only these methods' points")
     parser.add_argument("--remeasure", action="store_true",
                         help="with --from-results: measure the copying of the saved generations again (--keep-generations)")
     parser.add_argument("--keep-generations", action="store_true",
@@ -555,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.from_results:
-        results = merge_results([json.loads(Path(path).read_text()) for path in args.from_results])
+        results = merge_results([json.loads(Path(path).read_text()) for path in args.from_results], args.only)
         if args.remeasure:
             s = results["settings"]
             subset = int(s["regime"].split("-")[1]) if s["regime"].startswith("first-") else None

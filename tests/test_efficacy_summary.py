@@ -114,3 +114,9 @@ def test_results_of_one_regime_merge_and_of_another_are_refused():
     assert efficacy.summarize(merged["points"], 4)["methods"]["iet+fast"]["reached"]
     with pytest.raises(MemshardError, match="differ in regime"):
         efficacy.merge_results([baseline, run("full", [], {})])
+    with pytest.raises(MemshardError, match="ddpm seed 1 round 4 is in two of the runs"):
+        efficacy.merge_results([baseline, run("first-300", [point("ddpm", 1, 4, 2.2, 0.4, 170)], {"ddpm": []})])
+    kept = efficacy.merge_results([baseline, variant], only=["iet+fast"])
+    assert [p["method"] for p in kept["points"]] == ["iet+fast"] and set(kept["settings"]["methods"]) == {"iet+fast"}
+    with pytest.raises(MemshardError, match="--only iet: no such method"):
+        efficacy.merge_results([baseline, variant], only=["iet"])
