@@ -176,8 +176,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "iet": {"shards": 2, "rounds": 2, "local_steps": 3},
         "mlflow": {"sample_grid_every": 0, "register_as": "memshard-tiny"},
     },
-    # The default: the bundled digits at 16x16 with a small UNet, a CPU finishes it in minutes.
-    "digits": {},
+    # The default: the bundled digits at 16x16 with a small UNet, a CPU finishes it in minutes. The EMA
+    # measured better there for ddpm and IET-AGC+ (BENCHMARKS.md, issue 12): steadier, better quality per
+    # round, and no more copying at equal quality. tiny (tests) and cifar32 (not measured) keep it off.
+    "digits": {"training": {"ema": True}},
     # The published CIFAR-10 model (IET / DDPM): 35.7M parameters.
     "cifar32": {
         "data": {"resolution": 32, "channels": 3},
