@@ -96,15 +96,18 @@ class ProxyTrainer:
         """The global weights, and with `training.ema` the global (averaged) EMA the local one continues from."""
         load_numpy_state(self.model, weights)
         if self.ema is not None and ema_weights is not None:
-            for (name, _), shadow in zip(self.model.named_parameters(), self.ema.shadow_params, strict=True):
+            for name, shadow in self._named_ema_shadows():
                 shadow.copy_(torch.from_numpy(np.array(ema_weights[name])))
 
     def get_ema_weights(self) -> dict[str, np.ndarray]:
         """The EMA's weights, named like `get_weights` (the UNet has parameters only, no buffers)."""
         if self.ema is None:
             raise ValueError("this proxy keeps no EMA: set training.ema=true")
-        return {name: shadow.detach().cpu().numpy().copy()
-                for (name, _), shadow in zip(self.model.named_parameters(), self.ema.shadow_params, strict=True)}
+        return {name: shadow.detach().cpu().numpy().copy() for name, shadow in self._named_ema_shadows()}
+
+    def _named_ema_shadows(self):
+        """(parameter name, EMA shadow tensor) pairs: EMAModel keeps its shadows in parameter order."""
+        return ((name, shadow) for (name, _), shadow in zip(self.model.named_parameters(), self.ema.shadow_params, strict=True))
 
     # ---- local training ----
     def train_round(self, indices: np.ndarray, steps: int) -> RoundResult:
@@ -201,7 +204,8 @@ class ProxyTrainer:
 
     # ---- checkpoint (all per-proxy state; tensors only, so torch.load(weights_only=True) reads it) ----
     def state_dict(self) -> dict:
-        # A copy on the CPU: the state leaves the actor for the driver and the checkpoint file, where no GPU may be.
+        # On the CPU: the state leaves the actor for the driver and the checkpoint file, where no GPU may be.
+        # Like torch's state_dict, CPU tensors are references: Ray serializes them when the state leaves.
         return _on_cpu({
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -234,10 +238,10 @@ class ProxyTrainer:
 
 
 def _on_cpu(tree):
-    """`tree` with every tensor in it copied to the CPU: a snapshot, which later steps do not change
-    (dicts and lists rebuilt, other leaves kept)."""
+    """`tree` with every tensor in it on the CPU (copied from a GPU, kept where already on the CPU;
+    dicts and lists rebuilt, other leaves kept)."""
     if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
+        return tree.detach().cpu()
     if isinstance(tree, dict):
         return {key: _on_cpu(value) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):

@@ -1,5 +1,7 @@
 """The proxy model and its local training, driven through ProxyTrainer's public methods."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -114,7 +116,7 @@ def test_the_ema_follows_diffusers_warmup_decay_and_resumes_bitwise(digits_8x8):
     after_one = trainer.get_weights()
     for name, value in trainer.get_ema_weights().items():  # decay 0 at the first step: the EMA is the weights
         np.testing.assert_array_equal(value, after_one[name])
-    state = trainer.state_dict()
+    state = copy.deepcopy(trainer.state_dict())  # a snapshot: on the CPU the state holds references, as torch's
     trainer.train_round(shard, 1)
     decay = 1 - 2 ** -0.75  # min(0.9999, 1 - (1 + n)^-0.75) at the second step (n = 1)
     after_two, ema = trainer.get_weights(), trainer.get_ema_weights()
