@@ -91,7 +91,7 @@ class MSRConfig:
 
 @dataclass
 class AggregationConfig:
-    """The server step after FedAvg (method.md §8). None: the optimizer's own default (Flower's)."""
+    """The server step after FedAvg (method.md §8). None: the optimizer's own default (`aggregation.server_optimizers`)."""
 
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi: checked when training starts
     server_learning_rate: float | None = None  # fedavgm's η_s (default 1.0)

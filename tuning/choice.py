@@ -73,10 +73,6 @@ class Choice:
     closest: Point | None  # with no point within the budget, the one nearest to it (a recommendation)
     within: tuple[Point, ...]  # every point within the budget, best first
 
-    @property
-    def over_budget(self) -> bool:
-        return self.chosen is None
-
 
 def preference(point: Point) -> tuple:
     """The order among points within the budget: fewest copies, then fewer shards, then less compute."""
