@@ -53,7 +53,6 @@ from memshard.errors import MemshardError
 from memshard.model import noised, to_model_range
 from memshard.unlearning.forget_check import COPY_THRESHOLD, CheckPoint, ForgetCheck
 
-METHODS = ("siss", "naive", "neggrad", "erasediff")
 FORGET_SCALE_MODES = ("relative", "absolute")
 
 
@@ -146,7 +145,7 @@ def unlearn(method: str, unet: UNet2DModel, scheduler: DDPMScheduler, keep_image
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    step_fn = {"siss": _siss_step, "naive": _naive_step, "neggrad": _neggrad_step, "erasediff": _erasediff_step}[method]
+    step_fn = STEP_FUNCTIONS[method]
     check = None
     if settings.check_every:
         check = ForgetCheck(scheduler, keep_images, forget_images, generations=settings.check_images,
@@ -256,3 +255,8 @@ def _erasediff_step(unet, params, alphas, x, a, t, noise, generator, settings):
     erase_loss = _mse(prediction[len(x):], uniform).mean()
     (keep_loss + erase_loss).backward()
     return keep_loss.detach(), erase_loss.detach()
+
+
+# The approximate methods, by name: the one registry (`unlearning.runner` adds the exact `retrain`).
+STEP_FUNCTIONS = {"siss": _siss_step, "naive": _naive_step, "neggrad": _neggrad_step, "erasediff": _erasediff_step}
+METHODS = tuple(STEP_FUNCTIONS)
