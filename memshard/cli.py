@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 
+from memshard.config import DEFAULT_PRESET, METHODS, PRESETS, IETConfig
 from memshard.errors import MemshardError, one_line
 
 # The MODEL forms memshard.orchestrator.registry resolves, written out so that --help imports no MLflow.
@@ -43,12 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a diffusion model with IET-AGC+ on Ray, log it to MLflow")
     train.add_argument("--config", help="a YAML or TOML file of settings (sections: data, model, training, ...)")
-    train.add_argument("--preset", help="tiny, digits (default) or cifar32")
+    train.add_argument("--preset", help=_listed(PRESETS, DEFAULT_PRESET))
     train.add_argument("--data", help="a prepared dataset dir or any source 'memshard data prepare' takes")
     train.add_argument("--shards", type=int, help="number of shards K (one proxy actor each)")
     train.add_argument("--rounds", type=int, help="number of rounds")
     train.add_argument("--local-steps", type=int, help="optimizer steps per proxy per round")
-    train.add_argument("--method", help="ddpm, iet, iet-agc or iet-agc-plus (default)")
+    train.add_argument("--method", help=_listed(METHODS, IETConfig.method))
     train.add_argument("--balanced-by-label", action="store_true", default=None,
                        help="spread every label evenly over the shards (the dataset must have labels)")
     train.add_argument("--experiment", help="MLflow experiment name")
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "audit.num_images, ... (repeatable)")
     tune = commands.add_parser("tune", help="sweep the settings that trade copying against quality on Ray Tune, "
                                              "choose the one with the fewest copies within a quality budget")
-    tune.add_argument("--preset", help="tiny, digits (default) or cifar32: the base of every trial")
+    tune.add_argument("--preset", help=f"{_listed(PRESETS, DEFAULT_PRESET)}: the base of every trial")
     tune.add_argument("--data", help="a prepared dataset dir or any source 'memshard data prepare' takes (labelled)")
     tune.add_argument("--max-quality-loss", default="10%", metavar="LOSS",
                       help="the quality budget: Fréchet at most this much above ddpm's at the full length, "
@@ -133,6 +134,12 @@ def _with_parents(add_parser, parents):
         return add_parser(name, parents=[*parents, *kwargs.pop("parents", [])], **kwargs)
 
     return add
+
+
+def _listed(names, default: str) -> str:
+    """The library's own names for a help text, e.g. 'tiny, digits (default) or cifar32'."""
+    names = [f"{name} (default)" if name == default else name for name in names]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _count_or_auto(text: str) -> int | None:

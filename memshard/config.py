@@ -167,6 +167,7 @@ class Config:
         return self.uses_taa and self.taa.non_leaky
 
 
+DEFAULT_PRESET = "digits"  # what `memshard train` and `memshard tune` start from without --preset
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # CPU tests: a round of a few local steps takes seconds.
     "tiny": {
@@ -198,7 +199,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def build_config(
-    preset: str = "digits",
+    preset: str = DEFAULT_PRESET,
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from memshard.config import DEFAULT_PRESET
 from memshard.errors import MemshardError
 from memshard.orchestrator.tracking import redact_uri, ui_command
 from memshard.tuning.space import sweep_space
@@ -32,7 +33,7 @@ def run_tune_command(args: argparse.Namespace) -> int:
         raise MemshardError(f"--eval-every {args.eval_every}: need at least 1 round")
     if args.register_as is not None and (not args.register_as.strip() or any(c in args.register_as for c in "/:")):
         raise MemshardError(f"--register-as {args.register_as[:80]!r}: give a model name without '/' or ':'")
-    preset = args.preset or "digits"
+    preset = args.preset or DEFAULT_PRESET
     space = sweep_space(preset, args.data, args.set, grid_file=args.grid, trials=args.trials, seed=args.seed,
                         experiment=args.experiment)
     result = run_sweep(space, settings, preset, tune_output=args.verbose)
