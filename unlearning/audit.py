@@ -5,7 +5,7 @@ It answers what a reviewer asks first, in this order:
 1. Did the forget images stop appearing? For each distinct forget image, the generations within mean
    squared pixel distance `copy_threshold` of it and its nearest generation, before and after (the
    picture shows the image beside its nearest generation from each model).
-2. Is the model otherwise intact? Keep-set loss at fixed seeded (t, ε) (`shard_worker.scoring`) and
+2. Is the model otherwise intact? Keep-set loss at fixed seeded (t, ε) (`model.score_samples`) and
    the quality of the generations against the kept images in the default quality space
    (`evaluation.classifier_space`: the training set's own classifier for labelled data) beside its
    real reference; the retrained model's figures beside them where a retrain exists.
@@ -30,8 +30,8 @@ from memshard.data import ImageDataset
 from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import QualityReport, quality_report
 from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, feature_space, fid
+from memshard.model import score_samples
 from memshard.pipeline import generate_images, image_grid
-from memshard.shard_worker.scoring import score_samples
 from memshard.unlearning.forget_check import COPY_THRESHOLD, CheckPoint, copy_distances
 from memshard.unlearning.forget_set import ForgetSet
 
