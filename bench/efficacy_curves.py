@@ -11,7 +11,7 @@ and, every `--eval-every` rounds, evaluates the global weights: the pipeline (`p
 makes `--num-images` seeded generations here, between rounds, while the shard actors wait
 (`pipeline.use_sampler` / `generate_batch`, the batches `SamplingPlan` seeds); `evaluation.evaluate`
 scans them against the training images (MQ@0.5: the fraction of generations with r < 0.5; the number
-of distinct training images copied, r < 0.5) and `evaluation.classifier_space.quality_report` measures
+of distinct training images copied, r < 0.5) and `evaluation.quality.quality_report` measures
 their quality in the training set's own CNN classifier (Fréchet, mean confidence, class coverage),
 beside the same figures for real held-out images.
 

@@ -426,8 +426,9 @@ def test_the_stop_rule_and_when_unlearning_stops(monkeypatch):
 def test_quality_can_be_measured_against_the_kept_rows_only(tmp_path):
     """The audit compares generations with X \\ A: the reference, its real images and the label
     histogram come from the kept rows; with every row it is the plain quality report."""
-    from memshard.evaluation.classifier_space import ClassifierSpace, quality_report
-    from memshard.evaluation.fid import PIXEL_PROJECTION, feature_space
+    from memshard.evaluation.classifier_space import ClassifierSpace
+    from memshard.evaluation.fid import PIXEL_PROJECTION
+    from memshard.evaluation.quality import feature_space, quality_report
 
     digits = load_digits()
     images = np.rint(digits.images[:120] * 255 / 16).astype(np.uint8)
@@ -450,8 +451,8 @@ def test_evaluate_counts_a_planted_image_once_and_the_forget_set_takes_all_its_c
     """Sixty identical training images must not hide each other: the k-NN scan sees each distinct
     image once, so a near-copy of the planted image has r ≈ 0 (not 1), the copy is credited to its
     first row, and `--forget evaluation:RUN_ID` expands that row to every duplicate."""
-    from memshard.evaluation.classifier_space import QualitySpaceChoice
     from memshard.evaluation.evaluate import EvaluateSettings, Generation, evaluate, sampling_plan
+    from memshard.evaluation.quality import QualitySpaceChoice
 
     digits = np.rint(load_digits().images[:80] * 255 / 16).astype(np.uint8)
     images = np.concatenate([digits, np.repeat(digits[:1], 60, axis=0)])

@@ -28,8 +28,8 @@ from PIL import Image
 
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
-from memshard.evaluation.classifier_space import QualityReport, quality_report
-from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, feature_space, fid
+from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, fid
+from memshard.evaluation.quality import QualityReport, feature_space, quality_report
 from memshard.model import score_samples
 from memshard.pipeline import generate_images, image_grid
 from memshard.unlearning.forget_check import COPY_THRESHOLD, CheckPoint, copy_distances

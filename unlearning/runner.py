@@ -27,9 +27,9 @@ from mlflow.tracking import MlflowClient
 from memshard.config import Config, from_dict, to_dict
 from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
 from memshard.errors import MemshardError
-from memshard.evaluation.classifier_space import default_quality_space
 from memshard.evaluation.evaluate import COPIES_TABLE
 from memshard.evaluation.fid import FeatureSpace
+from memshard.evaluation.quality import default_quality_space
 from memshard.model import state_to_numpy
 from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.registry import (
