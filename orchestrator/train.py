@@ -20,14 +20,15 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict, validate
+from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
 from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.pipeline_model import log_pipeline_model
-from memshard.orchestrator.rounds import IETDriver, RoundReport, server_optimizer_settings, start_shard_driver
-from memshard.orchestrator.sharding import destination_rule, split_into_shards
+from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
+from memshard.orchestrator.settings import check, server_hyperparameters
+from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.tracking import (
     connect_mlflow,
     log_table,
@@ -67,8 +68,7 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
 
     For a resume, `cfg` must be the run's saved configuration (see `resume_config`).
     """
-    destination_rule(cfg.msr.rule)  # the settings config.validate cannot check: the rules live here,
-    server_optimizer_settings(cfg)  # the server optimizers in aggregation
+    check(cfg)
     faults = FaultPlan.from_environment()  # test-only; None in a real run
     check_checkpoint_root(cfg.mlflow.checkpoint_dir)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -142,7 +142,7 @@ def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
                 f"run {run_id} was trained with {key} = {current!r}; --resume keeps the saved configuration: "
                 f"drop the setting (you gave {value!r})"
             )
-    validate(saved)
+    check(saved)
     return saved
 
 
@@ -164,7 +164,7 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                   "dataset.count": len(dataset), "shards": num_shards, "method": cfg.iet.method}
         params["mlflow.tracking_uri"] = redact_uri(tracking_uri)
         # What the server optimizer ran with, its defaults included (the config keeps None for a default).
-        params.update({f"aggregation.{key}": value for key, value in server_optimizer_settings(cfg).items()})
+        params.update({f"aggregation.{key}": value for key, value in server_hyperparameters(cfg).items()})
         with_retries(mlflow.log_params, params)
         with_retries(mlflow.log_dict, to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
     with_retries(mlflow.set_tags, {"memshard.version": version("memshard"),
