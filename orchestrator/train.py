@@ -37,7 +37,7 @@ from memshard.orchestrator.tracking import (
     resolve_tracking_uri,
     with_retries,
 )
-from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
+from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, image_grid, save_pipeline
 from memshard.shard_worker.faults import FaultPlan
 
 
@@ -264,9 +264,9 @@ def _round_line(report: RoundReport, total_rounds: int) -> str:
 
 def _log_sample_grid(cfg: Config, dataset: ImageDataset, weights: dict, round_index: int) -> None:
     pipeline = build_pipeline(cfg, dataset.channels, weights)
-    images = generate_images(pipeline, cfg.mlflow.sample_grid_images, seed=cfg.training.seed,
-                             num_inference_steps=cfg.mlflow.sample_grid_steps)
-    with_retries(mlflow.log_image, image_grid(images), key="samples", step=round_index)
+    count = cfg.mlflow.sample_grid_images
+    images = generate_plan(pipeline, SamplingPlan(count, "ddpm", cfg.mlflow.sample_grid_steps, count, cfg.training.seed))
+    with_retries(mlflow.log_image, image_grid(images.transpose(0, 2, 3, 1)), key="samples", step=round_index)
 
 
 def _owners(shards: list[np.ndarray], num_samples: int) -> np.ndarray:

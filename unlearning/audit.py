@@ -31,7 +31,7 @@ from memshard.errors import MemshardError
 from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, fid
 from memshard.evaluation.quality import QualityReport, feature_space, quality_report
 from memshard.model import score_samples
-from memshard.pipeline import generate_images, image_grid
+from memshard.pipeline import DEFAULT_BATCH_SIZE, SamplingPlan, generate_plan, image_grid
 from memshard.unlearning.forget_check import COPY_THRESHOLD, CheckPoint, copy_distances
 from memshard.unlearning.forget_set import ForgetSet
 
@@ -322,8 +322,8 @@ def measure(pipeline: DDPMPipeline, dataset: ImageDataset, forget: ForgetSet, se
                                      replace=False))
     forget_loss = score_samples(unet, scheduler, dataset.images, forget.rows, settings.seed, settings.repeats)
     keep_loss = score_samples(unet, scheduler, dataset.images, keep_scored, settings.seed, settings.repeats)
-    generated = generate_images(pipeline, settings.num_images, settings.seed, settings.sampling_steps)
-    generated = np.ascontiguousarray(generated.transpose(0, 3, 1, 2))
+    generated = generate_plan(pipeline, SamplingPlan(settings.num_images, "ddpm", settings.sampling_steps,
+                                                     DEFAULT_BATCH_SIZE, settings.seed))
     distinct = distinct_rows(dataset, forget.rows)
     per_pixel, indices = copy_distances(dataset.images[distinct], generated)  # (forget images, generations)
     copying = per_pixel < settings.copy_threshold

@@ -33,7 +33,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from memshard.evaluation.nearest_neighbors import nearest_neighbors
 from memshard.model import score_samples
-from memshard.pipeline import generate_images
+from memshard.pipeline import SamplingPlan, generate_plan
 
 COPY_THRESHOLD = 0.01  # mean((g − a)²) with pixels in [0, 1]: the audit's and the check's copy
 
@@ -100,8 +100,8 @@ class ForgetCheck:
             if full or self.unfamiliar(forget_loss, keep_loss):
                 with torch.no_grad():
                     pipeline = DDPMPipeline(unet=unet, scheduler=self.sampler)
-                    generated = generate_images(pipeline, self.generations, self.seed, self.sampling_steps,
-                                                batch_size=self.generations).transpose(0, 3, 1, 2)
+                    plan = SamplingPlan(self.generations, "ddpm", self.sampling_steps, self.generations, self.seed)
+                    generated = generate_plan(pipeline, plan)
                 copies = len(copying_generations(self.forget_distinct, generated, self.copy_threshold))
         finally:
             unet.train(was_training)
