@@ -5,12 +5,12 @@ The model's training run supplies the lineage: params `dataset.path` / `dataset.
 artifact `config.json` (`orchestrator.registry`). Approximate methods (`unlearning.methods`) run as
 one Ray task, on a GPU where the cluster has one; `retrain` reruns `orchestrator.train` on the kept
 data with the source run's configuration (the exact gold standard). MLflow runs, artifacts and the
-registered version are the command's (`memshard.commands.unlearn`).
+registered version are the command's (`memshard.commands.unlearn`), and so are the MLflow reads: the
+evaluation run a forget set comes from, and the earlier retrain an audit compares with.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,25 +21,15 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from diffusers import DDPMPipeline
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from memshard.config import Config, from_dict, to_dict
 from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
 from memshard.errors import MemshardError
-from memshard.evaluation.evaluate import COPIES_TABLE
 from memshard.evaluation.fid import FeatureSpace
 from memshard.evaluation.quality import default_quality_space
 from memshard.model import state_to_numpy
 from memshard.orchestrator.cluster import connect_ray
-from memshard.orchestrator.registry import (
-    SOURCE_RUN_TAG,
-    ResolvedModel,
-    get_run,
-    load_model_pipeline,
-    recorded_dataset,
-    resolve_model,
-)
+from memshard.orchestrator.registry import ResolvedModel, recorded_dataset
 from memshard.orchestrator.train import TrainResult, train
 from memshard.unlearning.audit import (
     AuditReport,
@@ -76,6 +66,17 @@ class UnlearnedWeights:
 
 
 @dataclass(frozen=True)
+class RetrainedModel:
+    """An earlier registered retrain of the same source without the same forget set (found by the command)."""
+
+    run_id: str
+    model_uri: str
+    steps: int
+    seconds: float | None
+    pipeline: DDPMPipeline
+
+
+@dataclass(frozen=True)
 class Retrained:
     result: TrainResult
     steps: int  # optimizer steps over all proxies
@@ -103,23 +104,6 @@ def unlearn_source(resolved: ResolvedModel) -> UnlearnSource:
     dataset = recorded_dataset(run, fix="restore the original data")
     name = resolved.registered_name or resolved.config.mlflow.register_as
     return UnlearnSource(resolved, run.info.run_id, name, resolved.config, dataset)
-
-
-def copied_ids(client: MlflowClient, evaluation_run_id: str, source_run_id: str) -> list[str]:
-    """The sample ids an evaluation run of the source found copied at least once (its copies table)."""
-    run = get_run(client, evaluation_run_id)
-    evaluated = run.data.tags.get(SOURCE_RUN_TAG)
-    if evaluated != source_run_id:
-        raise MemshardError(f"evaluation run {evaluation_run_id} evaluated run {evaluated}, not this model's run "
-                            f"{source_run_id}: pass an evaluation of this model")
-    with tempfile.TemporaryDirectory(prefix="memshard-copies-") as tmp:
-        try:
-            path = client.download_artifacts(evaluation_run_id, COPIES_TABLE, tmp)
-        except (MlflowException, OSError):
-            raise MemshardError(f"evaluation run {evaluation_run_id} has no {COPIES_TABLE}: run memshard evaluate "
-                                "on the model first") from None
-        table = pq.read_table(path, columns=["sample_id", "copies"]).to_pandas()
-    return table.loc[table["copies"] > 0, "sample_id"].astype(str).tolist()
 
 
 def training_steps(cfg: Config) -> int:
@@ -194,13 +178,16 @@ def write_subset(dataset: ImageDataset, rows: np.ndarray, out_dir: Path) -> Path
     return out_dir
 
 
-def audit_unlearning(client: MlflowClient, source: UnlearnSource, forget: ForgetSet, before: DDPMPipeline,
-                     after: DDPMPipeline, compute: UnlearnCompute, settings: AuditSettings) -> AuditReport:
-    """Before vs after on the same seeded draws, quality in the default quality space; an approximate
-    method is also set beside the latest retrain of the same forget set, when there is one."""
+def audit_unlearning(source: UnlearnSource, forget: ForgetSet, before: DDPMPipeline, after: DDPMPipeline,
+                     compute: UnlearnCompute, settings: AuditSettings,
+                     retrained: RetrainedModel | None = None) -> AuditReport:
+    """Before vs after on the same seeded draws, quality in the default quality space; with `retrained`
+    (an approximate method's exact reference) the retrain is measured the same way and set beside them."""
     dataset = source.dataset
     space, note = quality_space(dataset, settings)
-    retrain = None if compute.method == "retrain" else find_retrain(client, source, forget, settings, space)
+    retrain = None if retrained is None else RetrainReference(
+        retrained.run_id, retrained.model_uri, retrained.steps, retrained.seconds,
+        measure(retrained.pipeline, dataset, forget, settings, space))
     return AuditReport(
         source_run_id=source.run_id, registered_model=source.registered_name, forget_hash=forget.hash,
         forget_size=len(forget.rows), keep_size=len(forget.keep_rows), method=compute.method, settings=settings,
@@ -214,24 +201,3 @@ def quality_space(dataset: ImageDataset, settings: AuditSettings) -> tuple[Featu
     if not settings.quality:
         return None, "not measured (audit.quality=false)"
     return default_quality_space(dataset)
-
-
-def find_retrain(client: MlflowClient, source: UnlearnSource, forget: ForgetSet, settings: AuditSettings,
-                 space: FeatureSpace | None = None) -> RetrainReference | None:
-    """The latest registered retrain of `source` without `forget`, measured like the other models."""
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string=(f"tags.`{SOURCE_RUN_TAG}` = '{source.run_id}' and tags.`{METHOD_TAG}` = 'retrain' "
-                       f"and tags.`{FORGET_HASH_TAG}` = '{forget.hash}'"),
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        return None
-    run = runs[0]
-    versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
-    if not versions:
-        return None
-    uri = f"models:/{versions[0].name}/{versions[0].version}"
-    retrained = load_model_pipeline(resolve_model(uri, client), client)
-    return RetrainReference(run.info.run_id, uri, int(run.data.tags.get(STEPS_TAG, 0)),
-                            run.data.metrics.get("unlearn_seconds"),
-                            measure(retrained, source.dataset, forget, settings, space))
