@@ -11,7 +11,7 @@ and, every `--eval-every` rounds, evaluates the global weights: the pipeline (`p
 makes `--num-images` seeded generations here, between rounds, while the shard actors wait
 (`pipeline.use_sampler` / `generate_batch`, the batches `SamplingPlan` seeds); `evaluation.evaluate`
 scans them against the training images (MQ@0.5: the fraction of generations with r < 0.5; the number
-of distinct training images copied, r < 0.5) and `evaluation.classifier_space.quality_report` measures
+of distinct training images copied, r < 0.5) and `evaluation.quality.quality_report` measures
 their quality in the training set's own CNN classifier (Fréchet, mean confidence, class coverage),
 beside the same figures for real held-out images.
 
@@ -90,7 +90,8 @@ from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_c
 from memshard.evaluation.memorization import NEAR_COPY_QUANTILE
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import connect_ray
-from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
+from memshard.orchestrator.rounds import start_shard_driver
+from memshard.orchestrator.settings import check
 from memshard.orchestrator.tracking import connect_mlflow
 from memshard.orchestrator.train import initial_shards
 from memshard.pipeline import SAMPLERS
@@ -157,7 +158,7 @@ def parse_method(text: str) -> Method:
 def method_config(preset: str, method: Method, seed: int, rounds: int, common_sets: list[str]) -> Config:
     """The training config of one curve; checked as `memshard train` checks it, before any work."""
     cfg = build_config(preset, sets=[*common_sets, *method.sets, f"training.seed={seed}", f"iet.rounds={rounds}"])
-    server_optimizer_settings(cfg)
+    check(cfg)
     return cfg
 
 

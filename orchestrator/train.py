@@ -20,14 +20,15 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict, validate
+from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
 from memshard.orchestrator.cluster import connect_ray
 from memshard.orchestrator.pipeline_model import log_pipeline_model
-from memshard.orchestrator.rounds import IETDriver, RoundReport, server_optimizer_settings, start_shard_driver
-from memshard.orchestrator.sharding import destination_rule, split_into_shards
+from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
+from memshard.orchestrator.settings import check, server_hyperparameters
+from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.tracking import (
     connect_mlflow,
     log_table,
@@ -36,7 +37,7 @@ from memshard.orchestrator.tracking import (
     resolve_tracking_uri,
     with_retries,
 )
-from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
+from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, image_grid, save_pipeline
 from memshard.shard_worker.faults import FaultPlan
 
 
@@ -67,8 +68,7 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
 
     For a resume, `cfg` must be the run's saved configuration (see `resume_config`).
     """
-    destination_rule(cfg.msr.rule)  # the settings config.validate cannot check: the rules live here,
-    server_optimizer_settings(cfg)  # the server optimizers in aggregation
+    check(cfg)
     faults = FaultPlan.from_environment()  # test-only; None in a real run
     check_checkpoint_root(cfg.mlflow.checkpoint_dir)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -142,7 +142,7 @@ def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
                 f"run {run_id} was trained with {key} = {current!r}; --resume keeps the saved configuration: "
                 f"drop the setting (you gave {value!r})"
             )
-    validate(saved)
+    check(saved)
     return saved
 
 
@@ -164,7 +164,7 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                   "dataset.count": len(dataset), "shards": num_shards, "method": cfg.iet.method}
         params["mlflow.tracking_uri"] = redact_uri(tracking_uri)
         # What the server optimizer ran with, its defaults included (the config keeps None for a default).
-        params.update({f"aggregation.{key}": value for key, value in server_optimizer_settings(cfg).items()})
+        params.update({f"aggregation.{key}": value for key, value in server_hyperparameters(cfg).items()})
         with_retries(mlflow.log_params, params)
         with_retries(mlflow.log_dict, to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
     with_retries(mlflow.set_tags, {"memshard.version": version("memshard"),
@@ -264,9 +264,9 @@ def _round_line(report: RoundReport, total_rounds: int) -> str:
 
 def _log_sample_grid(cfg: Config, dataset: ImageDataset, weights: dict, round_index: int) -> None:
     pipeline = build_pipeline(cfg, dataset.channels, weights)
-    images = generate_images(pipeline, cfg.mlflow.sample_grid_images, seed=cfg.training.seed,
-                             num_inference_steps=cfg.mlflow.sample_grid_steps)
-    with_retries(mlflow.log_image, image_grid(images), key="samples", step=round_index)
+    count = cfg.mlflow.sample_grid_images
+    images = generate_plan(pipeline, SamplingPlan(count, "ddpm", cfg.mlflow.sample_grid_steps, count, cfg.training.seed))
+    with_retries(mlflow.log_image, image_grid(images.transpose(0, 2, 3, 1)), key="samples", step=round_index)
 
 
 def _owners(shards: list[np.ndarray], num_samples: int) -> np.ndarray:
