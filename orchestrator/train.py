@@ -50,7 +50,7 @@ class RoundEnd:
     report: RoundReport  # the round's losses, steps and phase timings, per shard
     model_weights: dict  # the model the run delivers: the EMA with training.ema, else the averaged weights
     raw_weights: dict | None  # with training.ema, the averaged weights under the EMA; else None
-    train_seconds: float  # the round's wall time in the driver (broadcast to aggregation)
+    train_seconds: float  # the wall time of driver.run_round: broadcast, training, aggregation, exchange
 
     @property
     def round_index(self) -> int:
