@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -25,18 +26,10 @@ from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
 from memshard.orchestrator.cluster import connect_ray
-from memshard.orchestrator.pipeline_model import log_pipeline_model
 from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
 from memshard.orchestrator.settings import check, server_hyperparameters
 from memshard.orchestrator.sharding import split_into_shards
-from memshard.orchestrator.tracking import (
-    connect_mlflow,
-    log_table,
-    redact_uri,
-    require_run,
-    resolve_tracking_uri,
-    with_retries,
-)
+from memshard.orchestrator.tracking import connect_mlflow, redact_uri, require_run, resolve_tracking_uri, tracker
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, image_grid, save_pipeline
 from memshard.shard_worker.faults import FaultPlan
 
@@ -52,14 +45,38 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class RunHooks:
-    """What a caller that trains many runs (the sweep, `memshard.tuning`) needs of one: the run nested
-    under its own, tagged, its model logged but not registered, and the global weights after each round."""
+class RoundEnd:
+    """What RunHooks.after_round receives after each round, inside the run."""
 
-    parent_run_id: str | None = None
+    report: RoundReport  # the round's losses, steps and phase timings, per shard
+    model_weights: dict  # the model the run delivers: the EMA with training.ema, else the averaged weights
+    raw_weights: dict | None  # with training.ema, the averaged weights under the EMA; else None
+    train_seconds: float  # the wall time of driver.run_round: broadcast, training, aggregation, exchange
+
+    @property
+    def round_index(self) -> int:
+        return self.report.round_index
+
+    @property
+    def optimizer_steps_total(self) -> int:
+        """The round's optimizer steps, all shards together: its compute."""
+        return sum(r.steps for r in self.report.results)
+
+    @property
+    def optimizer_steps_sequential(self) -> int:
+        """The round's longest shard's steps: how far one model was updated in it."""
+        return max(r.steps for r in self.report.results)
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller that trains many runs (the sweep, the efficacy bench) needs of one: the run nested
+    under its own, tagged, its model logged but not registered, and each round's end as it happens."""
+
+    parent_run_id: str | None = None  # the caller's run; it may be the active one
     tags: dict[str, str] = field(default_factory=dict)
     register: bool = True
-    after_round: Callable[[int, dict], None] | None = None  # (round, the model's weights), inside the run
+    after_round: Callable[[RoundEnd], None] | None = None  # inside the run, while the shard actors wait
 
 
 def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = None,
@@ -89,7 +106,8 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
     try:
         _check_cluster_has_gpu(cfg)
         run_args = {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id}
-        with mlflow.start_run(**run_args, parent_run_id=hooks.parent_run_id, tags=hooks.tags or None) as run:
+        with mlflow.start_run(**run_args, parent_run_id=hooks.parent_run_id, nested=hooks.parent_run_id is not None,
+                              tags=hooks.tags or None) as run:
             return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults,
                                  hooks)
     finally:
@@ -165,14 +183,13 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
         params["mlflow.tracking_uri"] = redact_uri(tracking_uri)
         # What the server optimizer ran with, its defaults included (the config keeps None for a default).
         params.update({f"aggregation.{key}": value for key, value in server_hyperparameters(cfg).items()})
-        with_retries(mlflow.log_params, params)
-        with_retries(mlflow.log_dict, to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
-    with_retries(mlflow.set_tags, {"memshard.version": version("memshard"),
-                                   "ray.address": ray.get_runtime_context().gcs_address})
+        tracker.log_params(params)
+        tracker.log_dict(to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
+    tracker.set_tags({"memshard.version": version("memshard"), "ray.address": ray.get_runtime_context().gcs_address})
 
     with start_shard_driver(cfg, dataset.images, shards, faults) as (driver, resources):
         placement = driver.placement()
-        with_retries(mlflow.set_tags, {
+        tracker.set_tags({
             "devices": ",".join(sorted({p["device"] for p in placement})),
             "nodes": len({p["node_id"] for p in placement}),
             "actor.resources": str(resources.bundle()),
@@ -190,7 +207,9 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                       total=cfg.iet.rounds, disable=not show_progress, file=sys.stderr)
         for round_index in rounds:
             restarts_before = driver.restarts
+            started = time.perf_counter()
             report = driver.run_round(round_index, is_last=round_index == cfg.iet.rounds)
+            train_seconds = time.perf_counter() - started
             owners.append(_owners(driver.shards, len(dataset)))
             _log_round(report, num_shards)
             if driver.restarts > restarts_before:
@@ -207,16 +226,17 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
             if faults is not None:
                 faults.after_checkpoint(round_index)
             if hooks.after_round is not None:
-                hooks.after_round(round_index, driver.model_weights)
+                hooks.after_round(RoundEnd(report, driver.model_weights,
+                                           None if driver.ema_weights is None else driver.weights, train_seconds))
         rounds.close()
 
         # The final model is written locally first, then logged and registered.
         pipeline = build_pipeline(cfg, dataset.channels, driver.model_weights)
         local_pipeline = save_pipeline(pipeline, checkpoint_dir(cfg, run_id) / "pipeline")
-        with_retries(log_table, _assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
-        with_retries(log_table, _memorization_scores(dataset, driver), "memorization_scores.parquet")
+        tracker.log_table(_assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
+        tracker.log_table(_memorization_scores(dataset, driver), "memorization_scores.parquet")
         try:
-            info = with_retries(log_pipeline_model, local_pipeline, cfg.mlflow.register_as if hooks.register else None)
+            info = tracker.log_model(local_pipeline, cfg.mlflow.register_as if hooks.register else None)
         except Exception as error:
             raise MemshardError(
                 f"the trained model could not be logged to MLflow ({type(error).__name__}); it is saved at "
@@ -229,8 +249,8 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
 
 
 def _log_failures(driver: IETDriver, round_index: int) -> None:
-    with_retries(mlflow.log_metric, "actor_restarts", driver.restarts, step=round_index)
-    with_retries(mlflow.log_dict, {"events": driver.failure_events}, "failures.json")
+    tracker.log_metrics({"actor_restarts": driver.restarts}, step=round_index)
+    tracker.log_dict({"events": driver.failure_events}, "failures.json")
     for event in driver.failure_events:
         tqdm.write(f"recovered shard {event['shard']} in round {event['round']}: {event['reason']}", file=sys.stderr)
 
@@ -248,12 +268,10 @@ def _log_round(report: RoundReport, num_shards: int) -> None:
         metrics[f"shard_{result.shard}_loss"] = result.mean_loss_all
         metrics[f"shard_{result.shard}_images_per_second"] = result.images_per_second
         metrics[f"shard_{result.shard}_size"] = len(result.indices)
-    with_retries(mlflow.log_metrics, metrics, step=step)
+    tracker.log_metrics(metrics, step=step)
     if report.moves is not None:
-        with_retries(
-            mlflow.log_dict, {"round": step, "from_rows_to_columns": report.moves.matrix(num_shards).tolist()},
-            f"moves/round_{step:04d}.json",
-        )
+        tracker.log_dict({"round": step, "from_rows_to_columns": report.moves.matrix(num_shards).tolist()},
+                         f"moves/round_{step:04d}.json")
 
 
 def _round_line(report: RoundReport, total_rounds: int) -> str:
@@ -266,7 +284,7 @@ def _log_sample_grid(cfg: Config, dataset: ImageDataset, weights: dict, round_in
     pipeline = build_pipeline(cfg, dataset.channels, weights)
     count = cfg.mlflow.sample_grid_images
     images = generate_plan(pipeline, SamplingPlan(count, "ddpm", cfg.mlflow.sample_grid_steps, count, cfg.training.seed))
-    with_retries(mlflow.log_image, image_grid(images.transpose(0, 2, 3, 1)), key="samples", step=round_index)
+    tracker.log_image(image_grid(images.transpose(0, 2, 3, 1)), key="samples", step=round_index)
 
 
 def _owners(shards: list[np.ndarray], num_samples: int) -> np.ndarray:

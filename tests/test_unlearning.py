@@ -494,7 +494,7 @@ def test_forget_evaluation_takes_near_copies_by_default_and_r_copies_when_asked(
     from memshard.evaluation.evaluate import COPIES_TABLE, EvaluateSettings, Generation, evaluate, sampling_plan
     from memshard.evaluation.quality import QualitySpaceChoice
     from memshard.orchestrator.registry import SOURCE_RUN_TAG
-    from memshard.orchestrator.tracking import log_table
+    from memshard.orchestrator.tracking import tracker
     from memshard.unlearning.forget_set import forget_set
 
     digits = np.rint(load_digits().images * 255 / 16).astype(np.uint8)
@@ -509,10 +509,10 @@ def test_forget_evaluation_takes_near_copies_by_default_and_r_copies_when_asked(
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
     with mlflow.start_run(tags={SOURCE_RUN_TAG: "source"}) as run:
-        log_table(report.copies_table(dataset), COPIES_TABLE)
+        tracker.log_table(report.copies_table(dataset), COPIES_TABLE)
     with mlflow.start_run(tags={SOURCE_RUN_TAG: "source"}) as old:  # the table as evaluations wrote it before
-        log_table(pa.table({"sample_id": dataset.sample_ids.astype(str), "copies": report.memorization.r_copies}),
-                  COPIES_TABLE)
+        tracker.log_table(pa.table({"sample_id": dataset.sample_ids.astype(str), "copies": report.memorization.r_copies}),
+                          COPIES_TABLE)
     client = MlflowClient(store)
 
     def chosen(spec: str):
