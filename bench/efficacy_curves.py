@@ -42,7 +42,8 @@ several runs of one regime (settings from the first): a variant trained later, f
 compared with the baseline curves of an earlier run without training them again; `--only LABEL ...`
 keeps some methods, and a point two runs both hold is refused (the mean would count it twice).
 
-The summary is the issue's target check: at the quality of ddpm's final model (`--reference-round`;
+The summary (`memshard.tuning.curves`, as are the method names above and the merge) is the issue's
+target check: at the quality of ddpm's final model (`--reference-round`;
 default the preset's rounds on the whole data, ddpm's last round with `--subset`) — classifier Fréchet
 at most 10% above it and class coverage no worse — each method's copying, interpolated linearly in
 Fréchet where its mean curve first reaches that bar, and the reduction against ddpm's final model and
@@ -75,7 +76,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -86,18 +86,29 @@ import ray
 import torch
 
 from memshard.cli import quiet_terminal
-from memshard.config import METHODS, Config, build_config
+from memshard.config import Config, build_config
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
-from memshard.evaluation.memorization import NEAR_COPY_QUANTILE
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import connect_ray
-from memshard.orchestrator.settings import check
 from memshard.orchestrator.tracking import connect_mlflow, tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, train
 from memshard.pipeline import SAMPLERS
+from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS
+from memshard.tuning.curves import (
+    BASELINE,
+    Method,
+    mean_curve,
+    merge_results,
+    method_config,
+    more_copying,
+    parse_method,
+    real_reference_of,
+    summarize,
+    summary_markdown,
+)
 from memshard.tuning.measure import (
     COPYING,
     NEAR_COPYING,
@@ -112,57 +123,11 @@ from memshard.unlearning.runner import write_subset
 
 EXPERIMENT = "memshard-efficacy"
 OUTPUTS = ("results.json", "points.csv", "curves.png", "summary.md")
-BASELINE = "ddpm"
 RAW_SUFFIX = "-raw"  # a method with training.ema is also measured on its raw weights, as LABEL-raw
-FRECHET_SLACK = 0.10  # the issue's quality bar: Fréchet within +10% of ddpm's final model
-TARGET_REDUCTION = 0.80  # ... and >= 80% less copying on both measures
-# Copying measured two more ways where the points have them (older points lack them): the issue's
-# target checked in each. name -> (fraction of generations, distinct training images).
-MORE_COPYING = {"r < 0.15": STRICT_COPYING, "near copies": NEAR_COPYING}
-# The real held-out images' value of a copying fraction, as the points carry it; near copies have
-# none: real images score NEAR_COPY_QUANTILE by construction.
-REAL_REFERENCE = {"generations_r_below_0.5": "real_r_below_0.5", "generations_r_below_0.15": "real_r_below_0.15"}
 CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "optimizer_steps_sequential",
               "train_seconds", "eval_seconds", "wall_seconds", "loss", *COPYING, "mq_0.5_count",
               *STRICT_COPYING, *NEAR_COPYING, "near_copy_sq_distance", "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", "real_r_below_0.15", *QUALITY, "real_frechet", "real_mean_confidence",
               "real_coverage")
-
-
-# ---------------------------------------------------------------- methods
-
-
-@dataclass(frozen=True)
-class Method:
-    label: str  # how results name it
-    sets: tuple[str, ...]  # `section.key=value` settings, iet.method first
-
-    @property
-    def base(self) -> str:
-        """The memshard method it trains (`iet.method`): ddpm variants train `--baseline-rounds`."""
-        return next(item.split("=", 1)[1].strip() for item in self.sets if item.startswith("iet.method="))
-
-
-def parse_method(text: str) -> Method:
-    """`ddpm`, or `LABEL:section.key=value,...` (a value may hold commas: `model.block_out_channels=32,64`)."""
-    label, _, rest = text.partition(":")
-    label = label.strip()
-    sets = tuple(item.strip() for item in re.split(r",(?=\s*[\w-]+\.[\w-]+\s*=)", rest) if item.strip())
-    if not label:
-        raise MemshardError(f"method {text!r} has no name: write e.g. iet-agc-plus+fedavgm:aggregation.server_optimizer=fedavgm")
-    if not any(item.startswith("iet.method=") for item in sets):
-        base = label.split("+", 1)[0]
-        if base not in METHODS:
-            raise MemshardError(f"method {label!r}: start its name with one of {', '.join(METHODS)} "
-                                "(e.g. iet-agc-plus+fedavgm), or set iet.method after ':'")
-        sets = (f"iet.method={base}", *sets)
-    return Method(label, sets)
-
-
-def method_config(preset: str, method: Method, seed: int, rounds: int, common_sets: list[str]) -> Config:
-    """The training config of one curve; checked as `memshard train` checks it, before any work."""
-    cfg = build_config(preset, sets=[*common_sets, *method.sets, f"training.seed={seed}", f"iet.rounds={rounds}"])
-    check(cfg)
-    return cfg
 
 
 # ---------------------------------------------------------------- data
@@ -227,176 +192,6 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
               hooks=RunHooks(parent_run_id=parent_run_id, tags=tags, register=False, after_round=after_round))
 
 
-# ---------------------------------------------------------------- the summary (the issue's target check)
-
-
-def real_reference_of(fraction_key: str, points: list[dict]) -> float | None:
-    """The real images' value of a copying fraction: the held-out reference the points carry, or the
-    near-copy quantile (real images score it by construction); None for counts and unknown keys."""
-    if fraction_key == NEAR_COPYING[0]:
-        return NEAR_COPY_QUANTILE
-    real_key = REAL_REFERENCE.get(fraction_key)
-    values = [p[real_key] for p in points if real_key and p.get(real_key) is not None]
-    return float(np.mean(values)) if values else None
-
-
-def more_copying(points: list[dict]) -> dict[str, tuple]:
-    """The MORE_COPYING measures every point has."""
-    return {name: keys for name, keys in MORE_COPYING.items() if all(p.get(key) is not None for key in keys for p in points)}
-
-
-def copying_keys(points: list[dict]) -> tuple[str, ...]:
-    """COPYING, and the MORE_COPYING measures every point has."""
-    return COPYING + tuple(key for keys in more_copying(points).values() for key in keys)
-
-
-def mean_curve(points: list[dict], method: str, seed: int | None = None) -> list[dict]:
-    """A method's points by round, the mean over seeds (or one seed's), with each measure's range."""
-    rows = [p for p in points if p["method"] == method and (seed is None or p["seed"] == seed)]
-    out = []
-    for round_index in sorted({p["round"] for p in rows}):
-        at = [p for p in rows if p["round"] == round_index]
-        point = {"round": round_index, "seeds": len(at),
-                 "optimizer_steps_total": float(np.mean([p["optimizer_steps_total"] for p in at])),
-                 "optimizer_steps_sequential": float(np.mean([p["optimizer_steps_sequential"] for p in at]))}
-        for key in copying_keys(at) + (*QUALITY, "real_frechet", "real_r_below_0.5", "real_r_below_0.15"):
-            values = [p[key] for p in at if p.get(key) is not None]
-            if not values:
-                continue
-            point[key], point[f"{key}_min"], point[f"{key}_max"] = float(np.mean(values)), min(values), max(values)
-        out.append(point)
-    return out
-
-
-def at_quality_bar(curve_points: list[dict], max_frechet: float, min_coverage: float) -> dict | None:
-    """Copying where the curve (ascending rounds) first reaches Fréchet <= max_frechet with coverage
-    >= min_coverage: linear in Fréchet between that point and the one before it when the one before
-    lies above the bar; None when no point reaches it."""
-    previous = None
-    for point in curve_points:
-        if point["frechet"] <= max_frechet and point["coverage"] >= min_coverage - 1e-9:
-            keys = (*copying_keys([point]), "frechet", "round", "optimizer_steps_total", "optimizer_steps_sequential")
-            if previous is None or previous["frechet"] <= max_frechet:
-                return {**{key: point[key] for key in keys}, "interpolated": False}
-            w = (previous["frechet"] - max_frechet) / (previous["frechet"] - point["frechet"])
-            return {**{key: previous[key] + w * (point[key] - previous[key]) for key in keys}, "interpolated": True}
-        previous = point
-    return None
-
-
-def _reduction(value: float, reference: float) -> float | None:
-    return None if reference <= 0 else 1.0 - value / reference
-
-
-def summarize(points: list[dict], reference_round: int | None, baseline: str = BASELINE) -> dict:
-    """The target check: each method's copying at the quality of `baseline`'s model at `reference_round`
-    (None: its last evaluated round), and the reduction against that model and against `baseline`
-    stopped early at the same quality bar; per seed too (against the seeds' mean bar)."""
-    base = mean_curve(points, baseline)
-    measures = copying_keys(points)
-    if not base:
-        return {"note": f"no {baseline} points: the target check needs the baseline among the methods"}
-    rounds = [p["round"] for p in base]
-    reference_round = rounds[-1] if reference_round is None else reference_round
-    if reference_round not in rounds:
-        return {"note": f"{baseline} was not evaluated at round {reference_round} (evaluated: {rounds})"}
-    reference = next(p for p in base if p["round"] == reference_round)
-    bar = {"frechet_max": (1 + FRECHET_SLACK) * reference["frechet"], "coverage_min": reference["coverage"]}
-    baseline_at_bar = at_quality_bar(base, bar["frechet_max"], bar["coverage_min"])
-    methods = {}
-    for method in dict.fromkeys(p["method"] for p in points):
-        found = at_quality_bar(mean_curve(points, method), bar["frechet_max"], bar["coverage_min"])
-        per_seed = []
-        for seed in sorted({p["seed"] for p in points if p["method"] == method}):
-            mine = at_quality_bar(mean_curve(points, method, seed), bar["frechet_max"], bar["coverage_min"])
-            per_seed.append({"seed": seed, "at_bar": mine, "reduction_vs_final": None if mine is None else {
-                key: _reduction(mine[key], reference[key]) for key in measures}})
-        mine = mean_curve(points, method)
-        good_enough = [p["coverage"] for p in mine if p["frechet"] <= bar["frechet_max"]]
-        entry = {"reached": found is not None, "at_bar": found, "per_seed": per_seed,
-                 "best_frechet_ratio": min(p["frechet"] for p in mine) / reference["frechet"],
-                 "best_coverage_within_frechet_bar": max(good_enough) if good_enough else None}
-        if found is not None:
-            entry["reduction_vs_final"] = {key: _reduction(found[key], reference[key]) for key in measures}
-            entry["reduction_vs_early_stopped"] = None if baseline_at_bar is None else {
-                key: _reduction(found[key], baseline_at_bar[key]) for key in measures}
-            entry["target_met"] = all(entry["reduction_vs_final"][key] is not None
-                                      and entry["reduction_vs_final"][key] >= TARGET_REDUCTION for key in COPYING)
-            entry["target_met_by"] = {name: all(entry["reduction_vs_final"][key] is not None
-                                                and entry["reduction_vs_final"][key] >= TARGET_REDUCTION for key in keys)
-                                      for name, keys in more_copying(points).items()}
-            seeds_reduction = [s["reduction_vs_final"] for s in per_seed if s["reduction_vs_final"]]
-            entry["reduction_vs_final_range"] = {key: [min(r[key] for r in seeds_reduction), max(r[key] for r in seeds_reduction)]
-                                                 for key in measures if all(r[key] is not None for r in seeds_reduction)} \
-                if seeds_reduction else {}
-        methods[method] = entry
-    return {"baseline": baseline, "reference": reference, "quality_bar": bar, "baseline_at_bar": baseline_at_bar,
-            "target": (f"at Fréchet <= {1 + FRECHET_SLACK:.2f} x and coverage >= {baseline}'s model at round "
-                       f"{reference_round}: >= {TARGET_REDUCTION:.0%} fewer copied training images and "
-                       f">= {TARGET_REDUCTION:.0%} fewer generations below r = 0.5"),
-            "methods": methods}
-
-
-def summary_markdown(summary: dict) -> str:
-    if "methods" not in summary:
-        return summary.get("note", "no summary") + "\n"
-    ref, bar = summary["reference"], summary["quality_bar"]
-    lines = [f"Reference: {summary['baseline']} at round {ref['round']} (mean of {ref['seeds']} seeds): Fréchet "
-             f"{ref['frechet']:.3f} (real images {ref['real_frechet']:.3f}), coverage {ref['coverage']:.2f}, "
-             f"{100 * ref['generations_r_below_0.5']:.1f}% of generations below r = 0.5, "
-             f"{ref['copied_training_images']:.1f} training images copied."
-             + ("" if ref.get("real_r_below_0.5") is None else
-                f" Real held-out training images (never generated): {100 * ref['real_r_below_0.5']:.1f}% below r = 0.5, "
-                f"{100 * ref.get('real_r_below_0.15', float('nan')):.1f}% below r = 0.15."),
-             f"Quality bar: Fréchet <= {bar['frechet_max']:.3f}, coverage >= {bar['coverage_min']:.2f}. "
-             f"Target: {summary['target']}.", "",
-             "| method | reaches the bar at round (steps) | r < 0.5 | copied images | fewer r < 0.5 vs final ddpm "
-             "| fewer copied vs final ddpm | same vs ddpm stopped at the bar | target |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-
-    def pct(value):
-        return "n/a" if value is None else f"{100 * value:.0f}%"
-
-    for method, entry in summary["methods"].items():
-        found = entry["at_bar"]
-        if found is None:
-            coverage = entry["best_coverage_within_frechet_bar"]
-            why = (f"best Fréchet {entry['best_frechet_ratio']:.2f} x the reference" if coverage is None
-                   else f"Fréchet within the bar, but coverage at most {coverage:.2f} there")
-            lines.append(f"| {method} | not reached ({why}) | | | | | | no |")
-            continue
-        final, early = entry["reduction_vs_final"], entry.get("reduction_vs_early_stopped") or {}
-        spread = entry.get("reduction_vs_final_range", {})
-        span = {key: f" ({pct(spread[key][0])} to {pct(spread[key][1])})" if key in spread else "" for key in COPYING}
-        lines.append(
-            f"| {method} | {found['round']:.1f} ({found['optimizer_steps_total']:,.0f}; sequential "
-            f"{found['optimizer_steps_sequential']:,.0f}) | {100 * found['generations_r_below_0.5']:.1f}% | "
-            f"{found['copied_training_images']:.1f} | {pct(final['generations_r_below_0.5'])}{span['generations_r_below_0.5']} | "
-            f"{pct(final['copied_training_images'])}{span['copied_training_images']} | "
-            f"{pct(early.get('generations_r_below_0.5'))} / {pct(early.get('copied_training_images'))} | "
-            f"{'yes' if entry['target_met'] else 'no'} |")
-    for name, (fraction, images) in MORE_COPYING.items():
-        rows = [(method, entry) for method, entry in summary["methods"].items()
-                if entry["at_bar"] is not None and name in entry.get("target_met_by", {})]
-        if not rows:
-            continue
-        real = REAL_REFERENCE.get(fraction)
-        reference_real = f"{NEAR_COPY_QUANTILE:.0%} by construction" if real is None else f"{100 * ref[real]:.1f}%"
-        lines += ["", f"The same in {name} (the reference model: {100 * ref[fraction]:.1f}% of generations, "
-                      f"{ref[images]:.1f} images; real images: {reference_real}):", "",
-                  f"| method | {name} | images | fewer vs final ddpm | fewer images vs final ddpm "
-                  f"| same vs ddpm stopped at the bar | target in {name} |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for method, entry in rows:
-            found, final = entry["at_bar"], entry["reduction_vs_final"]
-            early, spread = entry.get("reduction_vs_early_stopped") or {}, entry.get("reduction_vs_final_range", {})
-            span = {key: f" ({pct(spread[key][0])} to {pct(spread[key][1])})" if key in spread else "" for key in (fraction, images)}
-            lines.append(
-                f"| {method} | {100 * found[fraction]:.1f}% | {found[images]:.1f} | {pct(final[fraction])}{span[fraction]} | "
-                f"{pct(final[images])}{span[images]} | {pct(early.get(fraction))} / {pct(early.get(images))} | "
-                f"{'yes' if entry['target_met_by'][name] else 'no'} |")
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------- the plot
 
 
@@ -437,7 +232,7 @@ def plot(points: list[dict], summary: dict, path: Path, title: str) -> None:
             axis.plot(reference["frechet"], reference[key] * scale, marker="*", markersize=16, color="black",
                       linestyle="none", label=f"{summary['baseline']} reference (round {reference['round']})", zorder=6)
             axis.axvline(summary["quality_bar"]["frechet_max"], color="grey", linestyle="--", linewidth=1,
-                         label=f"quality bar (Fréchet +{FRECHET_SLACK:.0%})")
+                         label=f"quality bar (Fréchet +{DEFAULT_MAX_QUALITY_LOSS:.0%})")
         axis.axvline(float(np.mean([p["real_frechet"] for p in points])), color="green", linestyle=":", linewidth=1,
                      label="real held-out images")
         axis.set_xscale("log")
@@ -507,36 +302,6 @@ def remeasure_copying(points: list[dict], generations: list[Path], data: Data, e
         point.update(figures)
         found += 1
     return found
-
-
-def merge_results(runs: list[dict], only: list[str] | None = None) -> dict:
-    """The first run's settings with every run's points (with `only`, those methods' points); runs of
-    another regime or preset are refused (their copying is counted against other training images), and
-    so is a point two runs both hold (the mean over seeds would count it twice)."""
-    first = runs[0]
-    for other in runs[1:]:
-        for key in ("preset", "regime", "num_images", "sampler", "sampling_steps", "eval_seed"):
-            if other["settings"][key] != first["settings"][key]:
-                raise MemshardError(f"--from-results: the runs differ in {key} ({first['settings'][key]} and "
-                                    f"{other['settings'][key]}): merge only runs of one regime and evaluation")
-    merged = {**first, "points": [p for run in runs for p in run["points"] if only is None or p["method"] in only]}
-    seen: set[tuple] = set()
-    for p in merged["points"]:
-        key = (p["method"], p["seed"], p["round"])
-        if key in seen:
-            raise MemshardError(f"--from-results: {key[0]} seed {key[1]} round {key[2]} is in two of the runs: "
-                                "merge each curve once (--only LABEL ... keeps some methods)")
-        seen.add(key)
-    if only is not None:
-        missing = sorted(set(only) - {p["method"] for p in merged["points"]})
-        if missing:
-            raise MemshardError(f"--only {' '.join(missing)}: no such method in the runs")
-    if len(runs) > 1:
-        merged["merged_from"] = [run["environment"] for run in runs]
-        merged["settings"] = {**first["settings"], "seeds": sorted({p["seed"] for p in merged["points"]}),
-                              "methods": {k: v for run in runs for k, v in run["settings"]["methods"].items()
-                                          if only is None or k in only}}
-    return merged
 
 
 def title_of(results: dict) -> str:

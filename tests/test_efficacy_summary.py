@@ -1,20 +1,13 @@
-"""bench/efficacy_curves.py's target check (issue 12) on constructed curves: the curves themselves are
-a benchmark, not a test, but the arithmetic that reads them must be right."""
+"""The efficacy bench's target check (issue 12; `memshard.tuning.curves`) on constructed curves: the
+curves themselves are a benchmark (bench/efficacy_curves.py), not a test, but the arithmetic that reads
+them must be right."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from memshard.errors import MemshardError
-
-spec = importlib.util.spec_from_file_location("efficacy_curves", Path(__file__).parents[1] / "bench" / "efficacy_curves.py")
-efficacy = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = efficacy  # dataclasses look their module up there
-spec.loader.exec_module(efficacy)
+from memshard.tuning import curves
 
 
 def point(method, seed, round_index, frechet, copied_fraction, copied_images, coverage=1.0):
@@ -25,15 +18,15 @@ def point(method, seed, round_index, frechet, copied_fraction, copied_images, co
 
 
 def test_method_names_and_variants():
-    assert efficacy.parse_method("iet-agc") == efficacy.Method("iet-agc", ("iet.method=iet-agc",))
-    variant = efficacy.parse_method("iet-agc-plus+wide:aggregation.server_optimizer=fedavgm,model.block_out_channels=32,64")
-    assert variant == efficacy.Method("iet-agc-plus+wide", ("iet.method=iet-agc-plus", "aggregation.server_optimizer=fedavgm",
+    assert curves.parse_method("iet-agc") == curves.Method("iet-agc", ("iet.method=iet-agc",))
+    variant = curves.parse_method("iet-agc-plus+wide:aggregation.server_optimizer=fedavgm,model.block_out_channels=32,64")
+    assert variant == curves.Method("iet-agc-plus+wide", ("iet.method=iet-agc-plus", "aggregation.server_optimizer=fedavgm",
                                                             "model.block_out_channels=32,64"))
-    assert efficacy.parse_method("mine:iet.method=iet").sets == ("iet.method=iet",)
-    assert [efficacy.parse_method(text).base for text in ("ddpm+ema:training.ema=true", "mine:iet.method=ddpm", "iet")] \
+    assert curves.parse_method("mine:iet.method=iet").sets == ("iet.method=iet",)
+    assert [curves.parse_method(text).base for text in ("ddpm+ema:training.ema=true", "mine:iet.method=ddpm", "iet")] \
         == ["ddpm", "ddpm", "iet"]  # ddpm variants train --baseline-rounds
     with pytest.raises(MemshardError, match="start its name with one of ddpm"):
-        efficacy.parse_method("magic:aggregation.eta=0.1")
+        curves.parse_method("magic:aggregation.eta=0.1")
 
 
 def test_copying_is_interpolated_in_frechet_where_the_curve_first_reaches_the_bar():
@@ -41,12 +34,12 @@ def test_copying_is_interpolated_in_frechet_where_the_curve_first_reaches_the_ba
               "optimizer_steps_total": 800, "optimizer_steps_sequential": 200},
              {"round": 4, "frechet": 4.0, "coverage": 1.0, "generations_r_below_0.5": 0.05, "copied_training_images": 10,
               "optimizer_steps_total": 1600, "optimizer_steps_sequential": 400}]
-    found = efficacy.at_quality_bar(curve, max_frechet=10.0, min_coverage=0.9)
+    found = curves.at_quality_bar(curve, max_frechet=10.0, min_coverage=0.9)
     assert found["interpolated"] and found["round"] == pytest.approx(2.5)  # a quarter of the way from 12 to 4
     assert found["generations_r_below_0.5"] == pytest.approx(0.02) and found["copied_training_images"] == pytest.approx(4)
-    assert efficacy.at_quality_bar(curve, 3.0, 0.9) is None
-    assert efficacy.at_quality_bar(curve, 20.0, 0.9)["interpolated"] is False  # good enough from the first point
-    assert efficacy.at_quality_bar(curve, 10.0, 1.1) is None  # coverage worse than the reference's
+    assert curves.at_quality_bar(curve, 3.0, 0.9) is None
+    assert curves.at_quality_bar(curve, 20.0, 0.9)["interpolated"] is False  # good enough from the first point
+    assert curves.at_quality_bar(curve, 10.0, 1.1) is None  # coverage worse than the reference's
 
 
 def test_summary_reads_reductions_against_ddpms_final_and_early_stopped_models():
@@ -55,7 +48,7 @@ def test_summary_reads_reductions_against_ddpms_final_and_early_stopped_models()
         points += [point("ddpm", seed, 2, 3.0 + shift, 0.10, 40), point("ddpm", seed, 4, 2.0 + shift, 0.40, 180)]
         points += [point("iet", seed, 2, 8.0 + shift, 0.00, 0), point("iet", seed, 4, 2.0 + shift, 0.04, 10)]
         points += [point("slow", seed, 2, 9.0, 0.0, 0), point("slow", seed, 4, 5.0, 0.01, 1)]
-    summary = efficacy.summarize(points, reference_round=4)
+    summary = curves.summarize(points, reference_round=4)
     reference = summary["reference"]
     assert reference["frechet"] == pytest.approx(2.1) and reference["copied_training_images"] == 180
     assert summary["quality_bar"]["frechet_max"] == pytest.approx(2.31)
@@ -72,9 +65,9 @@ def test_summary_reads_reductions_against_ddpms_final_and_early_stopped_models()
     assert iet["reduction_vs_early_stopped"]["copied_training_images"] == pytest.approx(1 - 10 * w / ddpm_at_bar)
     assert len(iet["per_seed"]) == 2 and all(s["at_bar"] for s in iet["per_seed"])
     assert not summary["methods"]["slow"]["reached"]
-    assert "| slow | not reached (best Fréchet 2.38 x the reference)" in efficacy.summary_markdown(summary)
-    assert efficacy.summarize(points, reference_round=None)["reference"]["round"] == 4  # the last one evaluated
-    assert "was not evaluated at round 3" in efficacy.summarize(points, reference_round=3)["note"]
+    assert "| slow | not reached (best Fréchet 2.38 x the reference)" in curves.summary_markdown(summary)
+    assert curves.summarize(points, reference_round=None)["reference"]["round"] == 4  # the last one evaluated
+    assert "was not evaluated at round 3" in curves.summarize(points, reference_round=3)["note"]
 
 
 def test_the_strict_threshold_is_summarized_beside_the_loose_one_when_every_point_has_it():
@@ -84,20 +77,20 @@ def test_the_strict_threshold_is_summarized_beside_the_loose_one_when_every_poin
 
     points = [strict(point("ddpm", 0, 2, 3.0, 0.10, 40), 0.02, 8), strict(point("ddpm", 0, 4, 2.0, 0.40, 180), 0.20, 60),
               strict(point("iet", 0, 2, 2.1, 0.30, 120), 0.01, 5), strict(point("iet", 0, 4, 1.5, 0.35, 150), 0.02, 6)]
-    summary = efficacy.summarize(points, reference_round=4)
+    summary = curves.summarize(points, reference_round=4)
     renamed = [{**p, "method": "ddpm+ema" if p["method"] == "ddpm" else p["method"]} for p in points]
-    assert efficacy.summarize(renamed, 4, baseline="ddpm+ema")["methods"]["iet"] == summary["methods"]["iet"]
+    assert curves.summarize(renamed, 4, baseline="ddpm+ema")["methods"]["iet"] == summary["methods"]["iet"]
     iet = summary["methods"]["iet"]
     assert iet["reduction_vs_final"]["generations_r_below_0.15"] == pytest.approx(1 - 0.01 / 0.20)
     assert iet["reduction_vs_final"]["copied_r_below_0.15"] == pytest.approx(1 - 5 / 60)
     assert iet["target_met_by"] == {"r < 0.15": True} and not iet["target_met"]  # 25% / 33% fewer at r < 0.5
-    text = efficacy.summary_markdown(summary)
+    text = curves.summary_markdown(summary)
     assert "80.0% below r = 0.5, 4.0% below r = 0.15" in text  # the real reference beside the reference model
     assert "| iet | 1.0% | 5.0 | 95% (95% to 95%) | 92% (92% to 92%) | 94% / 90% | yes |" in text
     assert "The same in r < 0.15 (the reference model: 20.0% of generations, 60.0 images; real images: 4.0%)" in text
     # points measured before the strict figures existed: the summary keeps to r < 0.5
-    old = efficacy.summarize([point("ddpm", 0, 4, 2.0, 0.4, 180), point("iet", 0, 4, 2.0, 0.1, 20)], reference_round=4)
-    assert old["methods"]["iet"]["target_met_by"] == {} and "r < 0.15" not in efficacy.summary_markdown(old)
+    old = curves.summarize([point("ddpm", 0, 4, 2.0, 0.4, 180), point("iet", 0, 4, 2.0, 0.1, 20)], reference_round=4)
+    assert old["methods"]["iet"]["target_met_by"] == {} and "r < 0.15" not in curves.summary_markdown(old)
 
 
 def test_results_of_one_regime_merge_and_of_another_are_refused():
@@ -109,14 +102,14 @@ def test_results_of_one_regime_merge_and_of_another_are_refused():
 
     baseline = run("first-300", [point("ddpm", 0, 4, 2.0, 0.4, 180), point("ddpm", 1, 4, 2.2, 0.4, 170)], {"ddpm": []})
     variant = run("first-300", [point("iet+fast", 0, 4, 2.1, 0.1, 20)], {"iet+fast": ["iet.method=iet"]})
-    merged = efficacy.merge_results([baseline, variant])
+    merged = curves.merge_results([baseline, variant])
     assert len(merged["points"]) == 3 and set(merged["settings"]["methods"]) == {"ddpm", "iet+fast"}
-    assert efficacy.summarize(merged["points"], 4)["methods"]["iet+fast"]["reached"]
+    assert curves.summarize(merged["points"], 4)["methods"]["iet+fast"]["reached"]
     with pytest.raises(MemshardError, match="differ in regime"):
-        efficacy.merge_results([baseline, run("full", [], {})])
+        curves.merge_results([baseline, run("full", [], {})])
     with pytest.raises(MemshardError, match="ddpm seed 1 round 4 is in two of the runs"):
-        efficacy.merge_results([baseline, run("first-300", [point("ddpm", 1, 4, 2.2, 0.4, 170)], {"ddpm": []})])
-    kept = efficacy.merge_results([baseline, variant], only=["iet+fast"])
+        curves.merge_results([baseline, run("first-300", [point("ddpm", 1, 4, 2.2, 0.4, 170)], {"ddpm": []})])
+    kept = curves.merge_results([baseline, variant], only=["iet+fast"])
     assert [p["method"] for p in kept["points"]] == ["iet+fast"] and set(kept["settings"]["methods"]) == {"iet+fast"}
     with pytest.raises(MemshardError, match="--only iet: no such method"):
-        efficacy.merge_results([baseline, variant], only=["iet"])
+        curves.merge_results([baseline, variant], only=["iet"])

@@ -11,7 +11,6 @@ import pytest
 import ray
 from conftest import all_runs
 from mlflow.tracking import MlflowClient
-from test_efficacy_summary import efficacy
 from test_reliability import assert_same_weights, final_weights, train_until_the_driver_dies_after_round_one
 
 from memshard.aggregation import weighted_average
@@ -23,6 +22,7 @@ from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.settings import check, server_hyperparameters
 from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import checkpoint_dir, resume_config, train
+from memshard.tuning.curves import method_config, parse_method
 from memshard.tuning.space import trial_config
 
 
@@ -73,7 +73,7 @@ def test_out_of_range_hyperparameters_are_one_line_errors(sets, message):
 ENTRY_POINTS = {
     "train": lambda sets: train(build_config("tiny", sets=sets)),
     "tune trial": lambda sets: trial_config("tiny", {}, sets, {}, where="--grid g.yaml"),
-    "efficacy bench": lambda sets: efficacy.method_config("tiny", efficacy.parse_method("ddpm"), 0, 2, sets),
+    "efficacy bench": lambda sets: method_config("tiny", parse_method("ddpm"), 0, 2, sets),
 }
 
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 COVERAGE_SLACK = 1e-9  # coverage is a share of classes: equal within rounding counts as no worse
+DEFAULT_MAX_QUALITY_LOSS = 0.10  # the budget unless asked otherwise: Fréchet within +10% of the reference's
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,7 @@ class Budget:
     max_quality_loss: float
 
     def admits(self, point: Point) -> bool:
-        if not point.frechet <= self.max_frechet:  # also false for NaN
-            return False
-        if self.min_coverage is None or point.coverage is None:
-            return True
-        return point.coverage >= self.min_coverage - COVERAGE_SLACK
+        return meets_quality(point.frechet, point.coverage, self.max_frechet, self.min_coverage)
 
     def excess(self, point: Point) -> float:
         """How far over the budget a point is, as a fraction of the bar: the larger of the Fréchet
@@ -62,8 +59,24 @@ class Budget:
         return max(frechet, coverage)
 
 
+def quality_bar(frechet: float, coverage: float | None, max_quality_loss: float) -> tuple[float, float | None]:
+    """(the highest Fréchet, the lowest coverage) a point may have to be within the budget of a
+    reference of this quality."""
+    return frechet * (1.0 + max_quality_loss), coverage
+
+
+def meets_quality(frechet: float, coverage: float | None, max_frechet: float, min_coverage: float | None) -> bool:
+    """Quality within a bar: Fréchet at most `max_frechet` (never a NaN), and coverage no worse than
+    `min_coverage` within rounding where both are known."""
+    if not frechet <= max_frechet:  # also false for NaN
+        return False
+    if min_coverage is None or coverage is None:
+        return True
+    return coverage >= min_coverage - COVERAGE_SLACK
+
+
 def quality_budget(reference: Point, max_quality_loss: float) -> Budget:
-    return Budget(reference.frechet * (1.0 + max_quality_loss), reference.coverage, reference, max_quality_loss)
+    return Budget(*quality_bar(reference.frechet, reference.coverage, max_quality_loss), reference, max_quality_loss)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
 from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, checkpoint_dir, train
 from memshard.pipeline import save_pipeline
-from memshard.tuning.choice import Choice, Point, choose, quality_budget
+from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS, Choice, Point, choose, quality_budget
 from memshard.tuning.measure import Data, evaluation_rounds, measure
 from memshard.tuning.report import (
     TRIAL_COLUMNS,
@@ -78,7 +78,7 @@ log = logging.getLogger("memshard.tune")  # Tune's own files, and the chosen con
 
 @dataclass(frozen=True)
 class SweepSettings:
-    max_quality_loss: float = 0.10  # the budget: Fréchet at most the reference's × (1 + this)
+    max_quality_loss: float = DEFAULT_MAX_QUALITY_LOSS  # the budget: Fréchet at most the reference's × (1 + this)
     num_images: int = 500  # generations per point
     sampler: str = "ddim"
     sampling_steps: int = 50
