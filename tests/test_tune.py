@@ -17,7 +17,7 @@ from memshard.cli import main
 from memshard.config import build_config
 from memshard.orchestrator.cluster import place_actors, release
 from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
-from memshard.tuning.sweep import SWEEP_TAG, TRIAL_TAG
+from memshard.tuning.trial import SWEEP_TAG, TRIAL_TAG
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the remote code below ships with the test
 

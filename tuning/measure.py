@@ -3,7 +3,8 @@ round -> seeded generations made in this process -> copying (MQ@0.5, distinct tr
 and quality in the training set's classifier space (Fréchet, mean confidence, class coverage), beside
 the same figures for real images.
 
-Shared by the sweep's trials (`memshard.tuning.sweep`) and the efficacy bench (bench/efficacy_curves.py).
+Shared by the sweep's trials (`memshard.tuning.trial`) and the efficacy bench (bench/efficacy_curves.py,
+whose curves `memshard.tuning.curves` reads).
 """
 
 from __future__ import annotations
