@@ -78,7 +78,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import ray
 import torch
 
 from memshard.cli import quiet_terminal
@@ -89,7 +88,7 @@ from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
 from memshard.evaluation.memorization import NEAR_COPY_QUANTILE
 from memshard.model import resolve_device
-from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
 from memshard.orchestrator.tracking import connect_mlflow
 from memshard.orchestrator.train import initial_shards
@@ -617,11 +616,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{results['environment']['command']}\nload average at start: {results['environment']['load_average_at_start']}",
           file=sys.stderr)
     torch.set_num_threads(os.cpu_count() or 1)  # evaluation runs here while the actors wait
-    started_ray = connect_ray(None)
     started = time.perf_counter()
     total_rounds = sum(cfg.iet.rounds for cfg in configs.values())
     rounds_done = 0
-    try:
+    with ray_session(None):  # RAY_ADDRESS, else a local instance
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"efficacy {args.preset} {data.regime}") as parent:
             mlflow.log_params({"command": results["environment"]["command"][:6000], **{
                 key: json.dumps(value)[:6000] for key, value in results["settings"].items()}})
@@ -659,9 +657,6 @@ def main(argv: list[str] | None = None) -> None:
                 if (out / name).exists():
                     mlflow.log_artifact(str(out / name))
             print(f"MLflow run {parent.info.run_id} in experiment {args.experiment} ({args.tracking_uri})")
-    finally:
-        if started_ray:
-            ray.shutdown()
     print(summary_markdown(results["summary"]))
     print(f"load average at end: {results['environment']['load_average_at_end']}; "
           f"{results['environment']['seconds'] / 3600:.2f} h")

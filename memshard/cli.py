@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto",
                           help="where generation runs: auto (the cluster's GPUs when it has them), cpu or cuda")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    evaluate.add_argument("--ray-address", metavar="HOST:PORT|auto",
+                          help="the Ray cluster to generate on (default: RAY_ADDRESS, else a local Ray instance)")
     evaluate.add_argument("--experiment", default="memshard",
                           help="experiment for a model with no training run (else the training run's)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")

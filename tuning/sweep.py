@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -48,9 +47,9 @@ from memshard.orchestrator.checkpoint import check_checkpoint_root
 from memshard.orchestrator.cluster import (
     ActorResources,
     check_feasible,
-    connect_ray,
     node_resources,
     plan_actor_resources,
+    ray_session,
 )
 from memshard.orchestrator.pipeline_model import log_pipeline_model
 from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
@@ -363,8 +362,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
                             f"cannot have one ({why_not}): tune on labelled data")
     classifier_cache = Path(".memshard/classifiers").absolute()
     space_name = ClassifierSpace(dataset, cache_dir=classifier_cache).name  # trained once here; every trial loads it
-    started_ray = connect_ray(base.ray.address)
-    try:
+    with ray_session(base.ray.address):
         nodes = node_resources()
         specs = [{"name": t.name, "config": to_dict(t.cfg), "reference": t.reference, "shards": t.cfg.iet.shards,
                   "bundle": trial_resources(t, nodes).bundle(), "strategy": t.cfg.ray.placement_strategy}
@@ -390,9 +388,6 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
             with nullcontext() if tune_output else redirect_stdout(io.StringIO()):  # Tune prints even at verbose=0
                 _fit(specs, context, progress, parent_id)
             return _conclude(list(outcomes.values()), space, settings, preset, parent_id, tracking_uri)
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 def _fit(specs: list[dict], context: TrialContext, progress: Progress, parent_id: str) -> None:
