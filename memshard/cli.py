@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch", type=int, help="generations per batch (default: 256 published, 50 quick)")
     evaluate.add_argument("--workers", type=_count_or_auto, default=None, metavar="N|auto",
                           help="generation workers on the Ray cluster (default auto: one per GPU, else one per CPU)")
+    evaluate.add_argument("--batch-timeout", type=float, metavar="SECONDS",
+                          help="a generation worker with no batch back within this is replaced, as a dead one is "
+                               "(default: an hour)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--feature-space", default="auto",
                           help="quality features: auto (default: inception-v3 where torch-fidelity and its weights are "

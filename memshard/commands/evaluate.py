@@ -114,7 +114,8 @@ def evaluate_model(model: str, settings: EvaluateSettings | None = None, data: s
         say(f"generating on {workers.describe()}")
 
         def generate(plan: SamplingPlan) -> Generation:
-            made = generate_on_ray(pipeline, plan, workers, show_progress)
+            made = generate_on_ray(pipeline, plan, workers, batch_timeout_s=settings.batch_timeout_s,
+                                   show_progress=show_progress)
             return Generation(made.images, made.workers.device, made.details())
 
         report = evaluate(choice, dataset, generate, settings, space, device)
@@ -207,11 +208,12 @@ def _compare_row(client: MlflowClient, run: Run) -> CompareRow:
 
 def evaluate_settings(args: argparse.Namespace) -> EvaluateSettings:
     """`memshard evaluate`'s flags as settings (nothing checked yet: `EvaluateSettings.check`)."""
+    patience = {} if args.batch_timeout is None else {"batch_timeout_s": args.batch_timeout}
     return EvaluateSettings(protocol=args.protocol, num_images=args.num_images, sampler=args.sampler,
                             sampling_steps=args.sampling_steps, batch_size=args.batch, seed=args.seed,
                             feature_space=None if args.feature_space == "none" else args.feature_space,
                             inception_weights=args.inception_weights, copy_threshold=args.copy_threshold,
-                            device=args.device, workers=args.workers)
+                            device=args.device, workers=args.workers, **patience)
 
 
 def quality_lines(report: EvaluationReport) -> list[str]:
