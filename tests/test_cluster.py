@@ -35,7 +35,7 @@ from memshard import SUBPACKAGES
 from memshard.cli import build_parser
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
-from memshard.orchestrator.cluster import node_resources, plan_actor_resources
+from memshard.orchestrator.cluster import node_resources, plan_actor_resources, resolve_ray_address
 from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import train
@@ -44,6 +44,19 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # `ray` and `memshard` of the Python running the tests
 LAUNCHER_CONFIGS = ["cluster.yaml", "deploy/cluster-onprem.yaml"]
 MUST_NOT_UPLOAD = [".git", ".venv", "mlruns", "mlflow.db", ".memshard", "data"]
+
+
+# ---- which cluster -----------------------------------------------------------------------------
+
+def test_the_ray_address_asked_for_beats_ray_address_which_beats_a_local_instance(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert resolve_ray_address("10.0.0.2:6379") == "10.0.0.2:6379"
+    assert resolve_ray_address("auto") == "auto"  # the cluster on this machine, asked for by name
+    assert resolve_ray_address(None) == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert resolve_ray_address(None) is None  # a local instance of our own
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert resolve_ray_address(None) is None
 
 
 # ---- the cluster-launcher configs -------------------------------------------------------------
