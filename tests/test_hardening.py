@@ -366,7 +366,7 @@ def test_cuda_without_a_gpu_in_the_cluster_starts_no_run(ray_cluster, mlflow_sto
 
 @pytest.mark.integration  # a fresh process and an MLflow store
 def test_a_closed_ray_port_fails_fast_with_the_cluster_error(tmp_path):
-    """A fresh process (no Ray in it yet): connect_ray checks the port instead of Ray's minutes of retries."""
+    """A fresh process (no Ray in it yet): ray_session checks the port instead of Ray's minutes of retries."""
     started = time.monotonic()
     completed = subprocess.run(
         [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress",
