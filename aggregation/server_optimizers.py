@@ -9,8 +9,11 @@ Federated Optimization", ICLR 2021, Algorithm 2; Hsu et al. 2019 for FedAvgM):
 - `fedadam`:  m ← β₁m + (1−β₁)Δ;  v ← β₂v + (1−β₂)Δ²;                θ ← θ + η·m/(√v + τ)
 - `fedyogi`:  m as fedadam;       v ← v − (1−β₂)Δ²·sign(v − Δ²);    θ ← θ + η·m/(√v + τ)
 
-As in Flower's FedAvgM/FedAdam/FedYogi strategies, the moments start at zero and there is no bias
-correction; the default hyperparameters are Flower's (FedAvgM's momentum default is method.md's 0.9).
+The moments start at zero and there is no bias correction, as in Reddi et al.'s Algorithm 2 and Flower's
+FedAvgM and FedYogi. Flower's FedAdam differs: it scales η by Adam's bias correction,
+√(1−β₂^(t+1)) / (1−β₁^(t+1)) at server round t, so its early steps are larger than `fedadam`'s here.
+Defaults: fedadam's and fedyogi's hyperparameters are Flower's; fedavgm's momentum is method.md's 0.9
+(Flower's FedAvgM defaults to 0, which is plain FedAvg).
 
 Every function is `(global_state, averaged, server_state, **hyperparameters) -> (new_global, new_server_state)`
 and touches none of its inputs. Only float parameters get the server step. Integer and bool entries

@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
                                               args.set) for seed in args.seeds for m in methods}  # seed-major: a stopped run holds whole comparisons
     settings = EvaluateSettings(protocol="quick", num_images=args.num_images, sampler=args.sampler,
                                 sampling_steps=args.sampling_steps, batch_size=args.eval_batch, seed=args.eval_seed,
-                                feature_space=None, copy_threshold=0.5, device=args.device)
+                                feature_space=None, r_copy_threshold=0.5, device=args.device)
     settings.check()
     device = str(resolve_device(args.device))
     data = load_data(next(iter(configs.values())), args.subset)

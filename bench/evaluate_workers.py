@@ -18,10 +18,10 @@ of the whole evaluation and of generation against W=1, and speed-up / W (target 
 number of cores). The images of every W are checked to be the same (bitwise, on CPUs). Without
 --model the `digits` preset's UNet, untrained, stands in: sampling speed does not depend on weights.
 
-Samplers mode (--samplers): the same model, M and seeds with each sampler:steps; MQ@t, copied
+Samplers mode (--samplers): the same model, M and seeds with each sampler:steps; MQ@t, r-copied
 images and the quality figures beside each other, each MQ@t with a 95% binomial interval and a
 two-proportion z against the first sampler; and, because every sampler here starts from the same
-seeded noise, the paired agreement: the share of generations whose copy verdict (r < t) is the same.
+seeded noise, the paired agreement: the share of generations whose r-copy verdict (r < t) is the same.
 A trained model is needed (--model): an untrained one copies nothing.
 """
 
@@ -108,7 +108,7 @@ def samplers_mode(args, store: str) -> None:
     space = next(iter(results.values())).report.feature_space
     print(f"\nmodel {args.model}; {args.num_images} generations per run; quality space {space or 'none'}")
     print("| sampler | seed | generate s | " + " | ".join(f"MQ@{t} (95% CI) | z vs {first[0]} {first[1]}" for t in THRESHOLDS)
-          + " | copied | Fréchet (real) | mean confidence (real) | coverage |")
+          + " | r-copied | Fréchet (real) | mean confidence (real) | coverage |")
     print("| " + " | ".join(["---"] * (6 + 2 * len(THRESHOLDS))) + " |")
     for (sampler, steps, seed), result in results.items():
         report, reference = result.report, results[(*first, seed)].report
@@ -124,7 +124,7 @@ def samplers_mode(args, store: str) -> None:
             "-" if q.generated.mean_confidence is None else f"{q.generated.mean_confidence:.3f} ({q.real.mean_confidence:.3f})",
             "-" if q.generated.coverage is None else f"{q.generated.coverage:.2f}"]
         print(f"| {sampler} {steps} | {seed} | {report.seconds['generate']:.1f} | " + " | ".join(cells)
-              + f" | {int(result.metrics['copied_training_samples'])} | " + " | ".join(quality) + " |")
+              + f" | {int(result.metrics['r_copied_training_samples'])} | " + " | ".join(quality) + " |")
     print(f"\npaired (same seeded noise): share of generations whose verdict r < t matches {first[0]} {first[1]}'s")
     for (sampler, steps, seed), result in results.items():
         if (sampler, steps) != first:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
-from memshard.shard_worker import ProxyTrainer, build_scheduler, build_unet
+from memshard.model import build_scheduler, build_unet
 from memshard.shard_worker.agc import agc_keep_mask, update_memory_bank
+from memshard.shard_worker.trainer import ProxyTrainer
 
 
 def plain_diffusers_loop(cfg, images: np.ndarray, steps: int) -> float:

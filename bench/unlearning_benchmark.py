@@ -144,7 +144,7 @@ def timed_train(cfg) -> tuple[Path, float]:
 
 def figures(measures: AuditMeasures) -> dict:
     quality = measures.quality
-    return {"reproductions": measures.copies, "generations": measures.generations,
+    return {"reproductions": measures.pixel_matches, "generations": measures.generations,
             "nearest_mse": measures.per_image[0].nearest_mse, "keep_loss": measures.keep_loss,
             "forget_loss": measures.forget_loss, "frechet": quality.generated.frechet,
             "coverage": quality.generated.coverage, "mean_confidence": quality.generated.mean_confidence}
@@ -271,7 +271,7 @@ def main() -> int:
         settings = dataclasses.replace(base, **changes)
         unet = load_pipeline(before_dir, "cpu").unet
         print(f"unlearning: {name} ...", file=sys.stderr)
-        stats = unlearn(method, unet, scheduler, keep_images, forget_images, settings, audit.copy_threshold)
+        stats = unlearn(method, unet, scheduler, keep_images, forget_images, settings, audit.pixel_match_threshold)
         after = build_pipeline(cfg, dataset.channels, state_to_numpy(unet))
         row = {**figures(measure(after, dataset, forget, audit, space)), "steps": stats.steps,
                "seconds": stats.seconds, "check_seconds": stats.check_seconds, "stopped": stats.stopped,
@@ -292,7 +292,7 @@ def main() -> int:
         "date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
         "preset": "tiny" if args.quick else "digits", "config": to_dict(cfg),
         "training": {"steps": training_steps(cfg), "seconds": train_seconds},
-        "planted": {"row": PLANTED_ROW, "copies_in_dataset": int(len(rows))},
+        "planted": {"row": PLANTED_ROW, "duplicates_in_dataset": int(len(rows))},
         "forget_size": int(len(forget.rows)), "keep_size": int(len(forget.keep_rows)),
         "audit": dataclasses.asdict(audit), "quality_space": space.name,
         "real_reference": {"frechet": real.frechet, "coverage": real.coverage,

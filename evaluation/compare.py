@@ -13,6 +13,9 @@ import numpy as np
 
 from memshard.evaluation.memorization import THRESHOLDS
 
+# Old name -> name: evaluations logged before the r-copy measure was named apart from the others.
+RENAMED = {"copy_threshold": "r_copy_threshold", "copied_training_samples": "r_copied_training_samples"}
+
 
 @dataclass(frozen=True)
 class CompareRow:
@@ -23,7 +26,7 @@ class CompareRow:
     num_images: int
     sampler: str  # "ddim 100"
     seed: int
-    copy_threshold: float
+    r_copy_threshold: float
     r_neighbors: int | None  # k in r = d1^2 / mean(d1^2..dk^2); None: not logged
     dataset_fingerprint: str | None
     feature_space: str  # "none": no FID
@@ -33,7 +36,10 @@ class CompareRow:
 
 def compare_row(eval_run_id: str, params: dict[str, str], metrics: dict[str, float], source_run_id: str | None,
                 source_method: str | None, train_params: dict[str, str]) -> CompareRow:
-    """A row from what `memshard evaluate` logged (params, metrics) and its training run's params."""
+    """A row from what `memshard evaluate` logged (params, metrics) and its training run's params;
+    evaluations logged before r-copies had their name are read under today's names (RENAMED)."""
+    params = {RENAMED.get(key, key): value for key, value in params.items()}
+    metrics = {RENAMED.get(key, key): value for key, value in metrics.items()}
     steps = [train_params.get(f"iet.{key}") for key in ("shards", "rounds", "local_steps")]
     space = params.get("feature_space", "none")
     return CompareRow(
@@ -44,7 +50,7 @@ def compare_row(eval_run_id: str, params: dict[str, str], metrics: dict[str, flo
         num_images=int(params["num_images"]),
         sampler=f"{params['sampler']} {params['sampling_steps']}",
         seed=int(params["seed"]),
-        copy_threshold=float(params["copy_threshold"]),
+        r_copy_threshold=float(params["r_copy_threshold"]),
         r_neighbors=int(params["r_neighbors"]) if "r_neighbors" in params else None,
         dataset_fingerprint=params.get("dataset.fingerprint"),
         feature_space=space,
@@ -83,7 +89,8 @@ def compare_table(rows: list[CompareRow]) -> CompareTable:
     """The table of `rows`; a FID column per feature space, since FIDs of different spaces do not compare."""
     spaces = sorted({row.feature_space for row in rows if row.feature_space != "none"})
     columns = ("method", "train run", "train steps", "eval run", "M", "sampler", "seed",
-               *[f"MQ@{t}" for t in THRESHOLDS], "NN1/NN2<1/3", "copied train imgs", *[f"FID [{s}]" for s in spaces])
+               *[f"MQ@{t}" for t in THRESHOLDS], "NN1/NN2<1/3", "r-copied train imgs",
+               "near-copied train imgs", *[f"FID [{s}]" for s in spaces])
     cells = tuple(tuple(_cell(row, column) for column in columns) for row in rows)
     return CompareTable(tuple(rows), columns, cells, tuple(_notes(rows)))
 
@@ -104,7 +111,9 @@ def _cell(row: CompareRow, column: str) -> str:
         "sampler": row.sampler,
         "seed": str(row.seed),
         "NN1/NN2<1/3": f"{int(m['nn_ratio_copy_count'])} ({100 * m['nn_ratio_copy_fraction']:.2f}%)",
-        "copied train imgs": str(int(m["copied_training_samples"])),
+        "r-copied train imgs": str(int(m["r_copied_training_samples"])),
+        "near-copied train imgs": (str(int(m["near_copied_training_samples"]))
+                                   if "near_copied_training_samples" in m else "-"),
     }[column]
 
 
@@ -112,11 +121,13 @@ def _notes(rows: list[CompareRow]) -> list[str]:
     ks = sorted({row.r_neighbors for row in rows if row.r_neighbors is not None})
     k = str(ks[0]) if len(ks) == 1 else "k"  # several k: the like-for-like note below says so
     notes = [f"MQ@t: generations with r < t, r = d1^2 / mean(d1^2..d{k}^2) over the {k} nearest training images, "
-             f"pixels in [0, 1]; NN1/NN2<1/3: nearest / second-nearest distance ratio; copied train imgs: training "
-             f"images that some generation with r < {rows[0].copy_threshold} has as its nearest."]
+             f"pixels in [0, 1]; NN1/NN2<1/3: nearest / second-nearest distance ratio; r-copied train imgs: training "
+             f"images that some generation with r < {rows[0].r_copy_threshold} has as its nearest; near-copied "
+             "train imgs: training images some generation is a near copy of (calibrated on real images; "
+             "-: too few distinct images)."]
     for key, what in (("num_images", "number of generations"), ("sampler", "sampler/steps"), ("seed", "seed"),
                       ("dataset_fingerprint", "training data"), ("train_steps", "training compute"),
-                      ("copy_threshold", "copy threshold"), ("r_neighbors", "number of neighbours k in r")):
+                      ("r_copy_threshold", "r-copy threshold"), ("r_neighbors", "number of neighbours k in r")):
         if len({str(getattr(row, key)) for row in rows}) > 1:
             notes.append(f"not like for like: the {what} differs between these runs")
     if len({row.feature_space for row in rows}) > 1:

@@ -6,7 +6,7 @@ beside the same figures for real images (`classifier_space.quality_report`).
 A library over an ImageDataset and a `generate(plan)` callable: no MLflow, no Ray, no registry. The
 command (`memshard.commands.evaluate`) finds the model and its data, makes the generations on Ray
 workers (`memshard.orchestrator.generation`), calls `evaluate`, and logs what the returned
-EvaluationReport says it should (params, metrics, report.json, the copies table, figures).
+EvaluationReport says it should (params, metrics, report.json, the per-sample copies table, figures).
 
 Defaults that finish on the hardware at hand (`sampling_plan`): `--protocol published` is the
 published protocol (65,536 generations, DDPM with the training timesteps, 1,000); `auto` (the
@@ -37,7 +37,7 @@ from memshard.evaluation.classifier_space import (
 )
 from memshard.evaluation.fid import feature_space
 from memshard.evaluation.memorization import (
-    DEFAULT_COPY_THRESHOLD,
+    DEFAULT_R_COPY_THRESHOLD,
     NEAR_COPY_QUANTILE,
     NN_RATIO_THRESHOLD,
     R_NEIGHBORS,
@@ -45,18 +45,22 @@ from memshard.evaluation.memorization import (
     MemorizationReport,
     memorization_report,
     near_copies,
+    near_copies_per_sample,
 )
 from memshard.evaluation.nearest_neighbors import nearest_neighbors
 from memshard.pipeline import DEFAULT_SAMPLING_STEPS, SAMPLERS, SamplingPlan, image_shape
 
 COPIES_TABLE = "copies_per_sample.parquet"  # the artifact `unlearn --forget evaluation:RUN_ID` reads
-COPY_DEFINITION = ("a generation copies its nearest training image when r < copy_threshold, with "
-                   "r = d1^2 / mean(d1^2..dk^2) over its k nearest distinct training images (squared L2, pixels in "
-                   "[0, 1]; exact duplicates count once, the copy credited to the first of them)")
+# COPIES_TABLE's count columns, one per measure, by the name `--forget evaluation:RUN_ID:MEASURE` takes.
+PER_SAMPLE_MEASURES = {"near-copies": "near_copies", "r-copies": "r_copies"}
+R_COPY_DEFINITION = ("a generation is an r-copy of its nearest training image when r < r_copy_threshold, with "
+                     "r = d1^2 / mean(d1^2..dk^2) over its k nearest distinct training images (squared L2, pixels "
+                     "in [0, 1]; exact duplicates count once, the r-copy credited to the first of them)")
 REAL_PREFIX = "real_heldout"  # metric names of the copying real reference: real_heldout.mq_0.5_fraction, ...
 REAL_REFERENCE_FRACTION = 0.2
 NEAR_COPY_SAMPLE = 2000  # real images whose leave-one-out distance sets the near-copy threshold
-NEAR_COPY_DEFINITION = (f"d1^2 below the {NEAR_COPY_QUANTILE:.0%} quantile of real images' squared distance to their "
+NEAR_COPY_DEFINITION = (f"a generation is a near copy of its nearest training image when its d1^2 is below the "
+                        f"{NEAR_COPY_QUANTILE:.0%} quantile of real images' squared distance to their "
                         f"nearest other distinct training image (leave-one-out, up to {NEAR_COPY_SAMPLE:,} seeded "
                         f"images): a model drawing fresh images from the data's distribution scores about "
                         f"{NEAR_COPY_QUANTILE:.0%}")
@@ -92,7 +96,7 @@ class EvaluateSettings:
     seed: int = 0
     feature_space: str | None = AUTO  # auto: default_quality_space; None: no quality measure
     inception_weights: str | None = None
-    copy_threshold: float = DEFAULT_COPY_THRESHOLD
+    r_copy_threshold: float = DEFAULT_R_COPY_THRESHOLD
     device: str = AUTO  # where generation runs: auto (GPUs when the cluster has them), cpu or cuda
     workers: int | None = None  # generation workers; None: every GPU (or CPU slot) of the cluster
     batch_timeout_s: float = 3600.0  # a generation worker with no batch back by then is replaced (as a dead one)
@@ -110,8 +114,8 @@ class EvaluateSettings:
             raise MemshardError(f"--sampling-steps {self.sampling_steps}: need at least 1 step")
         if self.seed < 0:  # numpy's SeedSequence takes non-negative integers only
             raise MemshardError(f"--seed {self.seed}: use a non-negative integer")
-        if not 0.0 < self.copy_threshold <= 1.0:
-            raise MemshardError(f"--copy-threshold {self.copy_threshold} must be in (0, 1] "
+        if not 0.0 < self.r_copy_threshold <= 1.0:
+            raise MemshardError(f"--r-copy-threshold {self.r_copy_threshold} must be in (0, 1] "
                                 "(r lies in [0, 1]; default 0.5)")
         if self.device not in DEVICES:
             raise MemshardError(f"--device {self.device!r} is not a device here: use {', '.join(DEVICES)}")
@@ -210,7 +214,7 @@ class EvaluationReport:
             metrics.update(near_copies(self.memorization, self.near_copy_threshold))
         if self.real_memorization is not None:
             metrics.update({f"{REAL_PREFIX}.{key}": value for key, value in self.real_memorization.metrics().items()
-                            if key != "copied_training_samples"})
+                            if key != "r_copied_training_samples"})
         if self.quality is not None:
             metrics[f"fid.{self.quality.space}"] = self.fid
             metrics.update(self.quality.metrics(prefix=f"quality.{self.quality.space}"))
@@ -221,13 +225,13 @@ class EvaluationReport:
         plan = self.plan
         return {"protocol": self.protocol, "sampler": plan.sampler, "sampling_steps": plan.steps,
                 "num_images": plan.num_images, "batch_size": plan.batch_size, "seed": plan.seed,
-                "feature_space": self.feature_space or "none", "copy_threshold": self.settings.copy_threshold,
+                "feature_space": self.feature_space or "none", "r_copy_threshold": self.settings.r_copy_threshold,
                 "r_neighbors": self.memorization.k, "device": self.device,
                 "workers": self.generation.get("workers", 1)}
 
     def summary(self, dataset: ImageDataset, top: int = 20) -> dict:
         """report.json's body: the generation protocol, definitions, metrics, quality (its space, why,
-        the real reference), r histogram and the most copied training images with their closest generations."""
+        the real reference), r histogram and the most r-copied training images with their closest generations."""
         plan, report = self.plan, self.memorization
         counts, edges = report.histogram()
         return {
@@ -241,7 +245,7 @@ class EvaluationReport:
                 "r": f"d1^2 / mean(d1^2..d{report.k}^2) over the {report.k} nearest training images",
                 "mq": f"count of generations with r < t, t in {list(THRESHOLDS)}",
                 "nn_ratio_copy": f"d1 / d2 < {NN_RATIO_THRESHOLD:.4f} (d = L2 distance)",
-                "copy": COPY_DEFINITION.replace("copy_threshold", str(self.settings.copy_threshold)),
+                "r_copy": R_COPY_DEFINITION.replace("r_copy_threshold", str(self.settings.r_copy_threshold)),
                 "near_copy": NEAR_COPY_DEFINITION,
             },
             "metrics": self.metrics(),
@@ -253,21 +257,25 @@ class EvaluationReport:
             "fid": {"value": self.fid, "feature_space": self.feature_space,
                     "against": f"all {len(dataset)} training images"} if self.quality else None,
             "r_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
-            "most_copied": [{"sample_id": str(dataset.sample_ids[row]), "copies": int(report.copies[row]),
-                             "min_r": float(report.min_r[row]),
-                             "closest_generations": report.closest_generations(row, 6)}
-                            for row in report.most_copied(top)],
+            "most_r_copied": [{"sample_id": str(dataset.sample_ids[row]), "r_copies": int(report.r_copies[row]),
+                               "min_r": float(report.min_r[row]),
+                               "closest_generations": report.closest_generations(row, 6)}
+                              for row in report.most_r_copied(top)],
             "seconds": self.seconds,
         }
 
     def copies_table(self, dataset: ImageDataset) -> pa.Table:
-        """Per training sample: how many generations copy it, and the smallest r of a generation whose
-        nearest it is (null: none)."""
+        """Per training sample: its r-copies and near copies (PER_SAMPLE_MEASURES; near copies null when
+        too few distinct images calibrate them), and the smallest r of a generation whose nearest it is
+        (null: none)."""
         report = self.memorization
         finite = np.isfinite(report.min_r)
+        near = (pa.array(near_copies_per_sample(report, self.near_copy_threshold).astype(np.int64))
+                if self.near_copy_threshold is not None else pa.nulls(len(dataset), pa.int64()))
         return pa.table({
             "sample_id": pa.array(dataset.sample_ids.astype(str)),
-            "copies": pa.array(report.copies.astype(np.int64)),
+            PER_SAMPLE_MEASURES["r-copies"]: pa.array(report.r_copies.astype(np.int64)),
+            PER_SAMPLE_MEASURES["near-copies"]: near,
             "min_r": pa.array(np.where(finite, report.min_r, np.nan), mask=~finite),
         })
 
@@ -287,7 +295,7 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
         raise AssertionError(f"generate returned {generated.dtype} {generated.shape}, expected uint8 {expected}")
 
     start = time.perf_counter()
-    report = scan_for_copies(generated, dataset, distinct_rows(dataset), settings.copy_threshold, device)
+    report = scan_for_copies(generated, dataset, distinct_rows(dataset), settings.r_copy_threshold, device)
     seconds["nearest_neighbors"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -307,30 +315,30 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
 def distinct_rows(dataset: ImageDataset) -> np.ndarray:
     """The first row of every distinct image, ascending. Exact duplicates are scanned once: k copies of
     one image would all be "nearest" and make r ≈ 1, so an image planted many times, the clearest case
-    of memorization, would never count as copied."""
+    of memorization, would never count as an r-copy."""
     _, first = np.unique(dataset.content_hashes, return_index=True)
     return np.sort(first)
 
 
-def scan_for_copies(queries: np.ndarray, dataset: ImageDataset, rows: np.ndarray, copy_threshold: float,
+def scan_for_copies(queries: np.ndarray, dataset: ImageDataset, rows: np.ndarray, r_copy_threshold: float,
                     device: str) -> MemorizationReport:
     """The memorization measures of `queries` against the training images at `rows` (pixels in [0, 1])."""
     neighbors = nearest_neighbors(queries, dataset.images[rows], min(R_NEIGHBORS, len(rows)), scale=1 / 255,
                                   device=device)
-    return memorization_report(neighbors.sq_distances, rows[neighbors.indices], len(dataset), copy_threshold)
+    return memorization_report(neighbors.sq_distances, rows[neighbors.indices], len(dataset), r_copy_threshold)
 
 
 def real_copy_reference(dataset: ImageDataset, settings: EvaluateSettings, device: str = "cpu") -> MemorizationReport | None:
-    """The copy measures of real images no model saw: a seeded REAL_REFERENCE_FRACTION of the distinct
-    training images scanned, like generations, against the other distinct images. On a set of similar
+    """The r-based measures (MQ@t, NN ratio) of real images no model saw: a seeded REAL_REFERENCE_FRACTION
+    of the distinct training images scanned, like generations, against the other distinct images. On a set of similar
     images (the 8x8 digits) ordinary near neighbours have a small r — there most real held-out digits
-    have r < 0.5 — so a copy rate means something only beside this one. None: too few images to split."""
+    have r < 0.5 — so an r-copy rate means something only beside this one. None: too few images to split."""
     distinct = np.random.default_rng(settings.seed).permutation(distinct_rows(dataset))
     cut = int(round(REAL_REFERENCE_FRACTION * len(distinct)))
     held, rest = np.sort(distinct[:cut]), np.sort(distinct[cut:])
     if len(held) < 1 or len(rest) < 2:
         return None
-    return scan_for_copies(dataset.images[held], dataset, rest, settings.copy_threshold, device)
+    return scan_for_copies(dataset.images[held], dataset, rest, settings.r_copy_threshold, device)
 
 
 def real_nearest_sq_distances(dataset: ImageDataset, seed: int, device: str = "cpu",

@@ -1,4 +1,5 @@
-"""The two pictures a reviewer looks at first: the histogram of r, and copied images beside copies.
+"""The two pictures a reviewer looks at first: the histogram of r, and the most r-copied
+training images beside their closest generations.
 
 matplotlib with the Agg backend (no display); each function returns PNG bytes.
 """
@@ -53,11 +54,11 @@ def _show(ax, image_chw: np.ndarray, caption: str, color: str = "black") -> None
     ax.set_title(caption, fontsize=7, color=color)
 
 
-def most_copied(report: MemorizationReport, training: np.ndarray, sample_ids: np.ndarray, generated: np.ndarray,
+def most_r_copied(report: MemorizationReport, training: np.ndarray, sample_ids: np.ndarray, generated: np.ndarray,
                 title: str, rows: int = 8, per_row: int = 6) -> bytes:
-    """One row per most-copied training image (left, with its id and copy count), then its closest
-    generations with their r, red when r < the copy threshold. (N, C, H, W) uint8 images."""
-    chosen = report.most_copied(rows)
+    """One row per most r-copied training image (left, with its id and r-copy count), then its closest
+    generations with their r, red when r < the r-copy threshold. (N, C, H, W) uint8 images."""
+    chosen = report.most_r_copied(rows)
     lines = max(1, len(chosen))
     fig, axes = plt.subplots(lines, per_row + 1, figsize=(1.25 * (per_row + 1), 1.6 * lines + 0.6),
                              squeeze=False, layout="constrained")
@@ -66,14 +67,14 @@ def most_copied(report: MemorizationReport, training: np.ndarray, sample_ids: np
     for line, row in enumerate(chosen):
         ax = axes[line, 0]
         ax.axis("on")
-        _show(ax, training[row], f"train {sample_ids[row]}\n{report.copies[row]} copies", color="#4c72b0")
+        _show(ax, training[row], f"train {sample_ids[row]}\n{report.r_copies[row]} r-copies", color="#4c72b0")
         for col, gen in enumerate(report.closest_generations(row, per_row), start=1):
             axes[line, col].axis("on")
-            copied = report.r[gen] < report.copy_threshold
+            r_copy = report.r[gen] < report.r_copy_threshold
             _show(axes[line, col], generated[gen], f"gen {gen}\nr={report.r[gen]:.3f}",
-                  color="#c44e52" if copied else "black")
-    copies = int((report.copies > 0).sum())
-    note = (f"{copies} training images copied (r < {report.copy_threshold}); most copied first" if copies
-            else f"no generation has r < {report.copy_threshold}: the closest pairs are shown")
+                  color="#c44e52" if r_copy else "black")
+    r_copied = int((report.r_copies > 0).sum())
+    note = (f"{r_copied} training images r-copied (r < {report.r_copy_threshold}); most r-copies first" if r_copied
+            else f"no generation has r < {report.r_copy_threshold}: the closest pairs are shown")
     fig.suptitle(f"{title}\n{note}", fontsize=9)
     return _png(fig)

@@ -8,7 +8,9 @@ import os
 import sys
 import warnings
 
+from memshard.config import DEFAULT_PRESET, METHODS, PRESETS, IETConfig
 from memshard.errors import MemshardError, one_line
+from memshard.evaluation.memorization import DEFAULT_R_COPY_THRESHOLD
 
 # The MODEL forms memshard.orchestrator.registry resolves, written out so that --help imports no MLflow.
 MODEL_HELP = ("models:/NAME/VERSION or NAME/VERSION, models:/NAME or NAME (latest version), runs:/RUN_ID/model, "
@@ -43,12 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a diffusion model with IET-AGC+ on Ray, log it to MLflow")
     train.add_argument("--config", help="a YAML or TOML file of settings (sections: data, model, training, ...)")
-    train.add_argument("--preset", help="tiny, digits (default) or cifar32")
+    train.add_argument("--preset", help=_listed(PRESETS, DEFAULT_PRESET))
     train.add_argument("--data", help="a prepared dataset dir or any source 'memshard data prepare' takes")
     train.add_argument("--shards", type=int, help="number of shards K (one proxy actor each)")
     train.add_argument("--rounds", type=int, help="number of rounds")
     train.add_argument("--local-steps", type=int, help="optimizer steps per proxy per round")
-    train.add_argument("--method", help="ddpm, iet, iet-agc or iet-agc-plus (default)")
+    train.add_argument("--method", help=_listed(METHODS, IETConfig.method))
     train.add_argument("--balanced-by-label", action="store_true", default=None,
                        help="spread every label evenly over the shards (the dataset must have labels)")
     train.add_argument("--experiment", help="MLflow experiment name")
@@ -83,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "installed, else the training set's own classifier for labelled data, else none), "
                                "inception-v3, classifier, pixels-random-projection-64, or none")
     evaluate.add_argument("--inception-weights", metavar="FILE", help="a local copy of the FID Inception weights")
-    evaluate.add_argument("--copy-threshold", type=float, default=0.5,
-                          help="a generation copies its nearest training image when r < this (default 0.5)")
+    evaluate.add_argument("--r-copy-threshold", type=float, default=DEFAULT_R_COPY_THRESHOLD,
+                          help="a generation is an r-copy of its nearest training image when r < this (default 0.5)")
     evaluate.add_argument("--device", default="auto",
                           help="where generation runs: auto (the cluster's GPUs when it has them), cpu or cuda")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -102,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn = commands.add_parser("unlearn", help="remove a forget set from a trained model, register it, audit it")
     unlearn.add_argument("model", help=MODEL_HELP)
     unlearn.add_argument("--forget", required=True, metavar="SPEC",
-                         help="sample ids (comma-separated), a file of ids, image files or a folder, or evaluation:RUN_ID")
+                         help="sample ids (comma-separated), a file of ids, image files or a folder, or evaluation:RUN_ID "
+                              "(the training images that evaluation found near copies of; evaluation:RUN_ID:r-copies "
+                              "for its r-copies)")
     unlearn.add_argument("--method", default="siss", help="siss (default), naive, neggrad, erasediff or retrain")
     unlearn.add_argument("--steps", type=int,
                          help="the cap on optimizer steps (default 300); it stops earlier once the forget checks find "
@@ -111,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="rho, forget_scale_mode, c, check_every, lam, learning_rate, batch_size, seed, "
                               "audit.num_images, ... (repeatable)")
     tune = commands.add_parser("tune", help="sweep the settings that trade copying against quality on Ray Tune, "
-                                             "choose the one with the fewest copies within a quality budget")
-    tune.add_argument("--preset", help="tiny, digits (default) or cifar32: the base of every trial")
+                                             "choose the one with the fewest near copies within a quality budget")
+    tune.add_argument("--preset", help=f"{_listed(PRESETS, DEFAULT_PRESET)}: the base of every trial")
     tune.add_argument("--data", help="a prepared dataset dir or any source 'memshard data prepare' takes (labelled)")
     tune.add_argument("--max-quality-loss", default="10%", metavar="LOSS",
                       help="the quality budget: Fréchet at most this much above ddpm's at the full length, "
@@ -138,6 +142,12 @@ def _with_parents(add_parser, parents):
         return add_parser(name, parents=[*parents, *kwargs.pop("parents", [])], **kwargs)
 
     return add
+
+
+def _listed(names, default: str) -> str:
+    """The library's own names for a help text, e.g. 'tiny, digits (default) or cifar32'."""
+    names = [f"{name} (default)" if name == default else name for name in names]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _count_or_auto(text: str) -> int | None:

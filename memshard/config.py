@@ -91,7 +91,7 @@ class MSRConfig:
 
 @dataclass
 class AggregationConfig:
-    """The server step after FedAvg (method.md §8). None: the optimizer's own default (Flower's)."""
+    """The server step after FedAvg (method.md §8). None: the optimizer's own default (`aggregation.server_optimizers`)."""
 
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi: checked when training starts
     server_learning_rate: float | None = None  # fedavgm's η_s (default 1.0)
@@ -167,6 +167,7 @@ class Config:
         return self.uses_taa and self.taa.non_leaky
 
 
+DEFAULT_PRESET = "digits"  # what `memshard train` and `memshard tune` start from without --preset
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # CPU tests: a round of a few local steps takes seconds.
     "tiny": {
@@ -198,7 +199,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def build_config(
-    preset: str = "digits",
+    preset: str = DEFAULT_PRESET,
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from memshard.errors import MemshardError, shown
+from memshard.files import checked_path, ensure_writable_dir, replace_directory
 
 DATASET_FILE = "images.parquet"
 FORMAT_VERSION = "1"
@@ -81,20 +81,6 @@ class _Raw(NamedTuple):
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
-
-
-def checked_path(text: str | Path, what: str) -> Path:
-    """A user-given path, checked once where it comes in: a NUL byte or a name too long for the file
-    system is a one-line error here instead of an OSError wherever the path is first used."""
-    path = Path(text)
-    try:
-        path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        pass  # a missing path is the caller's to name
-    except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
-        raise MemshardError(f"{what} {shown(str(text))} cannot be used as a path ({reason}): fix it") from None
-    return path
 
 
 def check_resolution(resolution: int) -> int:
@@ -541,7 +527,7 @@ def prepare_dataset(source: str, out_dir: str | Path, resolution: int | None = N
         rows_per_group = max(1, _ROW_GROUP_BYTES // table.schema.field("image").type.byte_width)
         try:
             pq.write_table(table, tmp / DATASET_FILE, row_group_size=rows_per_group)
-            _move_into_place(tmp, out_dir)
+            replace_directory(tmp, out_dir)
         except OSError as exc:  # disk full, the folder removed or made read-only while preparing
             raise MemshardError(f"cannot write the dataset to {out_dir} ({exc.strerror or _one_line(exc)}): "
                                 "free space or choose another output directory") from None
@@ -550,40 +536,9 @@ def prepare_dataset(source: str, out_dir: str | Path, resolution: int | None = N
     return out_dir
 
 
-def ensure_writable_dir(path: str | Path, what: str) -> Path:
-    """Create the directory `path` if needed and prove a file can be written in it, or fail in one
-    line naming `what` (a flag or setting). Used before work starts: --out, data.cache_dir,
-    mlflow.checkpoint_dir."""
-    path = checked_path(path, what).absolute()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or _one_line(exc)
-        raise MemshardError(f"{what}: {path} is not a writable directory ({reason}): choose another") from None
-    return path
-
-
 def _replaceable(out_dir: Path) -> bool:
     """Only an earlier dataset or an empty directory may be replaced: never delete user files."""
     return out_dir.is_dir() and (not any(out_dir.iterdir()) or is_prepared_dataset(out_dir))
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    # POSIX cannot rename a directory onto a non-empty one: move the old one aside first.
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / "dataset")
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        os.replace(old / "dataset", out_dir)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _dataset_file(path: str | Path) -> Path:
@@ -760,22 +715,6 @@ def inspect_dataset(path: str | Path) -> dict:
     return {"path": str(file.parent), "count": table.num_rows, "shape": [ch, res, res],
             "label_histogram": histogram, "unlabeled": int((labels < 0).sum()),
             "duplicate_groups": groups, "fingerprint": meta["fingerprint"]}
-
-
-def format_inspection(report: dict, max_groups: int = 10) -> str:
-    c, h, w = report["shape"]
-    lines = [f"dataset      {report['path']}",
-             f"samples      {report['count']} images, {c}x{h}x{w} uint8",
-             f"fingerprint  {report['fingerprint']}"]
-    hist = ", ".join(f"{k}: {v}" for k, v in report["label_histogram"].items()) or "none"
-    lines.append(f"labels       {hist} (unlabeled: {report['unlabeled']})")
-    groups = report["duplicate_groups"]
-    lines.append(f"duplicates   {len(groups)} groups of identical images, "
-                 f"{sum(len(g) for g in groups)} samples")
-    lines += [f"  {len(g)} x  {', '.join(g)}" for g in groups[:max_groups]]
-    if len(groups) > max_groups:
-        lines.append(f"  ... and {len(groups) - max_groups} more groups")
-    return "\n".join(lines)
 
 
 def _source_signature(source: str) -> list:

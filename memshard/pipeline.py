@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import uuid
 from contextlib import nullcontext
@@ -21,6 +20,7 @@ from PIL import Image
 
 from memshard.config import Config
 from memshard.errors import MemshardError
+from memshard.files import replace_directory
 from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device, sampling_weights
 
 MIN_TILE_PX = 64  # an 8x8 digit is a speck in the MLflow UI; upscale tiles to at least this
@@ -42,14 +42,7 @@ def save_pipeline(pipeline: DDPMPipeline, out_dir: str | Path) -> Path:
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            # A directory cannot be atomically replaced by rename: move the old one aside first.
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

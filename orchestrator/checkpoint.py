@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memshard.data import checked_path, ensure_writable_dir
 from memshard.errors import MemshardError
+from memshard.files import checked_path, ensure_writable_dir
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # What every checkpoint holds, and the type each entry must have for a resume to trust it.

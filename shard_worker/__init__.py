@@ -1,10 +1,6 @@
-"""The proxy-model side of memshard: model construction, local training with AGC/TAA, scores.
+"""The proxy-model side of memshard: a proxy's local training with AGC and TAA, and its per-sample scores.
 
-`ProxyTrainer` is a plain class (usable and testable without Ray); `ShardWorker` is the same class
-as a Ray actor. No MLflow and no driver logic live here: a worker trains, scores and returns numbers.
+`trainer.ProxyTrainer` is a plain class (usable and testable without Ray); `actor.ShardWorker` runs it
+as a Ray actor, one per shard. The UNet and noise schedule come from the model layer (`memshard.model`).
+No MLflow and no driver logic live here: a worker trains, scores and returns numbers.
 """
-
-from memshard.model import build_scheduler, build_unet
-from memshard.shard_worker.trainer import ProxyTrainer, RoundResult
-
-__all__ = ["ProxyTrainer", "RoundResult", "build_scheduler", "build_unet"]

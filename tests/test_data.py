@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from memshard.cli import main
 from memshard.data import (
     ImageDataset,
-    format_inspection,
     inspect_dataset,
     load_dataset,
     prepare_dataset,
@@ -196,7 +196,7 @@ def test_rgba_and_palette_become_rgb(tmp_path):
 # ------------------------------------------------------------------ inspection
 
 
-def test_inspect_finds_duplicates_and_histogram(class_folder, tmp_path):
+def test_inspect_finds_duplicates_and_histogram(class_folder, tmp_path, capsys):
     save(solid((255, 0, 0)), class_folder / "dog" / "copy_of_a.png")
     save(solid((0, 255, 0)), class_folder / "cat" / "z.png")
     save(solid((0, 255, 0)), class_folder / "dog" / "copy_of_b.png")
@@ -206,7 +206,8 @@ def test_inspect_finds_duplicates_and_histogram(class_folder, tmp_path):
     assert report["duplicate_groups"] == [["cat/b.PNG", "cat/z.png", "dog/copy_of_b.png"],
                                           ["cat/a.png", "dog/copy_of_a.png"]]
     assert report["fingerprint"] == load_dataset(tmp_path / "ds").fingerprint
-    text = format_inspection(report)
+    assert main(["data", "inspect", str(tmp_path / "ds")]) == 0
+    text = capsys.readouterr().out
     assert "7 images, 3x8x8" in text and "cat: 3, dog: 4" in text
     assert "2 groups of identical images, 5 samples" in text
     assert "3 x  cat/b.PNG, cat/z.png, dog/copy_of_b.png" in text

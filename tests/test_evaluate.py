@@ -21,7 +21,7 @@ from memshard.orchestrator.train import train
 
 SPACE = "pixels-random-projection-64"  # offline: no Inception weights on a test machine
 SETTINGS = EvaluateSettings(num_images=32, sampler="ddim", sampling_steps=4, batch_size=16, seed=3, feature_space=SPACE)
-ARTIFACTS = {"r_histogram.png", "most_copied.png", "samples.png", "report.json", "copies_per_sample.parquet"}
+ARTIFACTS = {"r_histogram.png", "most_r_copied.png", "samples.png", "report.json", "copies_per_sample.parquet"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_evaluation_run_is_finished_linked_to_its_training_run_and_has_metrics_a
         assert run.data.params["dataset.matches_training_run"] == "true"
         assert run.data.params["feature_space"] == SPACE and run.data.params["num_images"] == "32"
         expected = {f"mq_{t}_{kind}" for t in THRESHOLDS for kind in ("count", "fraction")}
-        expected |= {"nn_ratio_copy_count", "nn_ratio_copy_fraction", "copied_training_samples", f"fid.{SPACE}"}
+        expected |= {"nn_ratio_copy_count", "nn_ratio_copy_fraction", "r_copied_training_samples",
+                     "near_copied_training_samples", f"fid.{SPACE}"}
         assert expected <= set(run.data.metrics)
         assert np.isfinite(run.data.metrics[f"fid.{SPACE}"]) and run.data.metrics[f"fid.{SPACE}"] > 0
         assert ARTIFACTS <= {a.path for a in client.list_artifacts(result.run_id)}
@@ -75,12 +76,17 @@ def test_report_table_and_figures_agree_with_the_metrics(store, tmp_path):
     assert quality["real"]["frechet"] == result.metrics[f"quality.{SPACE}.real.frechet"]
     assert report["generation"]["workers"] == 2 and report["generation"]["protocol"] == "quick"  # 2 batches, 2 workers
     assert report["generation"]["sampler"] == "ddim" and report["generation"]["sampling_steps"] == 4
-    assert "r < 0.5" in report["definitions"]["copy"] and sum(report["r_histogram"]["counts"]) == 32
+    assert "r < 0.5" in report["definitions"]["r_copy"] and sum(report["r_histogram"]["counts"]) == 32
+    assert "near copy" in report["definitions"]["near_copy"]
     table = pq.read_table(tmp_path / "copies_per_sample.parquet").to_pandas()
-    assert list(table.columns) == ["sample_id", "copies", "min_r"] and len(table) == 1797 and table.sample_id.is_unique
-    assert table.copies.sum() == result.metrics["mq_0.5_count"]  # a copy is r < 0.5, the MQ@0.5 condition
-    assert table.min_r.notna().sum() <= 32 and table.min_r.min() == pytest.approx(report["most_copied"][0]["min_r"])
-    for name in ("r_histogram.png", "most_copied.png", "samples.png"):
+    assert list(table.columns) == ["sample_id", "r_copies", "near_copies", "min_r"]
+    assert len(table) == 1797 and table.sample_id.is_unique
+    assert table.r_copies.sum() == result.metrics["mq_0.5_count"]  # an r-copy is r < 0.5, the MQ@0.5 condition
+    assert table.near_copies.sum() == result.metrics["near_copy_count"]
+    assert (table.near_copies > 0).sum() == result.metrics["near_copied_training_samples"]
+    assert (table.r_copies > 0).sum() == result.metrics["r_copied_training_samples"]
+    assert table.min_r.notna().sum() <= 32 and table.min_r.min() == pytest.approx(report["most_r_copied"][0]["min_r"])
+    for name in ("r_histogram.png", "most_r_copied.png", "samples.png"):
         with Image.open(f"{local}/{name}") as image:
             assert image.width > 100 and image.height > 100
 
@@ -123,6 +129,7 @@ def test_cli_evaluate_prints_the_numbers(store, capsys):
     mq = next(line for line in out.splitlines() if line.startswith("MQ@0.5: "))
     assert "; real held-out images: " in mq and "(real held-out images: a seeded 20%" in out, out
     assert "near copies (nearer to a training image than 95% of real images" in out and "about 5% by construction" in out
+    assert "r-copies: training images some generation with r < 0.5 has as its nearest: " in out
     assert f"mlflow ui --backend-store-uri {store['uri']}" in out
 
 

@@ -3,7 +3,7 @@
 Layers, top first; a module imports only from layers below its own (or from inside its own folder):
 
     cli → commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data
-        → pipeline → model → config → errors
+        → pipeline → model → config → files → errors
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ LAYERS = [
     {"pipeline"},
     {"model"},
     {"config"},
+    {"files"},
     {"errors"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
@@ -113,7 +114,7 @@ def test_the_rule_catches_upward_peer_and_generic_imports():
 
 
 RULE = ("cli → commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data "
-        "→ pipeline → model → config → errors")
+        "→ pipeline → model → config → files → errors")
 
 
 def test_readme_states_the_rule():

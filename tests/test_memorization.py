@@ -76,9 +76,9 @@ def test_exact_copies_have_r_zero_and_are_counted_on_the_copied_samples():
     assert np.all(report.r == 0) and np.all(report.ratio == 0)
     np.testing.assert_array_equal(report.nearest, copied)
     assert report.mq_counts() == {t: 5 for t in THRESHOLDS} and report.nn_ratio_copies() == 5
-    assert report.copies[5] == 3 and report.copies[17] == 1 and report.copies[42] == 1 and report.copies.sum() == 5
-    assert report.most_copied(2) == [5, 17]  # most copied first; ties by smallest r, then row
-    assert report.metrics()["copied_training_samples"] == 3
+    assert report.r_copies[5] == 3 and report.r_copies[17] == 1 and report.r_copies[42] == 1 and report.r_copies.sum() == 5
+    assert report.most_r_copied(2) == [5, 17]  # most r-copies first; ties by smallest r, then row
+    assert report.metrics()["r_copied_training_samples"] == 3
 
 
 def test_noisy_copies_count_as_copies_and_unrelated_images_do_not():
@@ -96,27 +96,27 @@ def test_noisy_copies_count_as_copies_and_unrelated_images_do_not():
     for t in THRESHOLDS:
         assert metrics[f"mq_{t}_count"] == 40 and metrics[f"mq_{t}_fraction"] == pytest.approx(0.4)
     assert metrics["nn_ratio_copy_count"] == 40 and metrics["nn_ratio_copy_fraction"] == pytest.approx(0.4)
-    np.testing.assert_array_equal(report.copies, np.r_[np.ones(40, int), np.zeros(460, int)])
+    np.testing.assert_array_equal(report.r_copies, np.r_[np.ones(40, int), np.zeros(460, int)])
     assert np.all(report.min_r[:40] == report.r[:40])
     counts, _ = report.histogram()
     assert counts.sum() == 100 and counts[0] == 40  # the copies all sit in the first bin, [0, 0.02)
 
 
-def test_thresholds_are_strict_and_the_copy_threshold_is_a_setting():
+def test_thresholds_are_strict_and_the_r_copy_threshold_is_a_setting():
     # d² = (a, 1, 1, 1): r = a / mean = 4a / (a + 3); nn ratio = sqrt(a)
     a = np.array([0.0, 0.1, 3 * 0.2 / 3.8, 3 * 0.3 / 3.7, 0.5, 1.0])  # r = 0, 0.129, 0.2, 0.3, 0.571, 1
     sq = np.stack([a, np.ones(6), np.ones(6), np.ones(6)], axis=1)
     np.testing.assert_allclose(relative_distance(sq), 4 * a / (a + 3))
     np.testing.assert_allclose(nn_ratio(sq), np.sqrt(a))
-    report = memorization_report(sq, np.tile(np.arange(4), (6, 1)), num_samples=4, copy_threshold=0.3)
+    report = memorization_report(sq, np.tile(np.arange(4), (6, 1)), num_samples=4, r_copy_threshold=0.3)
     assert report.mq_counts()[0.2] == 2  # r = 0.2 exactly is not below 0.2
-    assert report.copies[0] == 3  # r = 0, 0.129 and 0.2 are below 0.3; r = 0.3 is not
+    assert report.r_copies[0] == 3  # r = 0, 0.129 and 0.2 are below 0.3; r = 0.3 is not
     assert report.nn_ratio_copies() == 2  # sqrt(0) and sqrt(0.1) = 0.316 are below 1/3; sqrt(0.158) is not
 
 
 def test_a_generation_equal_to_all_its_neighbours_counts_as_a_copy():
     report = memorization_report(np.zeros((3, 50)), np.zeros((3, 50), dtype=int), num_samples=1)
-    assert np.all(report.r == 0) and report.nn_ratio_copies() == 3 and report.copies[0] == 3
+    assert np.all(report.r == 0) and report.nn_ratio_copies() == 3 and report.r_copies[0] == 3
 
 
 @pytest.mark.parametrize("call, message", [
@@ -124,7 +124,7 @@ def test_a_generation_equal_to_all_its_neighbours_counts_as_a_copy():
     (lambda: nearest_neighbors(np.zeros((4, 10)), np.zeros((5, 10)), 6), "1 <= k <= 5"),
     (lambda: nearest_neighbors(np.zeros((0, 10)), np.zeros((5, 10)), 2), "non-empty"),
     (lambda: memorization_report(np.zeros((3, 1)), np.zeros((3, 1)), 1), "scan with more neighbours"),
-    (lambda: memorization_report(np.ones((3, 4)), np.zeros((3, 4)), 1, copy_threshold=0), "must be in (0, 1]"),
+    (lambda: memorization_report(np.ones((3, 4)), np.zeros((3, 4)), 1, r_copy_threshold=0), "must be in (0, 1]"),
     (lambda: feature_space("vgg"), "unknown feature space"),
     (lambda: gaussian_stats(np.zeros((1, 4))), "at least 2 feature rows"),
 ])

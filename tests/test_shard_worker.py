@@ -8,9 +8,8 @@ import torch
 from sklearn.datasets import load_digits
 
 from memshard.config import build_config
-from memshard.shard_worker import ProxyTrainer
 from memshard.shard_worker.faults import FAULTS_ENV, FaultPlan
-from memshard.shard_worker.trainer import NonFiniteLossError
+from memshard.shard_worker.trainer import NonFiniteLossError, ProxyTrainer
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_a_tiny_sweep_logs_its_trials_chooses_registers_and_its_config_trains(ra
         run_id = trials[name].info.run_id
         evaluations = [r for r in runs if r.data.tags.get(SOURCE_RUN_TAG) == run_id]
         assert len(evaluations) == 1 and evaluations[0].data.tags["mlflow.parentRunId"] == run_id
-        history = client.get_metric_history(evaluations[0].info.run_id, "copied_training_samples")
+        history = client.get_metric_history(evaluations[0].info.run_id, "r_copied_training_samples")
         assert sorted(m.step for m in history) == [1, 2]  # a point per round of the tiny preset
         assert client.get_metric_history(run_id, "tune.frechet")
 

@@ -15,32 +15,32 @@ from memshard.tuning.report import chosen_config
 from memshard.tuning.space import sweep_space
 
 
-def point(trial: str, copies: float, frechet: float, shards: int = 2, compute: float = 100.0, round_: int = 1,
+def point(trial: str, near_copied: float, frechet: float, shards: int = 2, compute: float = 100.0, round_: int = 1,
           coverage: float | None = 1.0) -> Point:
-    return Point(trial, round_, copies, copies / 100, frechet, coverage, shards, compute)
+    return Point(trial, round_, near_copied, near_copied / 100, frechet, coverage, shards, compute)
 
 
-REFERENCE = point("ref", copies=30, frechet=10.0, shards=1, compute=200.0)
+REFERENCE = point("ref", near_copied=30, frechet=10.0, shards=1, compute=200.0)
 
 
 def test_the_fewest_copies_within_budget_is_chosen_and_over_budget_never_is():
-    over = point("over", copies=0, frechet=11.5)  # copies least, but 15% worse than the reference
-    inside = point("inside", copies=4, frechet=10.9)  # 9% worse: within 10%
+    over = point("over", near_copied=0, frechet=11.5)  # copies least, but 15% worse than the reference
+    inside = point("inside", near_copied=4, frechet=10.9)  # 9% worse: within 10%
     choice = choose([REFERENCE, over, inside], quality_budget(REFERENCE, 0.10))
-    assert choice.chosen == inside and not choice.over_budget
+    assert choice.chosen == inside
     assert over not in choice.within and choice.within == (inside, REFERENCE)
     assert math.isclose(choice.budget.max_frechet, 11.0)
 
 
 def test_coverage_worse_than_the_reference_is_over_budget():
-    narrow = point("narrow", copies=0, frechet=9.0, coverage=0.8)
+    narrow = point("narrow", near_copied=0, frechet=9.0, coverage=0.8)
     assert choose([REFERENCE, narrow], quality_budget(REFERENCE, 0.10)).chosen == REFERENCE
 
 
 def test_ties_go_to_fewer_shards_then_less_compute():
-    many = point("many", copies=2, frechet=10.5, shards=4, compute=50.0)
-    few_costly = point("few-costly", copies=2, frechet=10.5, shards=2, compute=300.0)
-    few_cheap = point("few-cheap", copies=2, frechet=10.8, shards=2, compute=100.0)
+    many = point("many", near_copied=2, frechet=10.5, shards=4, compute=50.0)
+    few_costly = point("few-costly", near_copied=2, frechet=10.5, shards=2, compute=300.0)
+    few_cheap = point("few-cheap", near_copied=2, frechet=10.8, shards=2, compute=100.0)
     choice = choose([many, few_costly, few_cheap, REFERENCE], quality_budget(REFERENCE, 0.10))
     assert choice.chosen == few_cheap
     assert choice.within[:3] == (few_cheap, few_costly, many)
@@ -49,11 +49,11 @@ def test_ties_go_to_fewer_shards_then_less_compute():
 
 
 def test_no_point_within_budget_recommends_the_closest_and_chooses_nothing():
-    far = point("far", copies=0, frechet=20.0)
-    near = point("near", copies=9, frechet=11.5)
-    nan = point("nan", copies=0, frechet=float("nan"))
+    far = point("far", near_copied=0, frechet=20.0)
+    near = point("near", near_copied=9, frechet=11.5)
+    nan = point("nan", near_copied=0, frechet=float("nan"))
     choice = choose([far, near, nan], quality_budget(REFERENCE, 0.10))  # the reference itself not a candidate
-    assert choice.chosen is None and choice.over_budget and choice.within == ()
+    assert choice.chosen is None and choice.within == ()
     assert choice.closest == near
 
 

@@ -88,8 +88,8 @@ def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch,
     assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.glob("memshard-*"))
     report = result.report
     assert report.forget_size == PLANTED_COPIES  # the image matched every duplicate by content hash
-    assert report.before.copies > 0, "the trained model should copy the planted image"
-    assert report.after.copies == 0, report.markdown()
+    assert report.before.pixel_matches > 0, "the trained model should copy the planted image"
+    assert report.after.pixel_matches == 0, report.markdown()
     assert report.after.forget_loss > 1.5 * report.before.forget_loss
     assert report.after.keep_loss < 1.05 * report.before.keep_loss, report.markdown()  # the rest is kept
     compute = report.compute
@@ -101,12 +101,12 @@ def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch,
 
     # The report: every field, the same numbers in JSON, markdown and MLflow, the exactness caveat.
     saved = json.loads((result.report_dir / "report.json").read_text())
-    assert saved == json.loads(json.dumps(report.to_json())) and saved["before"]["copies"] == report.before.copies
+    assert saved == json.loads(json.dumps(report.to_json())) and saved["before"]["pixel_matches"] == report.before.pixel_matches
     for side in ("before", "after"):
-        assert set(saved[side]) >= {"forget_loss", "keep_loss", "copies", "generations", "copy_fraction_mean",
-                                    "copy_fraction_max", "per_image", "fid", "fid_feature_space", "quality"}
-        assert len(saved[side]["per_image"]) == 1 and saved[side]["per_image"][0]["copies_in_dataset"] == PLANTED_COPIES
-        assert saved[side]["copy_fraction_mean"] == saved[side]["per_image"][0]["copy_fraction"]
+        assert set(saved[side]) >= {"forget_loss", "keep_loss", "pixel_matches", "generations", "pixel_match_fraction_mean",
+                                    "pixel_match_fraction_max", "per_image", "fid", "fid_feature_space", "quality"}
+        assert len(saved[side]["per_image"]) == 1 and saved[side]["per_image"][0]["duplicates_in_dataset"] == PLANTED_COPIES
+        assert saved[side]["pixel_match_fraction_mean"] == saved[side]["per_image"][0]["pixel_match_fraction"]
         quality = saved[side]["quality"]
         assert quality["space"].startswith("trainset-classifier-") and quality["real"]["frechet"] > 0
     assert saved["compute"]["steps"] == compute.steps and saved["compute"]["stopped"] == "forgotten"
@@ -117,7 +117,7 @@ def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch,
     for question in ("Did the forget images stop appearing?", "Is the model otherwise intact?",
                      "What did it cost?", "Exact or approximate?"):
         assert f"## {question}" in markdown
-    assert f"{report.before.copies} of 32 before → 0 of 32 after" in markdown
+    assert f"{report.before.pixel_matches} of 32 before → 0 of 32 after" in markdown
     assert "Real reference in the same space" in markdown and "of its optimizer steps" in markdown
     client = MlflowClient(planted["store"])
     run = client.get_run(result.run_id)
@@ -128,9 +128,9 @@ def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch,
     assert run.data.tags["memshard.unlearn_stopped"] == "forgotten"
     assert run.data.tags["memshard.forget_size"] == str(PLANTED_COPIES)
     assert run.data.metrics["forget_loss_after"] == pytest.approx(report.after.forget_loss)
-    counted = [p for p in compute.trajectory if p.copies is not None]
+    counted = [p for p in compute.trajectory if p.pixel_matches is not None]
     assert compute.trajectory[0] in counted and compute.trajectory[-1] in counted
-    assert len(client.get_metric_history(result.run_id, "check_copies")) == len(counted)
+    assert len(client.get_metric_history(result.run_id, "check_pixel_matches")) == len(counted)
     assert len(client.get_metric_history(result.run_id, "check_forget_loss")) == len(compute.trajectory)
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "audit")}
     assert artifacts == {"audit/report.json", "audit/report.md", "audit/nearest.png"}
@@ -146,9 +146,10 @@ def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch,
 
 
 def test_the_closed_loop_evaluate_then_unlearn_what_it_found(planted, monkeypatch, capsys, tmp_path):
-    """As a user runs it: `memshard evaluate` finds the copied training images, `memshard unlearn
-    --forget evaluation:RUN_ID` removes them, the audit shows them no longer copied and the rest
-    intact, the new version is registered with its lineage, and evaluating it finds no copy left."""
+    """As a user runs it: `memshard evaluate` finds the training images with near copies, `memshard
+    unlearn --forget evaluation:RUN_ID` removes them, the audit shows no generation pixel-matching
+    them and the rest intact, the new version is registered with its lineage, and evaluating it finds
+    no near-exact r-copy left."""
     monkeypatch.chdir(planted["root"])
     store = planted["store"]
     evaluate = ["--num-images", "64", "--sampler", "ddpm", "--sampling-steps", "20", "--feature-space", "none",
@@ -162,7 +163,7 @@ def test_the_closed_loop_evaluate_then_unlearn_what_it_found(planted, monkeypatc
         return Path(client.download_artifacts(run_id, path, str(tmp_path / run_id)))
 
     first = pd.read_parquet(artifact(evaluation, "copies_per_sample.parquet")).set_index("sample_id")
-    copied = first.index[first["copies"] > 0]
+    copied = first.index[first["near_copies"] > 0]  # what evaluation:RUN_ID forgets by default
     assert planted["planted_ids"][0] in set(copied), copied.tolist()  # credited to the first of the duplicates
     assert first.loc[planted["planted_ids"][0], "min_r"] < 0.15  # a near-exact copy (the strictest MQ threshold)
 
@@ -177,26 +178,29 @@ def test_the_closed_loop_evaluate_then_unlearn_what_it_found(planted, monkeypatc
     # The forget set: what the evaluation found, every duplicate of the planted image with it.
     forgotten = set(artifact(run_id, "forget_ids.txt").read_text().split())
     assert set(planted["planted_ids"]) <= forgotten and set(copied) <= forgotten
-    # The audit: those images no longer copied, the rest intact, the cost, the caveat.
-    assert report["before"]["copies"] > 0 and report["after"]["copies"] == 0, report["after"]
+    # The audit: no generation pixel-matches those images any more, the rest intact, the cost, the caveat.
+    assert report["before"]["pixel_matches"] > 0 and report["after"]["pixel_matches"] == 0, report["after"]
     assert report["after"]["keep_loss"] < 1.05 * report["before"]["keep_loss"]
     assert report["compute"]["stopped"] == "forgotten" and report["compute"]["steps"] < 200
     assert "only exact removal" in report["exactness"]
-    assert "generations copying a forget image: " in out and " -> 0/32" in out and "approximate" in out
+    assert f"training images evaluation run {evaluation} found generations to be near-copies of" in out
+    assert "generations pixel-matching a forget image (mean squared pixel distance < 0.01): " in out
+    assert " -> 0/32" in out and "approximate" in out
     # Registered as the next version of the same model, with its lineage.
     (version,) = set(versions(store)) - set(before_versions)
     tags = client.get_model_version("planted", str(version)).tags
     assert tags["memshard.source_run_id"] == planted["run_id"] and tags["memshard.unlearn_method"] == "siss"
     assert tags["memshard.forget_size"] == str(len(forgotten)) and tags["memshard.unlearn_stopped"] == "forgotten"
+    assert tags["memshard.forget_measure"] == "near-copies"
 
-    # Evaluating the new version (its run carries the training data and config): no near-copy of the
-    # planted image is left. (At the loose default r < 0.5 a model this small "copies" many ordinary
+    # Evaluating the new version (its run carries the training data and config): no near-exact r-copy
+    # of the planted image is left. (At the loose default r < 0.5 a model this small has r-copies of many ordinary
     # training images, a few generations still nearest to the planted 0 among them.)
     assert main(["evaluate", f"models:/planted/{version}", *evaluate]) == 0
     again = re.search(r"evaluation run id: (\w+)", capsys.readouterr().out).group(1)
     after = pd.read_parquet(artifact(again, "copies_per_sample.parquet")).set_index("sample_id")
     planted_row = planted["planted_ids"][0]
-    assert after.loc[planted["planted_ids"], "copies"].sum() < first.loc[planted_row, "copies"] / 4
+    assert after.loc[planted["planted_ids"], "r_copies"].sum() < first.loc[planted_row, "r_copies"] / 4
     assert not after.loc[planted_row, "min_r"] < 0.15, after.loc[planted_row]  # NaN: no generation nearest to it
 
 
@@ -218,7 +222,7 @@ def test_relative_scaling_keeps_the_rest_where_the_absolute_norm_breaks_it(plant
         runs[mode] = unlearn("siss", _planted_unet(planted), build_scheduler(cfg), keep, forget, settings)
     for mode, stats in runs.items():
         first, last = stats.trajectory[0], stats.trajectory[-1]
-        assert first.copies > 0 and stats.stopped == "forgotten" and last.copies == 0, (mode, stats.trajectory)
+        assert first.pixel_matches > 0 and stats.stopped == "forgotten" and last.pixel_matches == 0, (mode, stats.trajectory)
         assert last.forget_loss >= last.keep_loss > 0, (mode, last)
     start = runs["relative"].trajectory[0].keep_loss
     assert runs["absolute"].trajectory[0].keep_loss == start  # the same model, the same fixed draws
@@ -235,10 +239,10 @@ def test_early_stopping_stops_when_forgotten_and_at_the_cap_otherwise(planted):
     stopped = unlearn("siss", _planted_unet(planted), build_scheduler(cfg), keep, forget, settings)
     assert stopped.stopped == "forgotten" and stopped.steps < 200 and stopped.steps % 10 == 0, stopped.trajectory
     assert [p.step for p in stopped.trajectory] == list(range(0, stopped.steps + 1, 10))
-    assert all(p.copies != 0 or p.forget_loss < p.keep_loss for p in stopped.trajectory[:-1])  # not earlier
+    assert all(p.pixel_matches != 0 or p.forget_loss < p.keep_loss for p in stopped.trajectory[:-1])  # not earlier
     # Copies are counted at the first check and where the losses allow a stop, not at every check.
-    assert stopped.trajectory[0].copies > 0
-    assert all((p.copies is None) == (p.forget_loss < p.keep_loss) for p in stopped.trajectory[1:])
+    assert stopped.trajectory[0].pixel_matches > 0
+    assert all((p.pixel_matches is None) == (p.forget_loss < p.keep_loss) for p in stopped.trajectory[1:])
     # Fine-tuning on the kept data alone does not make the planted image unfamiliar in 30 steps: the cap.
     capped = unlearn("naive", _planted_unet(planted), build_scheduler(cfg), keep, forget,
                      UnlearnSettings(batch_size=32, max_steps=30, check_every=10, seed=2))
@@ -346,13 +350,15 @@ def test_forget_spec_forms(tmp_path):
     assert parse_forget_spec(str(tmp_path / "one.png"), ids, hashes, shape).tolist() == [1, 3]  # both duplicates
     assert parse_forget_spec(f"a,{tmp_path / 'one.png'}", ids, hashes, shape).tolist() == [0, 1, 3]
     # An evaluation credits one row of a group of identical images: its duplicates are forgotten with it.
-    assert parse_forget_spec("evaluation:run1", ids, hashes, shape, lambda run: ["d"]).tolist() == [1, 3]
+    assert parse_forget_spec("evaluation:run1", ids, hashes, shape, lambda run, measure: ["d"]).tolist() == [1, 3]
     assert parse_forget_spec("d", ids, hashes, shape).tolist() == [3]  # an id names that sample only
     Image.fromarray(np.full((2, 2), 7, np.uint8)).save(tmp_path / "other.png")
     for spec, message in [(str(tmp_path / "other.png"), "matches no training sample"), ("", "empty"),
-                          ("a,b,c,d", "all 4"), ("evaluation:run1", "found no copied")]:
+                          ("a,b,c,d", "all 4"), ("evaluation:run1", "found no near-copies of training samples"),
+                          ("evaluation:run1:r-copies", "found no r-copies of training samples"),
+                          ("evaluation:run1:copies", "unknown measure 'copies'"), ("evaluation:", "names no evaluation")]:
         with pytest.raises(MemshardError, match=message):
-            parse_forget_spec(spec, ids, hashes, shape, lambda run: [])
+            parse_forget_spec(spec, ids, hashes, shape, lambda run, measure: [])
 
 
 def test_methods_are_deterministic_and_weights_stay_finite_in_high_dimension():
@@ -367,7 +373,7 @@ def test_methods_are_deterministic_and_weights_stay_finite_in_high_dimension():
             unet = build_unet(cfg, 1)
             stats = unlearn(method, unet, build_scheduler(cfg), x, a, settings)
             results.append(torch.cat([p.detach().flatten() for p in unet.parameters()]))
-            trajectories.append([(p.step, p.keep_loss, p.forget_loss, p.copies) for p in stats.trajectory])
+            trajectories.append([(p.step, p.keep_loss, p.forget_loss, p.pixel_matches) for p in stats.trajectory])
         assert torch.equal(results[0], results[1]) and torch.isfinite(results[0]).all(), method
         assert trajectories[0] == trajectories[1] and [t[0] for t in trajectories[0]] == [0, 2], method
     # D_x − D_a of thousands saturates the weights instead of overflowing: w_x → 0, w_a → 1/λ... bounded.
@@ -399,7 +405,7 @@ class ScriptedCheck:
 
     def __call__(self, unet, step, full=False):
         gone = self.forgotten_at is not None and step >= self.forgotten_at
-        return CheckPoint(step, keep_loss=0.1, forget_loss=0.2 if gone else 0.05, copies=0 if gone else 3,
+        return CheckPoint(step, keep_loss=0.1, forget_loss=0.2 if gone else 0.05, pixel_matches=0 if gone else 3,
                           generations=8, seconds=0.0)
 
     forgotten, unfamiliar = ForgetCheck.forgotten, ForgetCheck.unfamiliar  # the real rule
@@ -408,11 +414,11 @@ class ScriptedCheck:
 
 def test_the_stop_rule_and_when_unlearning_stops(monkeypatch):
     rule = ScriptedCheck(None)
-    assert rule.forgotten(CheckPoint(5, keep_loss=0.1, forget_loss=0.1, copies=0, generations=8, seconds=0))
-    assert not rule.forgotten(CheckPoint(5, keep_loss=0.1, forget_loss=0.5, copies=1, generations=8, seconds=0))
-    assert not rule.forgotten(CheckPoint(5, keep_loss=0.1, forget_loss=0.09, copies=0, generations=8, seconds=0))
-    rule.stop_loss_ratio = 0.0  # copies alone
-    assert rule.forgotten(CheckPoint(5, keep_loss=0.1, forget_loss=0.01, copies=0, generations=8, seconds=0))
+    assert rule.forgotten(CheckPoint(5, keep_loss=0.1, forget_loss=0.1, pixel_matches=0, generations=8, seconds=0))
+    assert not rule.forgotten(CheckPoint(5, keep_loss=0.1, forget_loss=0.5, pixel_matches=1, generations=8, seconds=0))
+    assert not rule.forgotten(CheckPoint(5, keep_loss=0.1, forget_loss=0.09, pixel_matches=0, generations=8, seconds=0))
+    rule.stop_loss_ratio = 0.0  # pixel matches alone
+    assert rule.forgotten(CheckPoint(5, keep_loss=0.1, forget_loss=0.01, pixel_matches=0, generations=8, seconds=0))
 
     cfg = build_config("tiny")
     x, a = (np.random.default_rng(s).integers(0, 255, (6, 1, 8, 8), dtype=np.uint8) for s in (0, 1))
@@ -472,12 +478,59 @@ def test_evaluate_counts_a_planted_image_once_and_the_forget_set_takes_all_its_c
     choice = sampling_plan(settings, 1000, gpu=False)
     report = evaluate(choice, dataset, lambda plan: Generation(near_copies, "cpu", {}), settings,
                       QualitySpaceChoice(None, "none"))
-    copies = report.copies_table(dataset).to_pandas()
-    copied = copies.loc[copies["copies"] > 0, "sample_id"].tolist()
-    assert copied == [str(dataset.sample_ids[planted[0]])] and copies["copies"].sum() == 4
+    table = report.copies_table(dataset).to_pandas()
+    for column in ("r_copies", "near_copies"):
+        copied = table.loc[table[column] > 0, "sample_id"].tolist()
+        assert copied == [str(dataset.sample_ids[planted[0]])] and table[column].sum() == 4, column
     rows = parse_forget_spec("evaluation:run", dataset.sample_ids, dataset.content_hashes, (1, 8, 8),
-                             lambda run: copied)
+                             lambda run, measure: copied)
     assert rows.tolist() == planted.tolist()
+
+
+def test_forget_evaluation_takes_near_copies_by_default_and_r_copies_when_asked(tmp_path):
+    """`--forget evaluation:RUN_ID` reads the evaluation's per-sample table from a real MLflow store:
+    near copies by default, r-copies with `:r-copies`. Unseen real digits as generations are r-copies of
+    many training digits (r < 0.5 counts ordinary neighbours) but near copies of few; near-exact copies
+    of the planted digit are both. An evaluation whose table predates near copies is a one-line error."""
+    import pyarrow as pa
+
+    from memshard.evaluation.classifier_space import QualitySpaceChoice
+    from memshard.evaluation.evaluate import COPIES_TABLE, EvaluateSettings, Generation, evaluate, sampling_plan
+    from memshard.orchestrator.registry import SOURCE_RUN_TAG
+    from memshard.orchestrator.tracking import log_table
+    from memshard.unlearning.forget_set import forget_set
+    from memshard.unlearning.runner import copied_ids
+
+    digits = np.rint(load_digits().images * 255 / 16).astype(np.uint8)
+    np.save(tmp_path / "planted.npy", np.concatenate([digits[:200], np.repeat(digits[:1], 20, axis=0)]))
+    dataset = load_dataset(resolve_dataset(str(tmp_path / "planted.npy"), 8, None, tmp_path / "cache"))
+    near_exact = np.clip(np.repeat(digits[:1][:, None], 4, axis=0).astype(np.int16) + 9, 0, 255).astype(np.uint8)
+    generated = np.concatenate([near_exact, digits[1000:1060][:, None]])  # 60 digits the model never saw
+    settings = EvaluateSettings(num_images=len(generated), batch_size=len(generated), sampler="ddim",
+                                sampling_steps=2, feature_space=None)
+    report = evaluate(sampling_plan(settings, 1000, gpu=False), dataset, lambda plan: Generation(generated, "cpu", {}),
+                      settings, QualitySpaceChoice(None, "none"))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run(tags={SOURCE_RUN_TAG: "source"}) as run:
+        log_table(report.copies_table(dataset), COPIES_TABLE)
+    with mlflow.start_run(tags={SOURCE_RUN_TAG: "source"}) as old:  # the table as evaluations wrote it before
+        log_table(pa.table({"sample_id": dataset.sample_ids.astype(str), "copies": report.memorization.r_copies}),
+                  COPIES_TABLE)
+    client = MlflowClient(store)
+
+    def chosen(spec: str):
+        return forget_set(spec, dataset.sample_ids, dataset.content_hashes, (1, 8, 8),
+                          lambda run_id, measure: copied_ids(client, run_id, "source", measure))
+
+    near, by_name, r = (chosen(f"evaluation:{run.info.run_id}{tail}") for tail in ("", ":near-copies", ":r-copies"))
+    planted = np.flatnonzero(dataset.content_hashes == dataset.content_hashes[0])
+    assert len(planted) == 21 and set(planted) <= set(near.rows.tolist()) and set(planted) <= set(r.rows.tolist())
+    assert near.measure == by_name.measure == "near-copies" and r.measure == "r-copies"
+    assert near.rows.tolist() == by_name.rows.tolist()
+    assert set(near.rows.tolist()) < set(r.rows.tolist()) and len(r.rows) - len(planted) > 2 * (len(near.rows) - len(planted))
+    with pytest.raises(MemshardError, match="predates per-sample near-copies .* run memshard evaluate on the model again"):
+        chosen(f"evaluation:{old.info.run_id}")
 
 
 def closed_port() -> int:

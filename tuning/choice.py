@@ -28,8 +28,8 @@ COVERAGE_SLACK = 1e-9  # coverage is a share of classes: equal within rounding c
 class Point:
     trial: str
     round: int
-    copies: float  # distinct training images nearly copied (near copies): what the choice minimizes
-    copy_fraction: float  # generations that are near copies of a training image
+    near_copied: float  # distinct training images nearly copied (near copies): what the choice minimizes
+    near_copy_fraction: float  # generations that are near copies of a training image
     frechet: float  # classifier-space Fréchet distance: the quality measure (lower is better)
     coverage: float | None  # classes predicted / classes in the labels (None: unlabelled data)
     shards: int
@@ -73,18 +73,14 @@ class Choice:
     closest: Point | None  # with no point within the budget, the one nearest to it (a recommendation)
     within: tuple[Point, ...]  # every point within the budget, best first
 
-    @property
-    def over_budget(self) -> bool:
-        return self.chosen is None
-
 
 def preference(point: Point) -> tuple:
-    """The order among points within the budget: fewest copies, then fewer shards, then less compute."""
-    return (point.copies, point.shards, point.compute, point.frechet, point.copy_fraction, point.trial, point.round)
+    """The order among points within the budget: fewest near copies, then fewer shards, then less compute."""
+    return (point.near_copied, point.shards, point.compute, point.frechet, point.near_copy_fraction, point.trial, point.round)
 
 
 def choose(points: Iterable[Point], budget: Budget) -> Choice:
-    """The point with the fewest copies among those within `budget` (see the module notes)."""
+    """The point with the fewest near copies among those within `budget` (see the module notes)."""
     points = list(points)
     within = tuple(sorted((p for p in points if budget.admits(p)), key=preference))
     if within:
@@ -93,13 +89,13 @@ def choose(points: Iterable[Point], budget: Budget) -> Choice:
     return Choice(budget, None, closest, ())
 
 
-def pareto_front(points: Iterable[Point], copies: str = "copies") -> list[Point]:
-    """The points no other point beats on both quality (Fréchet) and copying (`copies`: the Point
-    field, copies or copy_fraction), by ascending Fréchet."""
-    measured = [p for p in points if math.isfinite(p.frechet) and math.isfinite(getattr(p, copies))]
-    ordered = sorted(measured, key=lambda p: (p.frechet, getattr(p, copies)))
+def pareto_front(points: Iterable[Point], measure: str = "near_copied") -> list[Point]:
+    """The points no other point beats on both quality (Fréchet) and copying (`measure`: the Point
+    field, near_copied or near_copy_fraction), by ascending Fréchet."""
+    measured = [p for p in points if math.isfinite(p.frechet) and math.isfinite(getattr(p, measure))]
+    ordered = sorted(measured, key=lambda p: (p.frechet, getattr(p, measure)))
     front: list[Point] = []
     for point in ordered:
-        if not front or getattr(point, copies) < getattr(front[-1], copies):
+        if not front or getattr(point, measure) < getattr(front[-1], measure):
             front.append(point)
     return front

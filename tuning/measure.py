@@ -19,7 +19,9 @@ from memshard.evaluation.evaluate import REAL_PREFIX, EvaluateSettings, Generati
 from memshard.evaluation.memorization import MemorizationReport, near_copies
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
 
-# The copying measures (lower is better) and the quality measures of every point.
+# The copying measures (lower is better) and the quality measures of every point. COPYING and
+# STRICT_COPYING are r-copies (evaluation.memorization), at r < 0.5 and r < 0.15; the keys keep the names
+# that the efficacy bench's stored results (bench/results/*/points.csv) carry.
 COPYING = ("generations_r_below_0.5", "copied_training_images")
 # The same two at the strictest MQ threshold: on data whose real held-out images already sit below
 # r = 0.5 (full digits: 84%), only these separate copies from ordinary near neighbours.
@@ -67,7 +69,7 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
     start = time.perf_counter()
     quality = quality_report(report.generated, data.quality, space, seed=settings.seed)
     seconds = {**report.seconds, "quality": time.perf_counter() - start}
-    memorization = report.metrics()  # copies counted at settings.copy_threshold = 0.5; near copies
+    memorization = report.metrics()  # r-copies counted at settings.r_copy_threshold = 0.5; near copies
     figures = {
         **copying_figures(report.memorization, report.near_copy_threshold),
         "real_r_below_0.5": memorization.get(f"{REAL_PREFIX}.mq_0.5_fraction"),  # None: no real reference
@@ -83,11 +85,11 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
 
 
 def copying_figures(memorization: MemorizationReport, near_copy_threshold: float | None) -> dict:
-    """COPYING, STRICT_COPYING and NEAR_COPYING of one scan (copies counted at its copy threshold, 0.5)."""
+    """COPYING, STRICT_COPYING and NEAR_COPYING of one scan (r-copies counted at its r-copy threshold, 0.5)."""
     m = memorization.metrics()
     near = near_copies(memorization, near_copy_threshold) if near_copy_threshold is not None else {}
     return {"generations_r_below_0.5": m["mq_0.5_fraction"],
-            "copied_training_images": m["copied_training_samples"],  # distinct images, r < 0.5
+            "copied_training_images": m["r_copied_training_samples"],  # distinct images with r-copies (r < 0.5)
             "mq_0.5_count": m["mq_0.5_count"], "nn_ratio_copy_fraction": m["nn_ratio_copy_fraction"],
             "r_median": m["r_median"], "generations_r_below_0.15": m["mq_0.15_fraction"],
             "copied_r_below_0.15": int((memorization.min_r < 0.15).sum()),

@@ -40,8 +40,8 @@ def point_rows(outcomes: list[TrialOutcome], choice: Choice | None) -> list[dict
     for outcome in outcomes:
         for p in outcome.points:
             rows.append({"trial": p.trial, "setting": outcome.trial.describe(), "status": outcome.status,
-                         "round": p.round, "training_images_nearly_copied": p.copies,
-                         "generations_near_copies": round(p.copy_fraction, 4), "frechet": round(p.frechet, 4),
+                         "round": p.round, "training_images_nearly_copied": p.near_copied,
+                         "generations_near_copies": round(p.near_copy_fraction, 4), "frechet": round(p.frechet, 4),
                          "coverage": p.coverage, "shards": p.shards, "optimizer_steps": p.compute,
                          "reference": outcome.trial.reference and choice is not None and p == choice.budget.reference,
                          "within_budget": p in within, "pareto": p in front,
@@ -64,7 +64,7 @@ def trial_rows(outcomes: list[TrialOutcome], choice: Choice | None) -> list[dict
             "points_within_budget": sum(p in within for p in outcome.points),
             "shown_round": shown.round if shown else None, "shown_is": "best within budget" if best else
             ("last point (none within budget)" if shown else ""),
-            "training_images_nearly_copied": shown.copies if shown else None,
+            "training_images_nearly_copied": shown.near_copied if shown else None,
             "frechet": round(shown.frechet, 4) if shown else None,
             "run_id": outcome.run_id or "", "error": outcome.error or "",
         })
@@ -112,8 +112,8 @@ def tradeoff_figure(outcomes: list[TrialOutcome], choice: Choice | None, path: P
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    panels = ((axes[0], "copies", 1.0, "training images nearly copied"),
-              (axes[1], "copy_fraction", 100.0, "generations that are near copies (%)"))
+    panels = ((axes[0], "near_copied", 1.0, "training images nearly copied"),
+              (axes[1], "near_copy_fraction", 100.0, "generations that are near copies (%)"))
     everything = [p for o in outcomes for p in o.points if o.status != "FAILED"]
     colours = iter(plt.cm.tab20.colors * 10)
     for outcome in outcomes:
@@ -127,7 +127,7 @@ def tradeoff_figure(outcomes: list[TrialOutcome], choice: Choice | None, path: P
             ys = [getattr(p, key) * scale for p in outcome.points]
             axis.plot(xs, ys, style, marker="o", markersize=3, linewidth=1, color=colour, label=label)
     for axis, key, scale, ylabel in panels:
-        front = pareto_front(everything, copies=key)
+        front = pareto_front(everything, measure=key)
         if front:
             axis.step([p.frechet for p in front], [getattr(p, key) * scale for p in front], where="post",
                       color="tab:red", linewidth=2, alpha=0.6, label="Pareto front")

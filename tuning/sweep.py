@@ -164,8 +164,8 @@ def _train_and_measure(cfg: Config, spec: dict, context: TrialContext, tags: dic
                      step=round_index)
         measured.append((round_index, m.metrics, m.params))
         tune.report({"kind": "point", "trial": spec["name"], "round": round_index, "run_id": run_id,
-                     "copies": float(figures["copied_near"]),
-                     "copy_fraction": float(figures["generations_near_copies"]),
+                     "near_copied": float(figures["copied_near"]),
+                     "near_copy_fraction": float(figures["generations_near_copies"]),
                      "frechet": float(figures["frechet"]),
                      "coverage": -1.0 if figures["coverage"] is None else float(figures["coverage"]),
                      "real_frechet": float(figures["real_frechet"]), "shards": cfg.iet.shards,
@@ -258,13 +258,13 @@ class Progress(tune.Callback):
         if result["kind"] == "trained":
             outcome.model_uri = result["model_uri"]
             return
-        point = Point(result["trial"], int(result["round"]), result["copies"], result["copy_fraction"],
+        point = Point(result["trial"], int(result["round"]), result["near_copied"], result["near_copy_fraction"],
                       result["frechet"], None if result["coverage"] < 0 else result["coverage"],
                       int(result["shards"]), result["compute"])
         outcome.points.append(point)
         if result["pipeline"]:
             outcome.round_pipelines[point.round] = result["pipeline"]
-        self._line(f"{point.trial} round {point.round}: {point.copies:g} nearly copied, Fréchet {point.frechet:.3f}")
+        self._line(f"{point.trial} round {point.round}: {point.near_copied:g} nearly copied, Fréchet {point.frechet:.3f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         name = trial.config["trial"]["name"]
@@ -288,7 +288,7 @@ class Progress(tune.Callback):
             best = "best within budget: none yet"
         else:
             p = choice.chosen
-            best = (f"best within budget: {p.trial} round {p.round} ({p.copies:g} nearly copied, "
+            best = (f"best within budget: {p.trial} round {p.round} ({p.near_copied:g} nearly copied, "
                     f"Fréchet {p.frechet:.3f} <= {choice.budget.max_frechet:.3f})")
         self.say(f"{event} | trials: {counts}; {best}")
 
@@ -434,7 +434,7 @@ def _conclude(outcomes: list[TrialOutcome], space: SweepSpace, settings: SweepSe
     metrics = {"trials_failed": sum(o.status == "FAILED" for o in outcomes),
                "trials_finished": sum(o.status == "FINISHED" for o in outcomes)}
     if choice is not None and choice.chosen is not None:
-        metrics.update({"chosen.training_images_nearly_copied": choice.chosen.copies, "chosen.frechet": choice.chosen.frechet,
+        metrics.update({"chosen.training_images_nearly_copied": choice.chosen.near_copied, "chosen.frechet": choice.chosen.frechet,
                         "chosen.round": choice.chosen.round, "budget.max_frechet": choice.budget.max_frechet})
     with_retries(mlflow.log_metrics, metrics)
     if choice is not None and choice.chosen is not None:
@@ -451,8 +451,8 @@ def _choice_summary(choice: Choice | None, space: SweepSpace) -> dict:
         return {"chosen": None, "why": f"the reference trial {space.reference.name} failed: no quality budget"}
 
     def point(p: Point | None) -> dict | None:
-        return None if p is None else {"trial": p.trial, "round": p.round, "training_images_nearly_copied": p.copies,
-                                       "generations_near_copies": p.copy_fraction, "frechet": p.frechet,
+        return None if p is None else {"trial": p.trial, "round": p.round, "training_images_nearly_copied": p.near_copied,
+                                       "generations_near_copies": p.near_copy_fraction, "frechet": p.frechet,
                                        "coverage": p.coverage, "shards": p.shards, "optimizer_steps": p.compute}
 
     return {"reference": point(choice.budget.reference), "max_quality_loss": choice.budget.max_quality_loss,

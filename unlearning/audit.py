@@ -2,8 +2,9 @@
 retrained model when one exists), as one report in JSON, markdown and a picture (method.md §6).
 
 It answers what a reviewer asks first, in this order:
-1. Did the forget images stop appearing? For each distinct forget image, the generations within mean
-   squared pixel distance `copy_threshold` of it and its nearest generation, before and after (the
+1. Did the forget images stop appearing? For each distinct forget image, its pixel matches (the
+   generations within mean squared pixel distance `pixel_match_threshold` of it,
+   `unlearning.forget_check`) and its nearest generation, before and after (the
    picture shows the image beside its nearest generation from each model).
 2. Is the model otherwise intact? Keep-set loss at fixed seeded (t, ε) (`shard_worker.scoring`) and
    the quality of the generations against the kept images in the default quality space
@@ -32,7 +33,7 @@ from memshard.evaluation.classifier_space import QualityReport, quality_report
 from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, feature_space, fid
 from memshard.pipeline import generate_images, image_grid
 from memshard.shard_worker.scoring import score_samples
-from memshard.unlearning.forget_check import COPY_THRESHOLD, CheckPoint, copy_distances
+from memshard.unlearning.forget_check import PIXEL_MATCH_THRESHOLD, CheckPoint, pixel_distances
 from memshard.unlearning.forget_set import ForgetSet
 
 EXACTNESS = ("SISS and the naive, NegGrad and EraseDiff baselines are approximate: the forget set still shaped "
@@ -47,25 +48,25 @@ STOP_WORDS = {"forgotten": "the forget checks found the forget set no longer rep
 class AuditSettings:
     num_images: int = 256  # generations per model
     sampling_steps: int = 50  # DDPM steps per generation (the audit compares models, not absolute quality)
-    copy_threshold: float = COPY_THRESHOLD  # a generation copies a forget image when mean((g − a)²) in [0, 1] is below
+    pixel_match_threshold: float = PIXEL_MATCH_THRESHOLD  # a pixel match: mean((g − a)²), pixels in [0, 1], below this
     keep_samples: int = 256  # keep-set samples scored for the keep loss
     seed: int = 0
     repeats: int = 4  # fixed (t, ε) draws per scored sample
     quality: bool = True  # quality in the default quality space (the training set's classifier for labelled data)
 
     def check(self) -> None:
-        if (self.num_images < 2 or self.sampling_steps < 1 or self.keep_samples < 1 or self.copy_threshold <= 0
+        if (self.num_images < 2 or self.sampling_steps < 1 or self.keep_samples < 1 or self.pixel_match_threshold <= 0
                 or self.repeats < 1 or self.seed < 0):
             raise MemshardError("audit settings: num_images ≥ 2, sampling_steps ≥ 1, keep_samples ≥ 1, repeats ≥ 1, "
-                                "seed ≥ 0 and copy_threshold > 0 are required: fix the audit.* --set values")
+                                "seed ≥ 0 and pixel_match_threshold > 0 are required: fix the audit.* --set values")
 
 
 @dataclass(frozen=True)
 class ForgetImageMeasure:
     sample_id: str
-    copies_in_dataset: int  # samples with the same pixels (all forgotten together)
-    copies: int  # generations within copy_threshold of it
-    copy_fraction: float  # copies / generations
+    duplicates_in_dataset: int  # samples with the same pixels (all forgotten together)
+    pixel_matches: int  # generations within pixel_match_threshold of it
+    pixel_match_fraction: float  # pixel_matches / generations
     nearest_generation: int
     nearest_mse: float
 
@@ -74,10 +75,10 @@ class ForgetImageMeasure:
 class AuditMeasures:
     forget_loss: float
     keep_loss: float
-    copies: int  # generations within copy_threshold of at least one forget image
+    pixel_matches: int  # generations within pixel_match_threshold of at least one forget image
     generations: int
-    copy_fraction_mean: float  # over the distinct forget images
-    copy_fraction_max: float
+    pixel_match_fraction_mean: float  # over the distinct forget images
+    pixel_match_fraction_max: float
     per_image: tuple[ForgetImageMeasure, ...]
     fid: float
     fid_feature_space: str
@@ -170,7 +171,7 @@ class AuditReport:
     def metrics(self) -> dict[str, float]:
         metrics = {f"{key}_{when}": float(getattr(measures, key))
                    for when, measures in (("before", self.before), ("after", self.after))
-                   for key in ("forget_loss", "keep_loss", "copy_fraction_mean", "copies", "fid")}
+                   for key in ("forget_loss", "keep_loss", "pixel_match_fraction_mean", "pixel_matches", "fid")}
         for when, measures in (("before", self.before), ("after", self.after)):
             if measures.quality is not None:
                 metrics[f"quality_frechet_{when}"] = measures.quality.generated.frechet
@@ -201,30 +202,30 @@ class AuditReport:
 
     def _forgetting_section(self, b: AuditMeasures, a: AuditMeasures, r: AuditMeasures | None,
                             s: AuditSettings) -> list[str]:
-        verdict = ("yes: no generation copies a forget image" if a.copies == 0
-                   else f"no: {a.copies} generation(s) still copy a forget image")
-        retrained = f" (retrained model: {r.copies} of {r.generations})" if r else ""
+        verdict = ("yes: no generation pixel-matches a forget image" if a.pixel_matches == 0
+                   else f"no: {a.pixel_matches} generation(s) still pixel-match a forget image")
+        retrained = f" (retrained model: {r.pixel_matches} of {r.generations})" if r else ""
         lines = ["## Did the forget images stop appearing?", "",
-                 f"**{verdict}.** Generations copying a forget image: {b.copies} of {b.generations} before → "
-                 f"{a.copies} of {a.generations} after{retrained}.", "",
-                 "| forget image | duplicates in data | copies before | copies after |"
-                 + (" copies retrained |" if r else "") + " nearest distance before | after |"
+                 f"**{verdict}.** Generations pixel-matching a forget image: {b.pixel_matches} of {b.generations} before → "
+                 f"{a.pixel_matches} of {a.generations} after{retrained}.", "",
+                 "| forget image | duplicates in data | pixel matches before | pixel matches after |"
+                 + (" pixel matches retrained |" if r else "") + " nearest distance before | after |"
                  + (" retrained |" if r else ""),
                  "| --- | --- | --- | --- |" + (" --- |" if r else "") + " --- | --- |" + (" --- |" if r else "")]
-        order = self.most_copied_first()
+        order = self.most_matched_first()
         rows = [(b.per_image[j], a.per_image[j], r.per_image[j] if r else None) for j in order]
         for i, (pb, pa, pr) in enumerate(rows):
             if i == NEAREST_PICTURE_ROWS:
                 lines.append(f"| ... {len(b.per_image) - i} more in report.json | | | |" + (" |" if r else "")
                              + " | |" + (" |" if r else ""))
                 break
-            line = f"| {pb.sample_id} | {pb.copies_in_dataset} | {pb.copies} | {pa.copies} |"
-            line += f" {pr.copies} |" if pr else ""
+            line = f"| {pb.sample_id} | {pb.duplicates_in_dataset} | {pb.pixel_matches} | {pa.pixel_matches} |"
+            line += f" {pr.pixel_matches} |" if pr else ""
             line += f" {pb.nearest_mse:.4f} | {pa.nearest_mse:.4f} |" + (f" {pr.nearest_mse:.4f} |" if pr else "")
             lines.append(line)
-        lines += ["", f"A generation copies a forget image when their mean squared pixel distance (pixels in [0, 1]) "
-                  f"is below {s.copy_threshold}; {s.num_images} generations per model ({s.sampling_steps} DDPM "
-                  f"steps, seed {s.seed}, the same noise for every model); most copied first. Picture: "
+        lines += ["", f"A generation pixel-matches a forget image when their mean squared pixel distance (pixels in [0, 1]) "
+                  f"is below {s.pixel_match_threshold}; {s.num_images} generations per model ({s.sampling_steps} DDPM "
+                  f"steps, seed {s.seed}, the same noise for every model); most matched first. Picture: "
                   "audit/nearest.png, one row per forget image in this order: the image, its nearest generation "
                   "before, after" + (", retrained" if r else "") + ".", ""]
         return lines
@@ -287,25 +288,25 @@ class AuditReport:
         lines.append("")
         if c.trajectory:
             n = c.trajectory[0].generations
-            lines += ["Forget checks: losses at fixed seeded (t, ε); copies among the same seeded generations each "
+            lines += ["Forget checks: losses at fixed seeded (t, ε); pixel matches among the same seeded generations each "
                       "time, counted at the first and last check and wherever the forget loss had reached the keep "
                       "loss (– elsewhere: generating is most of a check's cost).", "",
-                      f"| step | keep loss | forget loss | copies of {n} |", "| --- | --- | --- | --- |"]
-            lines += [f"| {p.step} | {p.keep_loss:.4f} | {p.forget_loss:.4f} | {'–' if p.copies is None else p.copies} |"
+                      f"| step | keep loss | forget loss | pixel matches of {n} |", "| --- | --- | --- | --- |"]
+            lines += [f"| {p.step} | {p.keep_loss:.4f} | {p.forget_loss:.4f} | {'–' if p.pixel_matches is None else p.pixel_matches} |"
                       for p in c.trajectory]
             lines.append("")
         return lines
 
-    def most_copied_first(self) -> list[int]:
-        """Indices into per_image, the forget images copied most often before unlearning first."""
-        return sorted(range(len(self.before.per_image)), key=lambda i: -self.before.per_image[i].copies)
+    def most_matched_first(self) -> list[int]:
+        """Indices into per_image, the forget images pixel-matched most often before unlearning first."""
+        return sorted(range(len(self.before.per_image)), key=lambda i: -self.before.per_image[i].pixel_matches)
 
     def nearest_picture(self, dataset: ImageDataset) -> Image.Image:
         """One row per distinct forget image (at most NEAREST_PICTURE_ROWS): the image, its nearest
         generation before, after, and from the retrained model where there is one."""
         models = [self.before, self.after] + ([self.retrain.measures] if self.retrain else [])
         tiles = []
-        for i in self.most_copied_first()[:NEAREST_PICTURE_ROWS]:
+        for i in self.most_matched_first()[:NEAREST_PICTURE_ROWS]:
             row = int(np.flatnonzero(dataset.sample_ids == self.before.per_image[i].sample_id)[0])
             tiles.append(dataset.images[row])
             tiles += [m.generated[m.per_image[i].nearest_generation] for m in models]
@@ -314,7 +315,7 @@ class AuditReport:
 
 def measure(pipeline: DDPMPipeline, dataset: ImageDataset, forget: ForgetSet, settings: AuditSettings,
             space: FeatureSpace | None = None) -> AuditMeasures:
-    """Forget/keep losses at fixed (t, ε), copies of each distinct forget image among generations,
+    """Forget/keep losses at fixed (t, ε), pixel matches of each distinct forget image among generations,
     quality in `space` (None: none) and the pixel-projection FID."""
     unet, scheduler = pipeline.unet, pipeline.scheduler
     rng = np.random.default_rng(settings.seed)
@@ -325,20 +326,20 @@ def measure(pipeline: DDPMPipeline, dataset: ImageDataset, forget: ForgetSet, se
     generated = generate_images(pipeline, settings.num_images, settings.seed, settings.sampling_steps)
     generated = np.ascontiguousarray(generated.transpose(0, 3, 1, 2))
     distinct = distinct_rows(dataset, forget.rows)
-    per_pixel, indices = copy_distances(dataset.images[distinct], generated)  # (forget images, generations)
-    copying = per_pixel < settings.copy_threshold
+    per_pixel, indices = pixel_distances(dataset.images[distinct], generated)  # (forget images, generations)
+    matching = per_pixel < settings.pixel_match_threshold
     hashes = dataset.content_hashes[forget.rows]
     per_image = tuple(
         ForgetImageMeasure(sample_id=str(dataset.sample_ids[row]),
-                           copies_in_dataset=int((hashes == dataset.content_hashes[row]).sum()),
-                           copies=int(copying[i].sum()), copy_fraction=float(copying[i].mean()),
+                           duplicates_in_dataset=int((hashes == dataset.content_hashes[row]).sum()),
+                           pixel_matches=int(matching[i].sum()), pixel_match_fraction=float(matching[i].mean()),
                            nearest_generation=int(indices[i, 0]), nearest_mse=float(per_pixel[i, 0]))
         for i, row in enumerate(distinct))
-    fractions = copying.mean(axis=1)
+    fractions = matching.mean(axis=1)
     return AuditMeasures(
         forget_loss=float(forget_loss.mean()), keep_loss=float(keep_loss.mean()),
-        copies=len(np.unique(indices[copying])), generations=len(generated),
-        copy_fraction_mean=float(fractions.mean()), copy_fraction_max=float(fractions.max()), per_image=per_image,
+        pixel_matches=len(np.unique(indices[matching])), generations=len(generated),
+        pixel_match_fraction_mean=float(fractions.mean()), pixel_match_fraction_max=float(fractions.max()), per_image=per_image,
         fid=fid(generated, dataset.images[keep_scored], feature_space(PIXEL_PROJECTION)),
         fid_feature_space=PIXEL_PROJECTION,
         quality=None if space is None else quality_report(generated, dataset, space, settings.seed, forget.keep_rows),

@@ -7,10 +7,13 @@ SPEC is one of
   content hash (`memshard.data.image_file_content_hash`: every sample whose stored bytes equal the
   image's is forgotten, so all exact duplicates go together); ids and image paths may be mixed in
   one comma-separated list
-- `evaluation:RUN_ID`: the training samples an evaluation run found copied (resolved by the caller,
-  which passes `evaluation_ids`; this module reads no tracking store), with every exact duplicate of
-  them: an evaluation credits a copy to one row of a group of identical images, and forgetting one
-  row while its duplicates stay in the keep set would teach the image straight back.
+- `evaluation:RUN_ID[:MEASURE]`: the training samples an evaluation run found generations to be
+  copies of, by MEASURE: `near-copies` (the default: calibrated on real images, what `memshard tune`
+  minimizes) or `r-copies` (r < the run's r-copy threshold; on a small set of similar images it also
+  takes ordinary near neighbours). Resolved by the caller, which passes `evaluation_ids(run_id,
+  measure)`; this module reads no tracking store. Every exact duplicate comes along: an evaluation
+  credits a generation to one row of a group of identical images, and forgetting one row while its
+  duplicates stay in the keep set would teach the image straight back.
 
 Pure except for reading the named files. Every problem is a one-line MemshardError.
 """
@@ -26,8 +29,11 @@ import numpy as np
 
 from memshard.data import IMAGE_SUFFIXES, image_file_content_hash
 from memshard.errors import MemshardError
+from memshard.evaluation.evaluate import PER_SAMPLE_MEASURES
 
 EVALUATION_PREFIX = "evaluation:"
+# What `evaluation:RUN_ID` forgets: near copies, the measure calibrated on real images (see the module notes).
+DEFAULT_EVALUATION_MEASURE = "near-copies"
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
@@ -37,6 +43,7 @@ class ForgetSet:
     rows: np.ndarray  # sorted global rows of A
     keep_rows: np.ndarray  # sorted global rows of X minus A
     ids: tuple[str, ...]
+    measure: str | None = None  # the evaluation measure that chose it (PER_SAMPLE_MEASURES); None: named by hand
 
     @property
     def hash(self) -> str:
@@ -45,11 +52,28 @@ class ForgetSet:
 
 
 def forget_set(spec: str, sample_ids: np.ndarray, content_hashes: np.ndarray, image_shape: tuple[int, int, int],
-               evaluation_ids: Callable[[str], list[str]] | None = None) -> ForgetSet:
+               evaluation_ids: Callable[[str, str], list[str]] | None = None) -> ForgetSet:
     """The ForgetSet that `spec` names (see `parse_forget_spec`)."""
     rows = parse_forget_spec(spec, sample_ids, content_hashes, image_shape, evaluation_ids)
     keep = np.setdiff1d(np.arange(len(sample_ids)), rows)
-    return ForgetSet(rows, keep, tuple(str(i) for i in np.asarray(sample_ids)[rows]))
+    evaluation = evaluation_spec(spec)
+    return ForgetSet(rows, keep, tuple(str(i) for i in np.asarray(sample_ids)[rows]),
+                     evaluation[1] if evaluation else None)
+
+
+def evaluation_spec(spec: str) -> tuple[str, str] | None:
+    """(run id, measure) of an `evaluation:RUN_ID[:MEASURE]` spec; None for any other spec."""
+    spec = (spec or "").strip()
+    if not spec.startswith(EVALUATION_PREFIX):
+        return None
+    run_id, _, measure = spec[len(EVALUATION_PREFIX):].partition(":")
+    run_id, measure = run_id.strip(), measure.strip() or DEFAULT_EVALUATION_MEASURE
+    if not run_id:
+        raise MemshardError(f"--forget {spec!r} names no evaluation run: write evaluation:RUN_ID")
+    if measure not in PER_SAMPLE_MEASURES:
+        raise MemshardError(f"--forget {spec!r}: unknown measure {measure!r}; write evaluation:RUN_ID "
+                            f"(near copies) or evaluation:RUN_ID:MEASURE with MEASURE one of {', '.join(PER_SAMPLE_MEASURES)}")
+    return run_id, measure
 
 
 def parse_forget_spec(
@@ -57,7 +81,7 @@ def parse_forget_spec(
     sample_ids: np.ndarray,
     content_hashes: np.ndarray,
     image_shape: tuple[int, int, int],
-    evaluation_ids: Callable[[str], list[str]] | None = None,
+    evaluation_ids: Callable[[str, str], list[str]] | None = None,
 ) -> np.ndarray:
     """Sorted unique row indices named by `spec`; refuses an empty set and the whole dataset."""
     spec = (spec or "").strip()
@@ -66,14 +90,16 @@ def parse_forget_spec(
                             "or evaluation:RUN_ID")
     id_to_row = {str(sid): row for row, sid in enumerate(sample_ids)}
     rows: set[int] = set()
-    if spec.startswith(EVALUATION_PREFIX):
-        run_id = spec[len(EVALUATION_PREFIX):].strip()
-        if not run_id or evaluation_ids is None:
-            raise MemshardError(f"--forget {spec!r} names no evaluation run: write evaluation:RUN_ID")
-        ids = [str(i) for i in evaluation_ids(run_id)]
+    evaluation = evaluation_spec(spec)
+    if evaluation is not None:
+        run_id, measure = evaluation
+        if evaluation_ids is None:
+            raise MemshardError(f"--forget {spec!r}: evaluation runs are not readable here: pass sample ids")
+        ids = [str(i) for i in evaluation_ids(run_id, measure)]
         if not ids:
-            raise MemshardError(f"evaluation run {run_id} found no copied training samples, so the forget set is "
-                                "empty: nothing to unlearn (pick ids yourself with --forget ID,...)")
+            raise MemshardError(f"evaluation run {run_id} found no {measure} of training samples, so the forget set "
+                                "is empty: nothing to unlearn (another measure: evaluation:RUN_ID:MEASURE; or pick "
+                                "ids yourself with --forget ID,...)")
         rows |= _rows_of_ids(ids, id_to_row, f"evaluation run {run_id}")
         rows |= _same_pixels(rows, content_hashes)
     else:

@@ -29,7 +29,7 @@ keep loss ×3).
 
 Stopping on evidence: every `check_every` steps (and before the first and after the last) a
 `ForgetCheck` measures the forget and keep losses at fixed seeded (t, ε) and, where they can decide
-a stop, the copies of the forget images among a fixed seeded set of few-step generations;
+a stop, the pixel matches of the forget images among a fixed seeded set of few-step generations;
 unlearning stops as soon as the forget set is no longer reproduced (`forget_check` has the rule),
 and at `max_steps` otherwise. The checks' time counts in the seconds returned; their measures are
 the returned trajectory.
@@ -51,9 +51,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from memshard.errors import MemshardError
 from memshard.model import noised, to_model_range
-from memshard.unlearning.forget_check import COPY_THRESHOLD, CheckPoint, ForgetCheck
+from memshard.unlearning.forget_check import PIXEL_MATCH_THRESHOLD, CheckPoint, ForgetCheck
 
-METHODS = ("siss", "naive", "neggrad", "erasediff")
 FORGET_SCALE_MODES = ("relative", "absolute")
 
 
@@ -76,7 +75,7 @@ class UnlearnSettings:
     check_images: int = 64  # seeded generations per check
     check_sampling_steps: int = 20  # DDPM steps per check generation
     check_samples: int = 128  # keep images, and at most as many forget images, scored per check
-    stop_loss_ratio: float = 1.0  # stop needs forget loss ≥ this × keep loss (and 0 copies); 0: copies alone
+    stop_loss_ratio: float = 1.0  # stop needs forget loss ≥ this × keep loss (and 0 pixel matches); 0: those alone
     seed: int = 0
 
     def check(self) -> None:
@@ -126,7 +125,7 @@ STOP_MAX_STEPS = "max_steps"  # the cap was reached first (or no checks were ask
 
 def unlearn(method: str, unet: UNet2DModel, scheduler: DDPMScheduler, keep_images: np.ndarray,
             forget_images: np.ndarray, settings: UnlearnSettings = UnlearnSettings(),
-            copy_threshold: float = COPY_THRESHOLD) -> UnlearnStats:
+            pixel_match_threshold: float = PIXEL_MATCH_THRESHOLD) -> UnlearnStats:
     """Fine-tune `unet` in place so it forgets `forget_images`, stopping when the forget checks say so
     (or at max_steps); returns steps, seconds, the last losses and the checks' trajectory."""
     if method not in METHODS:
@@ -146,12 +145,12 @@ def unlearn(method: str, unet: UNet2DModel, scheduler: DDPMScheduler, keep_image
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    step_fn = {"siss": _siss_step, "naive": _naive_step, "neggrad": _neggrad_step, "erasediff": _erasediff_step}[method]
+    step_fn = STEP_FUNCTIONS[method]
     check = None
     if settings.check_every:
         check = ForgetCheck(scheduler, keep_images, forget_images, generations=settings.check_images,
                             sampling_steps=settings.check_sampling_steps, samples=settings.check_samples,
-                            copy_threshold=copy_threshold, stop_loss_ratio=settings.stop_loss_ratio,
+                            pixel_match_threshold=pixel_match_threshold, stop_loss_ratio=settings.stop_loss_ratio,
                             seed=settings.seed)
     trajectory: list[CheckPoint] = []
 
@@ -256,3 +255,8 @@ def _erasediff_step(unet, params, alphas, x, a, t, noise, generator, settings):
     erase_loss = _mse(prediction[len(x):], uniform).mean()
     (keep_loss + erase_loss).backward()
     return keep_loss.detach(), erase_loss.detach()
+
+
+# The approximate methods, by name: the one registry (`unlearning.runner` adds the exact `retrain`).
+STEP_FUNCTIONS = {"siss": _siss_step, "naive": _naive_step, "neggrad": _neggrad_step, "erasediff": _erasediff_step}
+METHODS = tuple(STEP_FUNCTIONS)

@@ -28,7 +28,7 @@ from memshard.config import Config, from_dict, to_dict
 from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
 from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import default_quality_space
-from memshard.evaluation.evaluate import COPIES_TABLE
+from memshard.evaluation.evaluate import COPIES_TABLE, PER_SAMPLE_MEASURES
 from memshard.evaluation.fid import FeatureSpace
 from memshard.model import state_to_numpy
 from memshard.orchestrator.cluster import ray_session
@@ -105,8 +105,10 @@ def unlearn_source(resolved: ResolvedModel) -> UnlearnSource:
     return UnlearnSource(resolved, run.info.run_id, name, resolved.config, dataset)
 
 
-def copied_ids(client: MlflowClient, evaluation_run_id: str, source_run_id: str) -> list[str]:
-    """The sample ids an evaluation run of the source found copied at least once (its copies table)."""
+def copied_ids(client: MlflowClient, evaluation_run_id: str, source_run_id: str, measure: str) -> list[str]:
+    """The sample ids an evaluation run of the source found at least one generation to be a copy of,
+    by `measure` (a key of PER_SAMPLE_MEASURES): its copies table's column of that measure."""
+    column = PER_SAMPLE_MEASURES[measure]
     run = get_run(client, evaluation_run_id)
     evaluated = run.data.tags.get(SOURCE_RUN_TAG)
     if evaluated != source_run_id:
@@ -118,8 +120,15 @@ def copied_ids(client: MlflowClient, evaluation_run_id: str, source_run_id: str)
         except (MlflowException, OSError):
             raise MemshardError(f"evaluation run {evaluation_run_id} has no {COPIES_TABLE}: run memshard evaluate "
                                 "on the model first") from None
-        table = pq.read_table(path, columns=["sample_id", "copies"]).to_pandas()
-    return table.loc[table["copies"] > 0, "sample_id"].astype(str).tolist()
+        table = pq.read_table(path)
+    if column not in table.column_names:
+        raise MemshardError(f"evaluation run {evaluation_run_id} predates per-sample {measure} (its {COPIES_TABLE} "
+                            f"has no {column} column): run memshard evaluate on the model again")
+    if table.column(column).null_count == len(table):
+        raise MemshardError(f"evaluation run {evaluation_run_id} could not calibrate {measure} (fewer than 3 distinct "
+                            f"training images): pass evaluation:{evaluation_run_id}:r-copies or sample ids")
+    counts = table.select(["sample_id", column]).to_pandas()
+    return counts.loc[counts[column] > 0, "sample_id"].astype(str).tolist()
 
 
 def training_steps(cfg: Config) -> int:

@@ -45,7 +45,7 @@ from memshard.evaluation.evaluate import (
     evaluate,
     sampling_plan,
 )
-from memshard.evaluation.figures import most_copied, r_histogram
+from memshard.evaluation.figures import most_r_copied, r_histogram
 from memshard.evaluation.memorization import NEAR_COPY_QUANTILE, THRESHOLDS
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.generation import cluster_has_gpu, generate_on_ray, plan_workers
@@ -162,8 +162,8 @@ def _log_evaluation(model: str, source: Run | None, dataset: ImageDataset, match
         with_retries(mlflow.log_dict, summary, "report.json")
         with_retries(log_table, report.copies_table(dataset), COPIES_TABLE)
         _log_png(r_histogram(report.memorization, title), "r_histogram.png")
-        _log_png(most_copied(report.memorization, dataset.images, dataset.sample_ids, generated, title),
-                 "most_copied.png")
+        _log_png(most_r_copied(report.memorization, dataset.images, dataset.sample_ids, generated, title),
+                 "most_r_copied.png")
         with_retries(mlflow.log_image, image_grid(generated[:SAMPLE_GRID_IMAGES].transpose(0, 2, 3, 1)),
                      "samples.png")
     return run.info.run_id
@@ -212,7 +212,7 @@ def evaluate_settings(args: argparse.Namespace) -> EvaluateSettings:
     return EvaluateSettings(protocol=args.protocol, num_images=args.num_images, sampler=args.sampler,
                             sampling_steps=args.sampling_steps, batch_size=args.batch, seed=args.seed,
                             feature_space=None if args.feature_space == "none" else args.feature_space,
-                            inception_weights=args.inception_weights, copy_threshold=args.copy_threshold,
+                            inception_weights=args.inception_weights, r_copy_threshold=args.r_copy_threshold,
                             device=args.device, workers=args.workers, **patience)
 
 
@@ -258,7 +258,8 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
           f"{beside('nn_ratio_copy_fraction')})")
     if real is not None:
         print(f"(real held-out images: {REAL_REFERENCE_WHAT}; {real.num_generations} images)")
-    print(f"training images copied (r < {settings.copy_threshold}): {int(m['copied_training_samples'])}")
+    print(f"r-copies: training images some generation with r < {settings.r_copy_threshold} has as its nearest: "
+          f"{int(m['r_copied_training_samples'])}")
     if "near_copy_fraction" in m:
         print(f"near copies (nearer to a training image than {1 - NEAR_COPY_QUANTILE:.0%} of real images are to "
               f"their nearest other one, d1^2 < {m['near_copy_sq_distance']:.3f}): {int(m['near_copy_count'])} "

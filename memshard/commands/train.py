@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memshard.config import build_config
+from memshard.config import DEFAULT_PRESET, build_config
 from memshard.errors import MemshardError
 from memshard.orchestrator.tracking import ui_command
 from memshard.orchestrator.train import resume_config, train
@@ -26,7 +26,7 @@ def run_train_command(args: argparse.Namespace) -> int:
             raise MemshardError("--resume continues a run with its saved configuration: drop --config / --preset")
         cfg = resume_config(args.resume, overrides, args.set)
     else:
-        cfg = build_config(args.preset or "digits", args.config, overrides=overrides, sets=args.set)
+        cfg = build_config(args.preset or DEFAULT_PRESET, args.config, overrides=overrides, sets=args.set)
     result = train(cfg, show_progress=not args.no_progress, resume_run_id=args.resume)
     print(f"run id: {result.run_id}")
     print(f"registered model: {result.registered_name} version {result.registered_version}")

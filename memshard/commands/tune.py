@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from memshard.config import DEFAULT_PRESET
 from memshard.errors import MemshardError
 from memshard.orchestrator.tracking import redact_uri, ui_command
 from memshard.tuning.space import sweep_space
@@ -32,7 +33,7 @@ def run_tune_command(args: argparse.Namespace) -> int:
         raise MemshardError(f"--eval-every {args.eval_every}: need at least 1 round")
     if args.register_as is not None and (not args.register_as.strip() or any(c in args.register_as for c in "/:")):
         raise MemshardError(f"--register-as {args.register_as[:80]!r}: give a model name without '/' or ':'")
-    preset = args.preset or "digits"
+    preset = args.preset or DEFAULT_PRESET
     space = sweep_space(preset, args.data, args.set, grid_file=args.grid, trials=args.trials, seed=args.seed,
                         experiment=args.experiment)
     result = run_sweep(space, settings, preset, tune_output=args.verbose)
@@ -47,15 +48,15 @@ def print_result(result: SweepResult) -> None:
         print("no choice: the reference trial failed, so there is no quality budget to measure against")
     elif choice.chosen is not None:
         p = choice.chosen
-        print(f"chosen: {p.trial} stopped at round {p.round}: {p.copies:g} training images nearly copied, "
-              f"{100 * p.copy_fraction:.1f}% of generations near copies, Fréchet {p.frechet:.3f} "
+        print(f"chosen: {p.trial} stopped at round {p.round}: {p.near_copied:g} training images nearly copied, "
+              f"{100 * p.near_copy_fraction:.1f}% of generations near copies, Fréchet {p.frechet:.3f} "
               f"(budget {choice.budget.max_frechet:.3f}: reference {choice.budget.reference.trial} round "
               f"{choice.budget.reference.round} at {choice.budget.reference.frechet:.3f} "
               f"+{choice.budget.max_quality_loss:.0%})")
     else:
         p = choice.closest
         print(f"no trial within budget (Fréchet <= {choice.budget.max_frechet:.3f}); closest: {p.trial} round "
-              f"{p.round}, Fréchet {p.frechet:.3f}, {p.copies:g} nearly copied — not chosen, nothing registered")
+              f"{p.round}, Fréchet {p.frechet:.3f}, {p.near_copied:g} nearly copied — not chosen, nothing registered")
     if result.config_file is not None:
         print(f"config file: {result.config_file} (memshard train --config {result.config_file})")
     if result.registered is not None:

@@ -28,7 +28,7 @@ from memshard.orchestrator.registry import SOURCE_RUN_TAG, load_model_pipeline, 
 from memshard.orchestrator.tracking import check_tracking_store, connect_mlflow, resolve_tracking_uri, with_retries
 from memshard.pipeline import build_pipeline, load_pipeline, save_pipeline
 from memshard.unlearning.audit import AuditReport, AuditSettings, UnlearnCompute
-from memshard.unlearning.forget_set import ForgetSet, forget_set
+from memshard.unlearning.forget_set import ForgetSet, evaluation_spec, forget_set
 from memshard.unlearning.methods import UnlearnSettings
 from memshard.unlearning.runner import (
     FORGET_HASH_TAG,
@@ -48,6 +48,7 @@ from memshard.unlearning.runner import (
 MLFLOW_SETTINGS = ("mlflow.tracking_uri", "mlflow.experiment")
 RAY_SETTINGS = ("ray.address",)
 STOPPED_TAG = "memshard.unlearn_stopped"  # forgotten (the checks said so) or max_steps
+FORGET_MEASURE_TAG = "memshard.forget_measure"  # near-copies or r-copies: what chose an evaluation:RUN_ID forget set
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class UnlearnResult:
     registered_version: str
     report: AuditReport
     report_dir: Path
+    forget: ForgetSet
 
 
 def parse_unlearn_sets(sets: list[str], steps: int | None = None) -> UnlearnOptions:
@@ -108,6 +110,8 @@ class UnlearnRequest:
             tags[STEPS_TAG] = str(steps)
         if stopped:
             tags[STOPPED_TAG] = stopped
+        if self.forget.measure:
+            tags[FORGET_MEASURE_TAG] = self.forget.measure
         return tags
 
 
@@ -121,7 +125,7 @@ def unlearn_model(model: str, forget: str, method: str = "siss", steps: int | No
     connect_mlflow(tracking_uri, options.experiment or source.config.mlflow.experiment)
     dataset = source.dataset
     chosen = forget_set(forget, dataset.sample_ids, dataset.content_hashes, dataset.images.shape[1:],
-                        lambda run_id: copied_ids(client, run_id, source.run_id))
+                        lambda run_id, measure: copied_ids(client, run_id, source.run_id, measure))
     request = UnlearnRequest(model, forget, method, source, chosen, load_model_pipeline(source.model, client), options)
     if method == "retrain":
         return _retrain(client, request, tracking_uri)
@@ -142,12 +146,12 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
         with_retries(mlflow.log_dict, to_dict(source.config), "config.json")  # lineage for the next unlearn
         with_retries(mlflow.log_text, "\n".join(chosen.ids) + "\n", "forget_ids.txt")
         unlearned = unlearn_on_ray(request.method, request.before, source, chosen, options.settings,
-                                   options.audit.copy_threshold, options.ray_address)
+                                   options.audit.pixel_match_threshold, options.ray_address)
         stats = unlearned.stats
         tags = request.tags(stats.steps, stats.stopped)  # the steps taken, not the cap
         with_retries(mlflow.set_tags, tags)
         for point in stats.trajectory:
-            counted = {} if point.copies is None else {"check_copies": point.copies}
+            counted = {} if point.pixel_matches is None else {"check_pixel_matches": point.pixel_matches}
             with_retries(mlflow.log_metrics, {"check_keep_loss": point.keep_loss,
                                               "check_forget_loss": point.forget_loss, **counted}, step=point.step)
         after = build_pipeline(source.config, dataset.channels, unlearned.weights)
@@ -160,7 +164,7 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
         report_dir = _log_report(report, source, local.parent / "audit")
         version = str(with_retries(log_pipeline_model, local, source.registered_name).registered_model_version)
     _tag_version(client, source.registered_name, version, tags)
-    return UnlearnResult(run.info.run_id, source.registered_name, version, report, report_dir)
+    return UnlearnResult(run.info.run_id, source.registered_name, version, report, report_dir, chosen)
 
 
 def _retrain(client: MlflowClient, request: UnlearnRequest, tracking_uri: str) -> UnlearnResult:
@@ -176,7 +180,7 @@ def _retrain(client: MlflowClient, request: UnlearnRequest, tracking_uri: str) -
         report = audit_unlearning(client, source, chosen, request.before, after, compute, request.options.audit)
         report_dir = _log_report(report, source, result.local_pipeline.parent / "audit")
     _tag_version(client, source.registered_name, result.registered_version, tags)
-    return UnlearnResult(result.run_id, source.registered_name, result.registered_version, report, report_dir)
+    return UnlearnResult(result.run_id, source.registered_name, result.registered_version, report, report_dir, chosen)
 
 
 def _log_report(report: AuditReport, source: UnlearnSource, out_dir: Path) -> Path:
@@ -204,8 +208,13 @@ def run_unlearn_command(args: argparse.Namespace) -> int:
     before, after, compute = report.before, report.after, report.compute
     print(f"run id: {result.run_id}")
     print(f"registered model: {result.registered_name} version {result.registered_version}")
-    print(f"generations copying a forget image: {before.copies}/{before.generations} -> "
-          f"{after.copies}/{after.generations}")
+    evaluation = evaluation_spec(args.forget)
+    if evaluation:
+        print(f"forget set: {len(result.forget.rows)} samples, the training images evaluation run {evaluation[0]} "
+              f"found generations to be {evaluation[1]} of, with their exact duplicates")
+    print(f"generations pixel-matching a forget image (mean squared pixel distance < "
+          f"{report.settings.pixel_match_threshold}): {before.pixel_matches}/{before.generations} -> "
+          f"{after.pixel_matches}/{after.generations}")
     print(f"keep-set loss {before.keep_loss:.4f} -> {after.keep_loss:.4f}, forget-set loss "
           f"{before.forget_loss:.4f} -> {after.forget_loss:.4f}")
     if before.quality is not None and after.quality is not None:

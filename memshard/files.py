@@ -1,0 +1,67 @@
+"""File-system helpers every layer shares: a user's path checked where it comes in, a directory
+proved writable before work starts, and a directory replaced whole.
+
+They know nothing of datasets, models or checkpoints; they fail in one line (a `MemshardError`)
+naming the setting or flag the path came from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from memshard.errors import MemshardError, shown
+
+
+def checked_path(text: str | Path, what: str) -> Path:
+    """A user-given path, checked once where it comes in: a NUL byte or a name too long for the file
+    system is a one-line error here instead of an OSError wherever the path is first used."""
+    path = Path(text)
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # a missing path is the caller's to name
+    except (OSError, ValueError) as exc:
+        raise MemshardError(f"{what} {shown(str(text))} cannot be used as a path ({_reason(exc)}): fix it") from None
+    return path
+
+
+def ensure_writable_dir(path: str | Path, what: str) -> Path:
+    """Create the directory `path` if needed and prove a file can be written in it, or fail in one
+    line naming `what` (a flag or setting). Used before work starts: --out, data.cache_dir,
+    mlflow.checkpoint_dir."""
+    path = checked_path(path, what).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise MemshardError(f"{what}: {path} is not a writable directory ({_reason(exc)}): choose another") from None
+    return path
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the directory `new` to `target`, replacing whatever directory is there: a reader sees the
+    old one or the new one, never a mix. `new` must be on `target`'s file system (a sibling)."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    # POSIX cannot rename a directory onto a non-empty one: move the old one aside first.
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "previous")
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old / "previous", target)  # put the old one back: a failed replace changes nothing
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    """Why an operating-system call failed, in a few words on one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split())
