@@ -10,6 +10,7 @@ from memshard.aggregation.server_optimizers import (
     fedavgm,
     fedyogi,
     server_optimizer,
+    server_optimizer_settings,
     server_update,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "fedavgm",
     "fedyogi",
     "server_optimizer",
+    "server_optimizer_settings",
     "server_update",
     "weighted_average",
 ]

@@ -22,6 +22,11 @@ and touches none of its inputs. Only float parameters get the server step. Integ
 FedAvg would, and have no moments. Arithmetic is float64; results keep each array's dtype and moments
 are kept in at least float32.
 
+`server_optimizer_settings(name, chosen)` is the one check of an optimizer's name and hyperparameters
+(which it takes, and each one's range: a decay in [0, 1), a rate or τ > 0); the optimizers apply the
+same range check when called directly. Its errors start with the setting's name, so a caller that
+keeps the settings in a section (the config's `aggregation`) prefixes the section.
+
 `ServerState` holds the moments between rounds; `to_checkpoint()` / `ServerState.from_checkpoint()`
 turn it into a flat `{name: np.ndarray}` dict for the round checkpoint and back.
 """
@@ -35,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from memshard.aggregation.average import AggregationError, StateDict, _cast_like, check_compatible, weighted_average
+from memshard.errors import shown
 
 # Buffers of torch.nn.BatchNorm*: averaged and copied like FedAvg, never given moments.
 RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -92,8 +98,7 @@ def fedavgm(global_state: StateDict, averaged: StateDict, state: ServerState, *,
             server_learning_rate: float = 1.0, server_momentum: float = 0.9,
             buffers: Collection[str] = ()) -> tuple[dict[str, np.ndarray], ServerState]:
     """m ← β·m + Δ; θ ← θ + η_s·m (Hsu et al. 2019)."""
-    _check_unit("server_momentum", server_momentum)
-    _check_positive("server_learning_rate", server_learning_rate)
+    _check_ranges(server_learning_rate=server_learning_rate, server_momentum=server_momentum)
     new, moments = _apply(global_state, averaged, state, buffers, ("m",),
                           lambda delta, m, v: _fedavgm_step(delta, m, server_learning_rate, server_momentum))
     return new, _next(state, moments["m"], state.v)
@@ -125,28 +130,39 @@ SERVER_OPTIMIZERS: dict[str, ServerOptimizer] = {
 }
 
 
+# Each hyperparameter's range, decided here once: a decay (momentum, β) in [0, 1); a rate or τ > 0.
+DECAYS = ("server_momentum", "beta_1", "beta_2")
+
+
 def server_optimizer(name: str) -> ServerOptimizer:
     """The server optimizer called `name` (one of SERVER_OPTIMIZERS)."""
     try:
         return SERVER_OPTIMIZERS[name]
-    except KeyError:
-        raise AggregationError(f"unknown server optimizer {name!r}: choose one of "
+    except (KeyError, TypeError):
+        raise AggregationError(f"server_optimizer = {shown(name)} is not a server optimizer: choose one of "
                                f"{', '.join(SERVER_OPTIMIZERS)}") from None
+
+
+def server_optimizer_settings(name: str, chosen: Mapping[str, float]) -> dict[str, float]:
+    """The hyperparameters the optimizer `name` runs with: `chosen`, and the optimizer's own defaults
+    (Flower's) for the rest. An unknown name, a setting `name` does not take or a value out of range
+    is an AggregationError whose message starts with the setting's name."""
+    defaults = {key: value for key, value in (server_optimizer(name).__kwdefaults__ or {}).items() if key != "buffers"}
+    foreign = sorted(set(chosen) - set(defaults))
+    if foreign:
+        raise AggregationError(f"{foreign[0]} is not a setting of the server optimizer {name} "
+                               f"(it takes {', '.join(defaults) or 'none'}): drop it, or choose the optimizer that uses it")
+    _check_ranges(**chosen)
+    return {**defaults, **chosen}
 
 
 def server_update(name: str, global_state: StateDict, results: Sequence[tuple[StateDict, float]],
                   state: ServerState, hyperparameters: Mapping[str, Any] | None = None,
                   ) -> tuple[dict[str, np.ndarray], ServerState]:
     """One round on the server: θ̄ = weighted_average(results) (`(state_dict, n_k)` pairs), then the
-    optimizer `name` with `hyperparameters` (keyword names of its function; unknown ones are an error)."""
-    optimizer = server_optimizer(name)
-    hyperparameters = dict(hyperparameters or {})
-    accepted = optimizer.__kwdefaults__ or {}
-    unknown = sorted(set(hyperparameters) - set(accepted))
-    if unknown:
-        raise AggregationError(f"server optimizer {name} has no setting {', '.join(unknown)}: "
-                               f"its settings are {', '.join(sorted(accepted))}")
-    return optimizer(global_state, weighted_average(results), state, **hyperparameters)
+    optimizer `name` with `hyperparameters` (checked by `server_optimizer_settings`)."""
+    settings = server_optimizer_settings(name, hyperparameters or {})
+    return server_optimizer(name)(global_state, weighted_average(results), state, **settings)
 
 
 # ---------------------------------------------------------------- internals
@@ -154,7 +170,7 @@ def server_update(name: str, global_state: StateDict, results: Sequence[tuple[St
 
 def _adaptive(global_state, averaged, state, eta, beta_1, beta_2, tau, buffers, second_moment):
     """The FedAdam/FedYogi step; `second_moment(v, Δ²)` is the v update that tells them apart."""
-    _check_adaptive(eta, beta_1, beta_2, tau)
+    _check_ranges(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
 
     def step(delta, m, v):
         m = beta_1 * m + (1 - beta_1) * delta
@@ -214,18 +230,8 @@ def _next(state: ServerState, m: dict[str, np.ndarray], v: dict[str, np.ndarray]
     return ServerState(m=m, v=v, rounds=state.rounds + 1)
 
 
-def _check_unit(label: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise AggregationError(f"{label} must be in [0, 1); got {value}")
-
-
-def _check_positive(label: str, value: float) -> None:
-    if not (np.isfinite(value) and value > 0):
-        raise AggregationError(f"{label} must be > 0; got {value}")
-
-
-def _check_adaptive(eta: float, beta_1: float, beta_2: float, tau: float) -> None:
-    _check_positive("eta", eta)
-    _check_unit("beta_1", beta_1)
-    _check_unit("beta_2", beta_2)
-    _check_positive("tau", tau)
+def _check_ranges(**hyperparameters: float) -> None:
+    for key, value in hyperparameters.items():
+        decay = key in DECAYS
+        if not (np.isfinite(value) and (0.0 <= value < 1.0 if decay else value > 0)):
+            raise AggregationError(f"{key} = {value}: must be {'in [0, 1)' if decay else '> 0'}")

@@ -5,13 +5,14 @@
         [--seeds 0 1] [--preset digits] [--rounds 40] [--baseline-rounds 20] [--eval-every 2] [--subset N]
         [--num-images 500] [--sampler ddim] [--sampling-steps 50] [--tracking-uri sqlite:///mlflow.db]
 
-For every method and seed it trains in this process through the driver `memshard train` runs
-(`orchestrator.rounds.start_shard_driver`, on a local Ray instance; no MLflow needed for training)
-and, every `--eval-every` rounds, evaluates the global weights: the pipeline (`pipeline.build_pipeline`)
+For every method and seed it trains in this process with `memshard train`'s own `train()`
+(`orchestrator.train`, on a local Ray instance, its run nested under the bench's, its model logged but
+not registered) and, every `--eval-every` rounds, in train's after-round hook, evaluates the model the
+run delivers: the pipeline (`pipeline.build_pipeline`)
 makes `--num-images` seeded generations here, between rounds, while the shard actors wait
 (`pipeline.use_sampler` / `generate_batch`, the batches `SamplingPlan` seeds); `evaluation.evaluate`
 scans them against the training images (MQ@0.5: the fraction of generations with r < 0.5; the number
-of distinct training images copied, r < 0.5) and `evaluation.classifier_space.quality_report` measures
+of distinct training images copied, r < 0.5) and `evaluation.quality.quality_report` measures
 their quality in the training set's own CNN classifier (Fréchet, mean confidence, class coverage),
 beside the same figures for real held-out images.
 
@@ -61,7 +62,9 @@ i.e. ddpm 2 seeds x 20 rounds (~47 s each), three averaged methods 2 seeds x 40 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import functools
 import json
 import os
 import platform
@@ -69,8 +72,9 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -81,7 +85,7 @@ import numpy as np
 import torch
 
 from memshard.cli import quiet_terminal
-from memshard.config import METHODS, Config, build_config, flatten
+from memshard.config import METHODS, Config, build_config
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import ClassifierSpace
@@ -89,9 +93,9 @@ from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_c
 from memshard.evaluation.memorization import NEAR_COPY_QUANTILE
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import ray_session
-from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
-from memshard.orchestrator.tracking import connect_mlflow
-from memshard.orchestrator.train import initial_shards
+from memshard.orchestrator.settings import check
+from memshard.orchestrator.tracking import connect_mlflow, tracker
+from memshard.orchestrator.train import RoundEnd, RunHooks, train
 from memshard.pipeline import SAMPLERS
 from memshard.tuning.measure import (
     COPYING,
@@ -156,7 +160,7 @@ def parse_method(text: str) -> Method:
 def method_config(preset: str, method: Method, seed: int, rounds: int, common_sets: list[str]) -> Config:
     """The training config of one curve; checked as `memshard train` checks it, before any work."""
     cfg = build_config(preset, sets=[*common_sets, *method.sets, f"training.seed={seed}", f"iet.rounds={rounds}"])
-    server_optimizer_settings(cfg)
+    check(cfg)
     return cfg
 
 
@@ -177,38 +181,49 @@ def load_data(cfg: Config, subset: int | None) -> Data:
 
 
 def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[int], settings: EvaluateSettings,
-          space: ClassifierSpace, device: str, keep_generations: Path | None = None) -> Iterator[dict]:
-    """Train one method with one seed; after each round in `eval_rounds` yield a point. With
-    `training.ema` two: the EMA (the model the run delivers) and, as LABEL-raw, the raw averaged
-    weights of the same round -- the EMA's effect, paired, at no extra training."""
-    shards = initial_shards(cfg, data.train)
+          space: ClassifierSpace, device: str, record: Callable[[dict], None], parent_run_id: str,
+          tracking_uri: str, experiment: str, keep_generations: Path | None = None) -> None:
+    """Train one method with one seed (`train()`, its run nested under `parent_run_id`); after each round
+    in `eval_rounds`, inside that run, `record` a point. With `training.ema` two: the EMA (the model the
+    run delivers) and, as LABEL-raw, the raw averaged weights of the same round -- the EMA's effect,
+    paired, at no extra training."""
     total_steps = sequential_steps = 0
     train_seconds = 0.0
     started = time.perf_counter()
-    with start_shard_driver(cfg, data.train.images, shards) as (driver, _):
-        for round_index in range(1, cfg.iet.rounds + 1):
+
+    def after_round(end: RoundEnd) -> None:
+        nonlocal total_steps, sequential_steps, train_seconds
+        train_seconds += end.train_seconds
+        total_steps += end.optimizer_steps_total
+        sequential_steps += end.optimizer_steps_sequential
+        if end.round_index not in eval_rounds:
+            return
+        models = [(method.label, end.model_weights)]
+        if end.raw_weights is not None:
+            models.append((method.label + RAW_SUFFIX, end.raw_weights))
+        for label, weights in models:
             start = time.perf_counter()
-            report = driver.run_round(round_index, is_last=round_index == cfg.iet.rounds)
-            train_seconds += time.perf_counter() - start
-            total_steps += sum(r.steps for r in report.results)
-            sequential_steps += max(r.steps for r in report.results)
-            if round_index not in eval_rounds:
-                continue
-            models = [(method.label, driver.model_weights)]
-            if driver.ema_weights is not None:
-                models.append((method.label + RAW_SUFFIX, driver.weights))
-            for label, weights in models:
-                start = time.perf_counter()
-                measured = measure(cfg, weights, data, settings, space, device)
-                if keep_generations is not None:  # to measure them again later, in another way, without training
-                    keep_generations.mkdir(parents=True, exist_ok=True)
-                    np.savez_compressed(generations_file(keep_generations, label, seed, round_index),
-                                        images=measured.generated)
-                yield {"regime": data.regime, "method": label, "seed": seed, "round": round_index,
-                       "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
-                       "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
-                       "wall_seconds": time.perf_counter() - started, "loss": report.mean_loss, **measured.figures,
-                       "eval_phase_seconds": measured.seconds}
+            measured = measure(cfg, weights, data, settings, space, device)
+            if keep_generations is not None:  # to measure them again later, in another way, without training
+                keep_generations.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(generations_file(keep_generations, label, seed, end.round_index),
+                                    images=measured.generated)
+            record({"regime": data.regime, "method": label, "seed": seed, "round": end.round_index,
+                    "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
+                    "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
+                    "wall_seconds": time.perf_counter() - started, "loss": end.report.mean_loss, **measured.figures,
+                    "eval_phase_seconds": measured.seconds})
+
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.data.path = str(data.train.path)  # the --subset data, where it is one
+    run_cfg.mlflow.tracking_uri, run_cfg.mlflow.experiment = tracking_uri, experiment
+    run_cfg.mlflow.sample_grid_every = 0  # the bench measures its own generations
+    tags = {"method": method.label, "seed": str(seed), "regime": data.regime, "sets": json.dumps(method.sets),
+            "mlflow.runName": f"{method.label} seed {seed}"}
+    with tempfile.TemporaryDirectory(prefix="memshard-efficacy-") as checkpoints:  # the model is in MLflow after
+        run_cfg.mlflow.checkpoint_dir = checkpoints
+        train(run_cfg, show_progress=False,
+              hooks=RunHooks(parent_run_id=parent_run_id, tags=tags, register=False, after_round=after_round))
 
 
 # ---------------------------------------------------------------- the summary (the issue's target check)
@@ -619,31 +634,33 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     total_rounds = sum(cfg.iet.rounds for cfg in configs.values())
     rounds_done = 0
+
+    def record(point: dict, rounds: int) -> None:
+        results["points"].append(point)
+        prefix = "raw." if point["method"].endswith(RAW_SUFFIX) else ""  # the same run's raw weights
+        tracker.log_metrics({prefix + key: float(value) for key, value in point.items()  # train logs the loss
+                             if key in CSV_FIELDS and key != "loss" and isinstance(value, (int, float))},
+                            step=point["round"])
+        write_outputs(out, results, title_of(results))
+        elapsed = time.perf_counter() - started
+        done = rounds_done + point["round"]
+        print(f"[{point['method']} seed {point['seed']}] round {point['round']}/{rounds}: steps {point['optimizer_steps_total']:,} "
+              f"(sequential {point['optimizer_steps_sequential']:,}), r<0.5 "
+              f"{100 * point['generations_r_below_0.5']:.1f}%, copied {point['copied_training_images']}, "
+              f"Fréchet {point['frechet']:.3f} (real {point['real_frechet']:.3f}), conf "
+              f"{point['mean_confidence']:.2f}, coverage {point['coverage']:.2f}; {elapsed / 60:.1f} min, "
+              f"about {elapsed / done * (total_rounds - done) / 60:.0f} min left", file=sys.stderr, flush=True)
+
     with ray_session(None):  # RAY_ADDRESS, else a local instance
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"efficacy {args.preset} {data.regime}") as parent:
-            mlflow.log_params({"command": results["environment"]["command"][:6000], **{
+            tracker.log_params({"command": results["environment"]["command"][:6000], **{
                 key: json.dumps(value)[:6000] for key, value in results["settings"].items()}})
             for (label, seed), cfg in configs.items():
                 method = next(m for m in methods if m.label == label)
-                with mlflow.start_run(run_name=f"{label} seed {seed}", nested=True):
-                    mlflow.set_tags({"method": label, "seed": str(seed), "regime": data.regime})
-                    mlflow.log_params({**flatten(cfg), "label": label, "sets": json.dumps(method.sets)})
-                    when = evaluation_rounds(cfg.iet.rounds, args.eval_every, reference_round if method.base == "ddpm" else None)
-                    for point in curve(cfg, method, seed, data, when, settings, space, device,
-                                       out / "generations" if args.keep_generations else None):
-                        results["points"].append(point)
-                        prefix = "raw." if point["method"].endswith(RAW_SUFFIX) else ""  # the same run's raw weights
-                        mlflow.log_metrics({prefix + key: float(value) for key, value in point.items()
-                                            if key in CSV_FIELDS and isinstance(value, (int, float))}, step=point["round"])
-                        write_outputs(out, results, title_of(results))
-                        elapsed = time.perf_counter() - started
-                        done = rounds_done + point["round"]
-                        print(f"[{point['method']} seed {seed}] round {point['round']}/{cfg.iet.rounds}: steps {point['optimizer_steps_total']:,} "
-                              f"(sequential {point['optimizer_steps_sequential']:,}), r<0.5 "
-                              f"{100 * point['generations_r_below_0.5']:.1f}%, copied {point['copied_training_images']}, "
-                              f"Fréchet {point['frechet']:.3f} (real {point['real_frechet']:.3f}), conf "
-                              f"{point['mean_confidence']:.2f}, coverage {point['coverage']:.2f}; {elapsed / 60:.1f} min, "
-                              f"about {elapsed / done * (total_rounds - done) / 60:.0f} min left", file=sys.stderr, flush=True)
+                when = evaluation_rounds(cfg.iet.rounds, args.eval_every, reference_round if method.base == "ddpm" else None)
+                curve(cfg, method, seed, data, when, settings, space, device,
+                      functools.partial(record, rounds=cfg.iet.rounds), parent.info.run_id, args.tracking_uri,
+                      args.experiment, out / "generations" if args.keep_generations else None)
                 rounds_done += cfg.iet.rounds
             results["environment"]["load_average_at_end"] = os.getloadavg()
             results["environment"]["seconds"] = time.perf_counter() - started
@@ -651,11 +668,11 @@ def main(argv: list[str] | None = None) -> None:
             write_outputs(out, results, title_of(results))
             for method, entry in results["summary"].get("methods", {}).items():
                 for against in ("reduction_vs_final", "reduction_vs_early_stopped"):
-                    mlflow.log_metrics({metric_key(f"{against}/{method}/{key}"): value
-                                        for key, value in (entry.get(against) or {}).items() if value is not None})
+                    tracker.log_metrics({metric_key(f"{against}/{method}/{key}"): value
+                                         for key, value in (entry.get(against) or {}).items() if value is not None})
             for name in OUTPUTS:  # these files only: --out may also hold the tracking store
                 if (out / name).exists():
-                    mlflow.log_artifact(str(out / name))
+                    tracker.log_artifact(out / name)
             print(f"MLflow run {parent.info.run_id} in experiment {args.experiment} ({args.tracking_uri})")
     print(summary_markdown(results["summary"]))
     print(f"load average at end: {results['environment']['load_average_at_end']}; "

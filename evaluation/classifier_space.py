@@ -1,4 +1,4 @@
-"""Image quality in the features of the training set's own classifier, and which quality space to use.
+"""The feature space of the training set's own classifier.
 
 The standard quality measure on MNIST-like data is FID in the features of a classifier trained on
 that data. `ClassifierSpace` trains a small CNN on the labelled training images (on the CPU,
@@ -11,7 +11,7 @@ classifier of that one training set. Figures in it compare only with figures in 
 are NOT comparable to Inception FIDs or across datasets.
 
 The classifier is trained on 80% of the labelled images (stratified by class, seeded) and the other
-20% are held out. `quality_report` gives, in this space:
+20% are held out. `evaluation.quality.quality_report` gives, in this space:
 - Fréchet distance of the generations to the whole training set (penultimate features),
 - mean confidence: the mean over generations of the classifier's largest softmax probability,
 - class coverage: the classes predicted at least once / the classes in the training labels, and the
@@ -20,10 +20,6 @@ The classifier is trained on 80% of the labelled images (stratified by class, se
 and, to give every figure its scale, the same figures for real images the classifier has not seen:
 the held-out images, whose Fréchet is taken against the rest of the training set (disjoint, like
 generations). Generations scoring near that real reference are as good as real images by this measure.
-
-`default_quality_space(dataset)` chooses: Inception-v3 where torch-fidelity imports and its weights
-are already on disk (nothing is downloaded); else this classifier when the dataset has labels; else
-none, with a one-line reason. A missing optional dependency is a reason, never an error.
 """
 
 from __future__ import annotations
@@ -33,9 +29,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,15 +38,7 @@ from torch import nn
 
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
-from memshard.evaluation.fid import (
-    INCEPTION,
-    FeatureSpace,
-    InceptionV3,
-    _batches,
-    frechet_distance,
-    gaussian_stats,
-    inception_weights_path,
-)
+from memshard.evaluation.fid import _batches
 from memshard.model import resolve_device
 
 ARCHITECTURE = "cnn1"  # bump when the network, its training recipe or the split change
@@ -248,147 +234,3 @@ class ClassifierSpace:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.features_and_probabilities(images)[1]
-
-
-# ---------------------------------------------------------------- the quality report
-
-
-@dataclass(frozen=True)
-class QualityFigures:
-    """One image set's quality in one space. Confidence and coverage need a classifier space (else None)."""
-
-    images: int
-    frechet: float  # against the training images (the real reference: against the rest of them)
-    mean_confidence: float | None = None  # mean of the largest softmax probability
-    classes_predicted: int | None = None  # training-label classes predicted at least once
-    coverage: float | None = None  # classes_predicted / classes in the training labels
-    tv_distance: float | None = None  # ½ Σ |predicted-class share − training-label share|
-
-
-@dataclass(frozen=True)
-class QualityReport:
-    """Quality of generations and the same figures for real images the feature space has not seen."""
-
-    space: str
-    generated: QualityFigures
-    real: QualityFigures
-    real_reference: str  # what `real` was measured on, in words
-    classes: int | None = None  # classes in the training labels
-    classifier_held_out_accuracy: float | None = None
-
-    @property
-    def frechet_ratio(self) -> float:
-        """Generated Fréchet / real-reference Fréchet: ≈ 1 is as good as real images here."""
-        return self.generated.frechet / self.real.frechet if self.real.frechet > 0 else float("inf")
-
-    def metrics(self, prefix: str = "quality") -> dict[str, float]:
-        """Flat numeric figures for MLflow: `quality.frechet`, `quality.real.frechet`, ... (None left out)."""
-        out: dict[str, float] = {}
-        for label, figures in (("", self.generated), ("real.", self.real)):
-            out.update({f"{prefix}.{label}{key}": float(value) for key, value in asdict(figures).items()
-                        if value is not None})
-        if self.classifier_held_out_accuracy is not None:
-            out[f"{prefix}.classifier_held_out_accuracy"] = self.classifier_held_out_accuracy
-        return out
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "frechet_ratio": self.frechet_ratio}
-
-
-def quality_report(generated: np.ndarray, dataset: ImageDataset, space: FeatureSpace,
-                   seed: int = 0, rows: np.ndarray | None = None) -> QualityReport:
-    """Quality of (M, C, H, W) uint8 `generated` images against `dataset` in `space`, with its real reference.
-
-    In a ClassifierSpace the real reference is the held-out images (which the classifier never saw)
-    against the rest of the training set. In another space (Inception, pixels) it is min(M, N/2)
-    training images drawn with `seed` against the rest.
-
-    `rows` (None: all) restricts every reference to those training rows: the Fréchet reference, the
-    label histogram, the classes counted by coverage and the real reference's images. An unlearning
-    audit passes the kept rows X \\ A, the distribution the model should still produce.
-    """
-    restricted = rows is not None
-    rows = np.arange(len(dataset)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-    classifier = isinstance(space, ClassifierSpace)
-    if classifier:
-        if space.fingerprint != dataset.fingerprint:
-            raise MemshardError(f"{space.name} is the classifier of another dataset: build it from this one "
-                                f"({space_name(dataset.fingerprint, space.seed)})")
-        real_rows = np.intersect1d(space.held_out_rows, rows)
-        train_features, train_probabilities = space.features_and_probabilities(dataset.images)
-        generated_features, generated_probabilities = space.features_and_probabilities(generated)
-    else:
-        rng = np.random.Generator(np.random.PCG64(seed))
-        real_rows = np.sort(rows[rng.choice(len(rows), min(len(generated), len(rows) // 2), replace=False)])
-        train_features, generated_features = space.features(dataset.images), space.features(generated)
-        train_probabilities = generated_probabilities = None
-    rest = np.setdiff1d(rows, real_rows)
-    labels = dataset.labels[rows]
-    generated_figures = _figures(generated_features, gaussian_stats(train_features[rows]), generated_probabilities,
-                                 labels)
-    real_figures = _figures(train_features[real_rows], gaussian_stats(train_features[rest]),
-                            None if train_probabilities is None else train_probabilities[real_rows], labels)
-    which = f"the {len(real_rows)} held-out labelled images" if classifier else f"{len(real_rows)} training images (seed {seed})"
-    others = "reference images" if restricted else "training images"
-    return QualityReport(space=space.name, generated=generated_figures, real=real_figures,
-                         real_reference=f"{which} vs the other {len(rest)} {others}",
-                         classes=len(np.unique(labels[labels >= 0])) if classifier else None,
-                         classifier_held_out_accuracy=space.held_out_accuracy if classifier else None)
-
-
-def _figures(features: np.ndarray, reference_stats: tuple[np.ndarray, np.ndarray],
-             probabilities: np.ndarray | None, labels: np.ndarray) -> QualityFigures:
-    """Fréchet to the reference; with probabilities, confidence and coverage of the classes in `labels`."""
-    frechet = frechet_distance(*gaussian_stats(features), *reference_stats)
-    if probabilities is None:
-        return QualityFigures(images=len(features), frechet=frechet)
-    labels = labels[labels >= 0]
-    classes = np.unique(labels)
-    predicted = np.bincount(probabilities.argmax(1), minlength=probabilities.shape[1])
-    label_counts = np.bincount(labels, minlength=probabilities.shape[1])
-    covered = int((predicted[classes] > 0).sum())
-    tv = 0.5 * float(np.abs(predicted / predicted.sum() - label_counts / label_counts.sum()).sum())
-    return QualityFigures(images=len(features), frechet=frechet,
-                          mean_confidence=float(probabilities.max(1).mean()), classes_predicted=covered,
-                          coverage=covered / len(classes), tv_distance=tv)
-
-
-# ---------------------------------------------------------------- choosing the space
-
-
-class QualitySpaceChoice(NamedTuple):
-    space: FeatureSpace | None
-    reason: str  # one line: why this space, or why none
-
-
-def default_quality_space(dataset: ImageDataset, device: str | torch.device | None = None,
-                          inception_weights: str | Path | None = None,
-                          cache_dir: str | Path | None = None) -> QualitySpaceChoice:
-    """Inception-v3 where torch-fidelity imports and its weights are on disk; else the training set's
-    classifier when the dataset has labels; else no space. Never raises for a missing optional dependency."""
-    inception_missing = _inception_missing(inception_weights)
-    if inception_missing is None:
-        try:
-            return QualitySpaceChoice(InceptionV3(resolve_device(device), inception_weights),
-                                      f"{INCEPTION}: torch-fidelity and its weights are installed")
-        except MemshardError as error:
-            inception_missing = str(error)
-    classifier_missing = classifier_unavailable(dataset)
-    if classifier_missing is None:
-        space = ClassifierSpace(dataset, cache_dir=cache_dir)
-        return QualitySpaceChoice(space, f"{space.name}: {inception_missing}, and the dataset has labels")
-    return QualitySpaceChoice(None, f"no quality measure: {inception_missing}, and {classifier_missing}")
-
-
-def _inception_missing(weights: str | Path | None) -> str | None:
-    """Why Inception can't be used offline (one line), or None when it can."""
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-    except ImportError:
-        return f"{INCEPTION} needs torch-fidelity, which is not installed"
-    except Exception as error:  # e.g. a torchvision built for another torch
-        return f"torch-fidelity does not import ({type(error).__name__})"
-    path = Path(weights) if weights else inception_weights_path(URL_INCEPTION_V3)
-    if not path.is_file():
-        return f"the {INCEPTION} weights are not at {path}"
-    return None

@@ -1,7 +1,7 @@
 """How often a model copies its training images, and how good its images are: a sampling plan ->
 M seeded generations (made by the caller) -> the k nearest training images of each
 (`nearest_neighbors`) -> memorization metrics (`memorization`) -> quality in a named feature space,
-beside the same figures for real images (`classifier_space.quality_report`).
+beside the same figures for real images (`quality.quality_report`).
 
 A library over an ImageDataset and a `generate(plan)` callable: no MLflow, no Ray, no registry. The
 command (`memshard.commands.evaluate`) finds the model and its data, makes the generations on Ray
@@ -29,13 +29,6 @@ from diffusers import DDPMPipeline
 
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
-from memshard.evaluation.classifier_space import (
-    QualityReport,
-    QualitySpaceChoice,
-    default_quality_space,
-    quality_report,
-)
-from memshard.evaluation.fid import feature_space
 from memshard.evaluation.memorization import (
     DEFAULT_R_COPY_THRESHOLD,
     NEAR_COPY_QUANTILE,
@@ -48,6 +41,13 @@ from memshard.evaluation.memorization import (
     near_copies_per_sample,
 )
 from memshard.evaluation.nearest_neighbors import nearest_neighbors
+from memshard.evaluation.quality import (
+    QualityReport,
+    QualitySpaceChoice,
+    default_quality_space,
+    feature_space,
+    quality_report,
+)
 from memshard.pipeline import DEFAULT_SAMPLING_STEPS, SAMPLERS, SamplingPlan, image_shape
 
 COPIES_TABLE = "copies_per_sample.parquet"  # the artifact `unlearn --forget evaluation:RUN_ID` reads

@@ -6,7 +6,7 @@ equilibrium", 2017) is the Fréchet distance between two Gaussians fitted to ima
 tr (Σ₁ Σ₂)^½ is computed as Σ √λ of the symmetric PSD matrix Σ₁^½ Σ₂ Σ₁^½ (same eigenvalues as
 Σ₁ Σ₂), in float64 with eigh: no complex round-off to discard, unlike a general matrix square root.
 
-Feature spaces, chosen by name; the name stands beside every FID number, because FIDs from
+Feature spaces, chosen by name (`evaluation.quality.feature_space`); the name stands beside every FID number, because FIDs from
 different spaces are not comparable:
 - `inception-v3`: the 2048-d pool features of the TensorFlow FID Inception network, through
   torch-fidelity (`pip install 'memshard[fid]'`); weights cached on first use. Comparable to
@@ -26,17 +26,13 @@ from __future__ import annotations
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from memshard.errors import MemshardError
-from memshard.model import resolve_device
-
-if TYPE_CHECKING:
-    from memshard.data import ImageDataset
 
 INCEPTION = "inception-v3"
 PIXEL_PROJECTION = "pixels-random-projection-64"
@@ -155,29 +151,6 @@ def _download(url: str, path: Path) -> None:
             f"run once on a machine with internet, or copy {path.name} there or pass --inception-weights FILE, "
             f"{OFFLINE_HINT}"
         ) from None
-
-
-def feature_space(name: str, device: str | torch.device | None = None,
-                  inception_weights: str | Path | None = None, dataset: ImageDataset | None = None,
-                  classifier_cache: str | Path | None = None) -> FeatureSpace:
-    """The feature extractor called `name` (one of FEATURE_SPACES), ready to use.
-
-    `classifier` (or a full `trainset-classifier-...` name, which must be `dataset`'s) needs the
-    labelled training `dataset`; its classifier is cached under `classifier_cache`."""
-    if name == PIXEL_PROJECTION:
-        return PixelProjection()
-    if name == INCEPTION:
-        return InceptionV3(resolve_device(device), inception_weights)
-    from memshard.evaluation.classifier_space import NAME_PREFIX, ClassifierSpace, space_name
-
-    if name == CLASSIFIER or name.startswith(NAME_PREFIX):
-        if dataset is None:
-            raise MemshardError(f"feature space {name} is the training set's own classifier: it needs the training data")
-        if name != CLASSIFIER and name != space_name(dataset.fingerprint):
-            raise MemshardError(f"feature space {name} is the classifier of another dataset; this dataset's is "
-                                f"{space_name(dataset.fingerprint)} (or pass {CLASSIFIER})")
-        return ClassifierSpace(dataset, cache_dir=classifier_cache, device=resolve_device(device))
-    raise MemshardError(f"unknown feature space {name!r}: choose one of {', '.join(FEATURE_SPACES)}")
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "inception-v3, classifier, pixels-random-projection-64, or none")
     evaluate.add_argument("--inception-weights", metavar="FILE", help="a local copy of the FID Inception weights")
     evaluate.add_argument("--r-copy-threshold", type=float, default=DEFAULT_R_COPY_THRESHOLD,
-                          help="a generation is an r-copy of its nearest training image when r < this (default 0.5)")
+                          help=f"a generation is an r-copy of its nearest training image when r < this (default {DEFAULT_R_COPY_THRESHOLD})")
     evaluate.add_argument("--device", default="auto",
                           help="where generation runs: auto (the cluster's GPUs when it has them), cpu or cuda")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")

@@ -1,7 +1,9 @@
 """Configuration: one tree of plain dataclasses, presets, YAML/TOML files and `section.key=value`.
 
 Precedence, lowest first: dataclass defaults < preset < config file < explicit CLI flags < --set.
-Everything is validated once, in `validate`, so the rest of the code can trust the values.
+Every value is validated once, in `validate`; the settings that name what lower layers define (msr.rule,
+the server optimizer and its hyperparameters) are checked with it by `orchestrator.settings.check`,
+which every entry point that trains calls. The rest of the code can trust the values.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class AGCConfig:
 @dataclass
 class MSRConfig:
     fraction: float = 0.25  # published prototype
-    rule: str = "ring"  # a destination rule registered in orchestrator.sharding, checked when training starts
+    rule: str = "ring"  # a destination rule registered in orchestrator.sharding, checked by orchestrator.settings.check
     schedule: str = "alternate"  # published prototype alternates exchange and averaging rounds
 
 
@@ -93,7 +95,7 @@ class MSRConfig:
 class AggregationConfig:
     """The server step after FedAvg (method.md §8). None: the optimizer's own default (`aggregation.server_optimizers`)."""
 
-    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi: checked when training starts
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi: checked by orchestrator.settings.check
     server_learning_rate: float | None = None  # fedavgm's η_s (default 1.0)
     server_momentum: float | None = None  # fedavgm's β (default 0.9)
     eta: float | None = None  # fedadam's / fedyogi's η (default 0.1 / 0.01)
@@ -482,11 +484,6 @@ def validate(cfg: Config) -> None:
     for name in ("max_translate", "max_brightness", "max_contrast"):
         value = getattr(cfg.taa, name)
         require(0.0 <= value <= 1.0, f"taa.{name} = {value}: must be in [0, 1]")
-    for name, value in vars(cfg.aggregation).items():  # the name is checked when training starts (train.py)
-        if name != "server_optimizer" and value is not None:
-            decay = name in ("server_momentum", "beta_1", "beta_2")  # in [0, 1); rates and τ > 0
-            require(0.0 <= value < 1.0 if decay else value > 0,
-                    f"aggregation.{name} = {value}: must be {'in [0, 1)' if decay else '> 0'}")
     require(cfg.ray.cpus_per_actor == "auto" or _is_positive_number(cfg.ray.cpus_per_actor),
             f"ray.cpus_per_actor = {cfg.ray.cpus_per_actor!r}: use auto or a number > 0")
     require(all(k.strip() and k not in ("CPU", "GPU", "memory", "object_store_memory") for k in cfg.ray.actor_resources),

@@ -99,6 +99,7 @@ def image_shape(pipeline: DDPMPipeline) -> tuple[int, int, int]:
 # Samplers by name, and their default number of steps (None: the training timesteps, the published protocol).
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 DEFAULT_SAMPLING_STEPS = {"ddpm": None, "ddim": 100, "dpm-solver++": 20}
+DEFAULT_BATCH_SIZE = 256  # generations per batch where the caller has no reason to choose (the pyfunc, the audit)
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,20 @@ class SamplingPlan:
 
     Batch b holds images [b·B, (b+1)·B) and is seeded from the b-th state of SeedSequence(seed), so
     an image depends on the model, the plan and the device kind only: not on how many processes
-    made the batches, nor in which order."""
+    made the batches, nor in which order. It is memshard's one seeded-sampling scheme: evaluation,
+    tuning, the training sample grids, the registered model's predict and the unlearning checks and
+    audit all sample through it."""
 
     num_images: int
     sampler: str
     steps: int
     batch_size: int
     seed: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_images, self.steps, self.batch_size) < 1 or self.seed < 0:
+            raise MemshardError(f"num_images={self.num_images}, steps={self.steps}, batch_size={self.batch_size}, "
+                                f"seed={self.seed}: give at least 1 image, 1 step and a batch of 1, and a seed >= 0")
 
     def batches(self) -> list[tuple[int, int]]:
         """(image count, torch seed) of each batch, in image order."""
@@ -126,7 +134,14 @@ class SamplingPlan:
 def generate_batch(pipeline: DDPMPipeline, plan: SamplingPlan, count: int, seed: int) -> np.ndarray:
     """One batch of `plan` (see `SamplingPlan.batches`) as (count, C, H, W) uint8; the caller has
     given the pipeline the plan's sampler (`use_sampler`)."""
-    images = generate_images(pipeline, count, seed=seed, num_inference_steps=plan.steps, batch_size=count)
+    device = pipeline.device
+    # bf16 halves the cost of a 1000-step sampling run on GPUs; CPU autocast is slow, so skip it.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    pipeline.set_progress_bar_config(disable=True)  # 1000-step bars would flood Ray/MLflow logs
+    with autocast:
+        out = pipeline(batch_size=count, generator=torch.Generator(device=device).manual_seed(seed),
+                       num_inference_steps=plan.steps, output_type="np")
+    images = np.clip(np.round(out.images.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)  # from [0, 1], NHWC
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
@@ -153,36 +168,6 @@ def use_sampler(pipeline: DDPMPipeline, sampler: str) -> DDPMPipeline:
         raise MemshardError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     pipeline.scheduler = scheduler
     return pipeline
-
-
-def generate_images(
-    pipeline: DDPMPipeline,
-    num_images: int,
-    seed: int,
-    num_inference_steps: int = 1000,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """`num_images` samples as N x H x W x C uint8; the same seed (and batch size) gives the same images."""
-    if num_images < 1 or num_inference_steps < 1 or batch_size < 1:
-        raise MemshardError(
-            f"num_images={num_images}, num_inference_steps={num_inference_steps}, batch_size={batch_size}: "
-            "each must be at least 1"
-        )
-    device = pipeline.device
-    # One generator drawn from across all batches: batch k's noise depends only on the seed.
-    generator = torch.Generator(device=device).manual_seed(seed)
-    # bf16 halves the cost of a 1000-step sampling run on GPUs; CPU autocast is slow, so skip it.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    pipeline.set_progress_bar_config(disable=True)  # 1000-step bars would flood Ray/MLflow logs
-    batches = []
-    with autocast:
-        for start in range(0, num_images, batch_size):
-            count = min(batch_size, num_images - start)
-            out = pipeline(batch_size=count, generator=generator,
-                           num_inference_steps=num_inference_steps, output_type="np")
-            batches.append(out.images)  # float in [0, 1], N x H x W x C
-    images = np.concatenate(batches).astype(np.float32)
-    return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:

@@ -22,7 +22,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from memshard.errors import MemshardError
-from memshard.pipeline import generate_images, load_pipeline
+from memshard.pipeline import DEFAULT_BATCH_SIZE, SamplingPlan, generate_plan, load_pipeline
 
 # The request columns; MLflow turns a dict input into a one-row DataFrame with these columns.
 PREDICT_SIGNATURE = ModelSignature(
@@ -77,12 +77,14 @@ class DDPMPipelineModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         # Default to the training timesteps: the published DDPM sampling protocol.
         default_steps = int(self.pipeline.scheduler.config.num_train_timesteps)
-        return generate_images(
-            self.pipeline,
+        plan = SamplingPlan(
             num_images=_request_value(model_input, "num_images", None),
+            sampler="ddpm",
+            steps=_request_value(model_input, "num_inference_steps", default_steps),
+            batch_size=DEFAULT_BATCH_SIZE,
             seed=_request_value(model_input, "seed", None),
-            num_inference_steps=_request_value(model_input, "num_inference_steps", default_steps),
         )
+        return generate_plan(self.pipeline, plan).transpose(0, 2, 3, 1)  # (N, H, W, C), as documented
 
 
 def _pip_requirements() -> list[str]:

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from memshard.aggregation import SERVER_OPTIMIZERS, ServerState, server_update, weighted_average
+from memshard.aggregation import ServerState, server_update, weighted_average
 from memshard.config import Config
-from memshard.errors import MemshardError, shown
+from memshard.errors import MemshardError
 from memshard.orchestrator.actor_pool import ActorPool, CallError, Lost
 from memshard.orchestrator.cluster import ActorResources, place_actors, release
+from memshard.orchestrator.settings import server_hyperparameters
 from memshard.orchestrator.sharding import (
     Moves,
     apply_moves,
@@ -81,7 +82,7 @@ class IETDriver:
         # With training.ema: the averaged EMA, which starts at the initial weights (as each proxy's does).
         self.ema_weights = dict(weights) if cfg.training.ema else None
         self.destination_rule = destination_rule(cfg.msr.rule)
-        self.server_hyperparameters = server_optimizer_settings(cfg)
+        self.server_hyperparameters = server_hyperparameters(cfg)
         self.server_state = ServerState()  # the server optimizer's moments: checkpointed with the driver
         self.skips_since_move = np.zeros(num_samples, dtype=np.int64)  # MSR's memorization score
         self.skips_total = np.zeros(num_samples, dtype=np.int64)  # over the whole run, for the report
@@ -233,24 +234,6 @@ class IETDriver:
     def placement(self) -> list[dict]:
         """Where each proxy runs: shard, node and device."""
         return ray.get([actor.describe.remote() for actor in self.actors])
-
-
-def server_optimizer_settings(cfg: Config) -> dict[str, float]:
-    """The hyperparameters `aggregation.server_optimizer` runs with: the ones set in `aggregation`, the
-    optimizer's own defaults (Flower's) for the rest. An unknown name, or a setting the chosen optimizer
-    does not take, is a one-line error; train() calls this before any work (the registry lives in aggregation)."""
-    name = cfg.aggregation.server_optimizer
-    if name not in SERVER_OPTIMIZERS:
-        raise MemshardError(f"aggregation.server_optimizer = {shown(name)} is not a server optimizer: "
-                            f"choose one of {', '.join(SERVER_OPTIMIZERS)}")
-    defaults = {key: value for key, value in (SERVER_OPTIMIZERS[name].__kwdefaults__ or {}).items() if key != "buffers"}
-    chosen = {key: value for key, value in vars(cfg.aggregation).items()
-              if key != "server_optimizer" and value is not None}
-    foreign = sorted(set(chosen) - set(defaults))
-    if foreign:
-        raise MemshardError(f"aggregation.{foreign[0]} is not a setting of the server optimizer {name} "
-                            f"(it takes {', '.join(defaults) or 'none'}): drop it, or choose the optimizer that uses it")
-    return {**defaults, **chosen}
 
 
 @contextmanager

@@ -1,10 +1,11 @@
-"""MLflow plumbing for the driver: where the store is, whether it answers, and table artifacts."""
+"""MLflow plumbing: where the store is, whether it answers, and the tracker every logging call goes through."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -13,10 +14,13 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
+import requests
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from memshard.config import REDACTED, redact_uri
 from memshard.errors import MemshardError
+from memshard.orchestrator.pipeline_model import log_pipeline_model
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 log = logging.getLogger("memshard.tracking")
@@ -121,29 +125,112 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {redact_uri(tracking_uri)}"
 
 
-def log_table(table: pa.Table, artifact_file: str) -> None:
-    """Log a pyarrow table as a Parquet artifact of the active run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(artifact_file).name
-        pq.write_table(table, path)
-        artifact_dir = str(Path(artifact_file).parent)
-        mlflow.log_artifact(str(path), artifact_path=None if artifact_dir == "." else artifact_dir)
+# MLflow error codes of a store that is briefly away: a SQL store's OperationalError (a locked sqlite
+# file among them; MLflow's managed session maps every OperationalError to TEMPORARILY_UNAVAILABLE),
+# an HTTP 503 or 429, a timed-out request.
+TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
+# A sqlite OperationalError is transient only when another writer holds the file; "no such table" or
+# "unable to open database file" will not pass by themselves.
+SQLITE_BUSY = ("database is locked", "database table is locked")
 
 
-def with_retries(action, *args, attempts: int = 5, first_delay_s: float = 0.5, **kwargs):
-    """Call an MLflow action, retrying transient failures with exponential backoff.
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed MLflow call may succeed when tried again: the one retry rule of the tracker.
 
-    After the last attempt the error propagates: the caller decides what is lost (nothing — the
-    model and checkpoints are written locally before they are logged).
+    MLflow 3 raises a store that is briefly away as an MlflowException with a TRANSIENT_ERROR_CODES
+    code (chained from SQLAlchemy's and sqlite3's OperationalError for a SQL store), or, over HTTP once
+    its own retries are spent, as an MlflowException chained from requests' ConnectionError, Timeout or
+    RetryError (the 5xx answers); artifact uploads raise requests' HTTPError with the 5xx response.
+    Everything else (a bad argument, a missing run, a refused name, a MemshardError) is not.
     """
-    delay = first_delay_s
-    for attempt in range(1, attempts + 1):
-        try:
-            return action(*args, **kwargs)
-        except Exception as error:  # network errors, 5xx, a locked sqlite file
-            if attempt == attempts or isinstance(error, MemshardError):
-                raise
-            log.warning("MLflow call %s failed (%s); retry %d/%d in %.1f s", getattr(action, "__name__", action),
-                        scrub(str(error), mlflow.get_tracking_uri()), attempt, attempts - 1, delay)
-            time.sleep(delay)
-            delay *= 2
+    chain, link = [], error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    if any(isinstance(link, MemshardError) for link in chain):
+        return False
+    sqlite_errors = [link for link in chain if isinstance(link, sqlite3.OperationalError)]
+    if sqlite_errors:
+        return any(busy in str(link) for link in sqlite_errors for busy in SQLITE_BUSY)
+    for link in chain:
+        if isinstance(link, MlflowException) and link.error_code in TRANSIENT_ERROR_CODES:
+            return True
+        if isinstance(link, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
+                             ConnectionError, TimeoutError)):
+            return True
+        if isinstance(link, requests.HTTPError) and link.response is not None and link.response.status_code >= 500:
+            return True
+    return False
+
+
+class Tracker:
+    """The MLflow calls memshard makes into the active run, each tried again while `is_transient` says
+    the store is briefly away (exponential backoff); any other failure surfaces at once.
+
+    After the last attempt the error propagates: the caller decides what is lost (nothing -- the model
+    and checkpoints are written locally before they are logged).
+    """
+
+    def __init__(self, attempts: int = 5, first_delay_s: float = 0.5):
+        self.attempts = attempts
+        self.first_delay_s = first_delay_s
+
+    def call(self, action, *args, **kwargs):
+        """`action(*args, **kwargs)` under the retry rule; for a call the methods below do not cover."""
+        delay = self.first_delay_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return action(*args, **kwargs)
+            except Exception as error:
+                if attempt == self.attempts or not is_transient(error):
+                    raise
+                log.warning("MLflow call %s failed (%s); retry %d/%d in %.1f s", getattr(action, "__name__", action),
+                            scrub(str(error).splitlines()[0] if str(error) else type(error).__name__,
+                                  mlflow.get_tracking_uri()), attempt, self.attempts - 1, delay)
+                time.sleep(delay)
+                delay *= 2
+
+    def log_params(self, params: dict) -> None:
+        self.call(mlflow.log_params, params)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.call(mlflow.log_metrics, metrics, step=step)
+
+    def set_tags(self, tags: dict) -> None:
+        self.call(mlflow.set_tags, tags)
+
+    def log_dict(self, dictionary: dict, artifact_file: str) -> None:
+        self.call(mlflow.log_dict, dictionary, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.call(mlflow.log_text, text, artifact_file)
+
+    def log_image(self, image, artifact_file: str | None = None, key: str | None = None,
+                  step: int | None = None) -> None:
+        self.call(mlflow.log_image, image, artifact_file=artifact_file, key=key, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.call(mlflow.log_artifact, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path) -> None:
+        self.call(mlflow.log_artifacts, str(folder))
+
+    def log_table(self, table: pa.Table, artifact_file: str) -> None:
+        """A pyarrow table as a Parquet artifact."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            pq.write_table(table, path)
+            artifact_dir = str(Path(artifact_file).parent)
+            self.log_artifact(path, None if artifact_dir == "." else artifact_dir)
+
+    def log_model(self, pipeline_dir: str | Path, registered_name: str | None, artifact_name: str = "model"):
+        """The saved pipeline as the run's pyfunc model, registered as `registered_name` unless None."""
+        return self.call(log_pipeline_model, pipeline_dir, registered_name, artifact_name=artifact_name)
+
+    def tag_model_version(self, name: str, version: str, tags: dict) -> None:
+        client = MlflowClient()
+        for key, value in tags.items():
+            self.call(client.set_model_version_tag, name, version, key, value)
+
+
+tracker = Tracker()  # what memshard logs with; tests build their own with other attempts and delays

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -20,23 +21,16 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict, validate
+from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
 from memshard.orchestrator.cluster import ray_session
-from memshard.orchestrator.pipeline_model import log_pipeline_model
-from memshard.orchestrator.rounds import IETDriver, RoundReport, server_optimizer_settings, start_shard_driver
-from memshard.orchestrator.sharding import destination_rule, split_into_shards
-from memshard.orchestrator.tracking import (
-    connect_mlflow,
-    log_table,
-    redact_uri,
-    require_run,
-    resolve_tracking_uri,
-    with_retries,
-)
-from memshard.pipeline import build_pipeline, generate_images, image_grid, save_pipeline
+from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
+from memshard.orchestrator.settings import check, server_hyperparameters
+from memshard.orchestrator.sharding import split_into_shards
+from memshard.orchestrator.tracking import connect_mlflow, redact_uri, require_run, resolve_tracking_uri, tracker
+from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, image_grid, save_pipeline
 from memshard.shard_worker.faults import FaultPlan
 
 
@@ -51,14 +45,38 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class RunHooks:
-    """What a caller that trains many runs (the sweep, `memshard.tuning`) needs of one: the run nested
-    under its own, tagged, its model logged but not registered, and the global weights after each round."""
+class RoundEnd:
+    """What RunHooks.after_round receives after each round, inside the run."""
 
-    parent_run_id: str | None = None
+    report: RoundReport  # the round's losses, steps and phase timings, per shard
+    model_weights: dict  # the model the run delivers: the EMA with training.ema, else the averaged weights
+    raw_weights: dict | None  # with training.ema, the averaged weights under the EMA; else None
+    train_seconds: float  # the wall time of driver.run_round: broadcast, training, aggregation, exchange
+
+    @property
+    def round_index(self) -> int:
+        return self.report.round_index
+
+    @property
+    def optimizer_steps_total(self) -> int:
+        """The round's optimizer steps, all shards together: its compute."""
+        return sum(r.steps for r in self.report.results)
+
+    @property
+    def optimizer_steps_sequential(self) -> int:
+        """The round's longest shard's steps: how far one model was updated in it."""
+        return max(r.steps for r in self.report.results)
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller that trains many runs (the sweep, the efficacy bench) needs of one: the run nested
+    under its own, tagged, its model logged but not registered, and each round's end as it happens."""
+
+    parent_run_id: str | None = None  # the caller's run; it may be the active one
     tags: dict[str, str] = field(default_factory=dict)
     register: bool = True
-    after_round: Callable[[int, dict], None] | None = None  # (round, the model's weights), inside the run
+    after_round: Callable[[RoundEnd], None] | None = None  # inside the run, while the shard actors wait
 
 
 def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = None,
@@ -67,8 +85,7 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
 
     For a resume, `cfg` must be the run's saved configuration (see `resume_config`).
     """
-    destination_rule(cfg.msr.rule)  # the settings config.validate cannot check: the rules live here,
-    server_optimizer_settings(cfg)  # the server optimizers in aggregation
+    check(cfg)
     faults = FaultPlan.from_environment()  # test-only; None in a real run
     check_checkpoint_root(cfg.mlflow.checkpoint_dir)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -88,7 +105,8 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
     with ray_session(cfg.ray.address):
         _check_cluster_has_gpu(cfg)
         run_args = {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id}
-        with mlflow.start_run(**run_args, parent_run_id=hooks.parent_run_id, tags=hooks.tags or None) as run:
+        with mlflow.start_run(**run_args, parent_run_id=hooks.parent_run_id, nested=hooks.parent_run_id is not None,
+                              tags=hooks.tags or None) as run:
             return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults,
                                  hooks)
 
@@ -139,7 +157,7 @@ def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
                 f"run {run_id} was trained with {key} = {current!r}; --resume keeps the saved configuration: "
                 f"drop the setting (you gave {value!r})"
             )
-    validate(saved)
+    check(saved)
     return saved
 
 
@@ -161,15 +179,14 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                   "dataset.count": len(dataset), "shards": num_shards, "method": cfg.iet.method}
         params["mlflow.tracking_uri"] = redact_uri(tracking_uri)
         # What the server optimizer ran with, its defaults included (the config keeps None for a default).
-        params.update({f"aggregation.{key}": value for key, value in server_optimizer_settings(cfg).items()})
-        with_retries(mlflow.log_params, params)
-        with_retries(mlflow.log_dict, to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
-    with_retries(mlflow.set_tags, {"memshard.version": version("memshard"),
-                                   "ray.address": ray.get_runtime_context().gcs_address})
+        params.update({f"aggregation.{key}": value for key, value in server_hyperparameters(cfg).items()})
+        tracker.log_params(params)
+        tracker.log_dict(to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
+    tracker.set_tags({"memshard.version": version("memshard"), "ray.address": ray.get_runtime_context().gcs_address})
 
     with start_shard_driver(cfg, dataset.images, shards, faults) as (driver, resources):
         placement = driver.placement()
-        with_retries(mlflow.set_tags, {
+        tracker.set_tags({
             "devices": ",".join(sorted({p["device"] for p in placement})),
             "nodes": len({p["node_id"] for p in placement}),
             "actor.resources": str(resources.bundle()),
@@ -187,7 +204,9 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                       total=cfg.iet.rounds, disable=not show_progress, file=sys.stderr)
         for round_index in rounds:
             restarts_before = driver.restarts
+            started = time.perf_counter()
             report = driver.run_round(round_index, is_last=round_index == cfg.iet.rounds)
+            train_seconds = time.perf_counter() - started
             owners.append(_owners(driver.shards, len(dataset)))
             _log_round(report, num_shards)
             if driver.restarts > restarts_before:
@@ -204,16 +223,17 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
             if faults is not None:
                 faults.after_checkpoint(round_index)
             if hooks.after_round is not None:
-                hooks.after_round(round_index, driver.model_weights)
+                hooks.after_round(RoundEnd(report, driver.model_weights,
+                                           None if driver.ema_weights is None else driver.weights, train_seconds))
         rounds.close()
 
         # The final model is written locally first, then logged and registered.
         pipeline = build_pipeline(cfg, dataset.channels, driver.model_weights)
         local_pipeline = save_pipeline(pipeline, checkpoint_dir(cfg, run_id) / "pipeline")
-        with_retries(log_table, _assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
-        with_retries(log_table, _memorization_scores(dataset, driver), "memorization_scores.parquet")
+        tracker.log_table(_assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
+        tracker.log_table(_memorization_scores(dataset, driver), "memorization_scores.parquet")
         try:
-            info = with_retries(log_pipeline_model, local_pipeline, cfg.mlflow.register_as if hooks.register else None)
+            info = tracker.log_model(local_pipeline, cfg.mlflow.register_as if hooks.register else None)
         except Exception as error:
             raise MemshardError(
                 f"the trained model could not be logged to MLflow ({type(error).__name__}); it is saved at "
@@ -226,8 +246,8 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
 
 
 def _log_failures(driver: IETDriver, round_index: int) -> None:
-    with_retries(mlflow.log_metric, "actor_restarts", driver.restarts, step=round_index)
-    with_retries(mlflow.log_dict, {"events": driver.failure_events}, "failures.json")
+    tracker.log_metrics({"actor_restarts": driver.restarts}, step=round_index)
+    tracker.log_dict({"events": driver.failure_events}, "failures.json")
     for event in driver.failure_events:
         tqdm.write(f"recovered shard {event['shard']} in round {event['round']}: {event['reason']}", file=sys.stderr)
 
@@ -245,12 +265,10 @@ def _log_round(report: RoundReport, num_shards: int) -> None:
         metrics[f"shard_{result.shard}_loss"] = result.mean_loss_all
         metrics[f"shard_{result.shard}_images_per_second"] = result.images_per_second
         metrics[f"shard_{result.shard}_size"] = len(result.indices)
-    with_retries(mlflow.log_metrics, metrics, step=step)
+    tracker.log_metrics(metrics, step=step)
     if report.moves is not None:
-        with_retries(
-            mlflow.log_dict, {"round": step, "from_rows_to_columns": report.moves.matrix(num_shards).tolist()},
-            f"moves/round_{step:04d}.json",
-        )
+        tracker.log_dict({"round": step, "from_rows_to_columns": report.moves.matrix(num_shards).tolist()},
+                         f"moves/round_{step:04d}.json")
 
 
 def _round_line(report: RoundReport, total_rounds: int) -> str:
@@ -261,9 +279,9 @@ def _round_line(report: RoundReport, total_rounds: int) -> str:
 
 def _log_sample_grid(cfg: Config, dataset: ImageDataset, weights: dict, round_index: int) -> None:
     pipeline = build_pipeline(cfg, dataset.channels, weights)
-    images = generate_images(pipeline, cfg.mlflow.sample_grid_images, seed=cfg.training.seed,
-                             num_inference_steps=cfg.mlflow.sample_grid_steps)
-    with_retries(mlflow.log_image, image_grid(images), key="samples", step=round_index)
+    count = cfg.mlflow.sample_grid_images
+    images = generate_plan(pipeline, SamplingPlan(count, "ddpm", cfg.mlflow.sample_grid_steps, count, cfg.training.seed))
+    tracker.log_image(image_grid(images.transpose(0, 2, 3, 1)), key="samples", step=round_index)
 
 
 def _owners(shards: list[np.ndarray], num_samples: int) -> np.ndarray:

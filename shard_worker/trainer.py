@@ -15,10 +15,18 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from memshard.config import Config
-from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device, state_to_numpy, to_model_range
+from memshard.model import (
+    build_scheduler,
+    build_unet,
+    load_numpy_state,
+    per_sample_loss,
+    resolve_device,
+    score_samples,
+    state_to_numpy,
+    to_model_range,
+)
 from memshard.shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
 from memshard.shard_worker.faults import FaultPlan
-from memshard.shard_worker.scoring import per_sample_loss, score_samples
 from memshard.shard_worker.taa import augment, augmentation_strength
 
 

@@ -11,15 +11,10 @@ import pytest
 
 from memshard.data import load_dataset, prepare_dataset
 from memshard.errors import MemshardError
-from memshard.evaluation import classifier_space
-from memshard.evaluation.classifier_space import (
-    ClassifierSpace,
-    classifier_cache_file,
-    classifier_unavailable,
-    default_quality_space,
-    quality_report,
-)
-from memshard.evaluation.fid import CLASSIFIER, FEATURE_SPACES, PIXEL_PROJECTION, feature_space
+from memshard.evaluation import classifier_space, quality
+from memshard.evaluation.classifier_space import ClassifierSpace, classifier_cache_file, classifier_unavailable
+from memshard.evaluation.fid import CLASSIFIER, FEATURE_SPACES, PIXEL_PROJECTION
+from memshard.evaluation.quality import default_quality_space, feature_space, quality_report
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +128,7 @@ def test_report_metrics_are_flat_numbers(digits, space):
 
 def test_default_space_without_inception_is_the_classifier_then_none(digits, cache, monkeypatch):
     monkeypatch.setattr(classifier_space, "DEFAULT_CACHE_DIR", str(cache))
-    monkeypatch.setattr(classifier_space, "_inception_missing", lambda weights: "inception-v3 is not here")
+    monkeypatch.setattr(quality, "_inception_missing", lambda weights: "inception-v3 is not here")
     chosen = default_quality_space(digits)
     assert chosen.space.name.startswith("trainset-classifier-") and chosen.space.loaded_from_cache
     assert chosen.reason.startswith(chosen.space.name) and "inception-v3 is not here" in chosen.reason
@@ -148,7 +143,7 @@ def test_default_space_without_inception_is_the_classifier_then_none(digits, cac
 
 
 def test_default_space_says_why_inception_is_not_used(digits, tmp_path):
-    missing = classifier_space._inception_missing(tmp_path / "no-such-weights.pth")
+    missing = quality._inception_missing(tmp_path / "no-such-weights.pth")
     try:
         import torch_fidelity  # noqa: F401
     except Exception:

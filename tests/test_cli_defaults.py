@@ -16,7 +16,7 @@ from memshard.commands.unlearn import parse_unlearn_sets, unlearn_model
 from memshard.config import DEFAULT_PRESET, METHODS, PRESETS, IETConfig, MLflowConfig, ModelConfig, build_config
 from memshard.evaluation.evaluate import AUTO, DEVICES, PROTOCOLS, PUBLISHED, QUICK, EvaluateSettings
 from memshard.evaluation.fid import FEATURE_SPACES
-from memshard.evaluation.memorization import DEFAULT_COPY_THRESHOLD
+from memshard.evaluation.memorization import DEFAULT_R_COPY_THRESHOLD
 from memshard.orchestrator.sharding import destination_rule
 from memshard.orchestrator.tracking import DEFAULT_TRACKING_URI
 from memshard.pipeline import DEFAULT_SAMPLING_STEPS, SAMPLERS
@@ -55,7 +55,7 @@ def quoted_defaults(text: str) -> list[str]:
 # (command, flag) -> the library value its help quotes as "default N", as --help shows it.
 QUOTED = {
     ("evaluate", "--batch"): f"{PUBLISHED.batch_size}",  # "256 published, 50 quick": both checked below
-    ("evaluate", "--copy-threshold"): f"{DEFAULT_COPY_THRESHOLD}",
+    ("evaluate", "--r-copy-threshold"): f"{DEFAULT_R_COPY_THRESHOLD}",
     ("unlearn", "--steps"): f"{UnlearnSettings.max_steps}",
     ("tune", "--max-quality-loss"): f"{SweepSettings.max_quality_loss:.0%}",
     ("tune", "--trials"): "8",  # tuning.space's default count: pinned by what it builds, below
@@ -80,7 +80,7 @@ def test_every_default_a_help_text_quotes_is_pinned_to_the_library():
 def test_evaluate_flags_left_out_are_evaluate_settings_defaults():
     args = build_parser().parse_args(["evaluate", "models:/m/1"])
     assert evaluate_settings(args) == EvaluateSettings()
-    assert EvaluateSettings().copy_threshold == DEFAULT_COPY_THRESHOLD
+    assert EvaluateSettings().r_copy_threshold == DEFAULT_R_COPY_THRESHOLD
     assert args.experiment == MLflowConfig.experiment
 
 

@@ -33,7 +33,7 @@ from memshard.config import Config, build_config, from_dict, to_dict
 from memshard.data import inspect_dataset, load_dataset, prepare_dataset
 from memshard.errors import MAX_MESSAGE_CHARS, MemshardError
 from memshard.model import build_scheduler
-from memshard.orchestrator.sharding import destination_rule
+from memshard.orchestrator.settings import check
 
 # Deterministic (the same examples on every run, so CI is not flaky), no example database, and a few
 # seconds per property. MEMSHARD_FUZZ_EXAMPLES=5000 explores further, with fresh random examples.
@@ -107,9 +107,10 @@ def config_trees(draw) -> dict:
 
 def check_built(cfg: Config) -> None:
     """A configuration that validates is usable as far as the fast lane can go: it round-trips through
-    what checkpoints and config.json hold, its rule exists and its noise schedule builds."""
+    what checkpoints and config.json hold, it passes or fails the entry points' check in one line and its
+    noise schedule builds."""
     assert from_dict(to_dict(cfg)) == cfg
-    outcome(lambda: destination_rule(cfg.msr.rule))
+    outcome(lambda: check(cfg))
     build_scheduler(cfg)  # validated: never raises
 
 

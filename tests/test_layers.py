@@ -121,3 +121,47 @@ def test_readme_states_the_rule():
     readme = (REPO / "README.md").read_text()
     assert RULE in readme[readme.index("## Layout"):].replace("\n", " ")
     assert " → ".join(" | ".join(sorted(units, key=lambda u: RULE.index(u))) for units in LAYERS) == RULE
+
+
+def module_of_file(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = rel.parts[1:] if rel.parts[0] == "memshard" else rel.parts
+    return ".".join(("memshard", *parts)).removesuffix(".__init__")
+
+
+def import_cycles(files: dict[Path, str]) -> list[list[str]]:
+    """Every cycle of memshard modules that import each other (at the top or inside a function), each once."""
+    modules = {module_of_file(path): text for path, text in files.items()}
+    edges = {module: sorted({target for _, target in imports_of(Path(module), text) if target in modules} - {module})
+             for module, text in modules.items()}
+    cycles, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = path[path.index(module):]
+            if frozenset(cycle) not in done:
+                done.add(frozenset(cycle))
+                cycles.append(cycle)
+            return
+        for target in edges[module]:
+            if target not in finished:
+                visit(target, [*path, module])
+        finished.add(module)
+
+    finished: set[str] = set()
+    for module in sorted(modules):
+        visit(module, [])
+    return cycles
+
+
+def test_no_two_modules_import_each_other():
+    assert import_cycles(source_files()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    probes = {
+        REPO / "evaluation" / "first.py": "from memshard.evaluation.second import b\n",
+        REPO / "evaluation" / "second.py": "def b():\n    from memshard.evaluation.first import a\n",
+        REPO / "evaluation" / "third.py": "from memshard.evaluation.first import a\n",
+    }
+    assert import_cycles(probes) == [["memshard.evaluation.first", "memshard.evaluation.second"]]

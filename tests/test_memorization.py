@@ -8,16 +8,10 @@ import pytest
 import scipy.linalg
 
 from memshard.errors import MemshardError
-from memshard.evaluation.fid import (
-    FEATURE_SPACES,
-    PIXEL_PROJECTION,
-    feature_space,
-    fid,
-    frechet_distance,
-    gaussian_stats,
-)
+from memshard.evaluation.fid import FEATURE_SPACES, PIXEL_PROJECTION, fid, frechet_distance, gaussian_stats
 from memshard.evaluation.memorization import THRESHOLDS, memorization_report, nn_ratio, relative_distance
 from memshard.evaluation.nearest_neighbors import FLOAT_BYTES, nearest_neighbors, plan_chunks
+from memshard.evaluation.quality import feature_space
 
 D = 3 * 16 * 16  # RGB 16x16 images, flattened
 

@@ -14,7 +14,15 @@ from memshard.config import build_config
 from memshard.errors import MemshardError
 from memshard.model import build_unet, state_to_numpy
 from memshard.orchestrator.pipeline_model import DDPMPipelineModel, log_pipeline_model
-from memshard.pipeline import build_pipeline, generate_images, image_grid, load_pipeline, save_pipeline
+from memshard.pipeline import (
+    DEFAULT_BATCH_SIZE,
+    SamplingPlan,
+    build_pipeline,
+    generate_plan,
+    image_grid,
+    load_pipeline,
+    save_pipeline,
+)
 
 STEPS = 5  # sampling steps: enough to exercise the loop, fast on 2 CPU cores
 
@@ -70,26 +78,35 @@ def test_save_replaces_an_existing_pipeline(weights, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
 
 
-def test_generate_images_is_seeded_uint8(pipeline_dir):
+def predicted(pipeline, num_images: int, seed: int) -> np.ndarray:
+    """What the registered model's predict gives for this request: its sampling plan, as (N, H, W, C)."""
+    plan = SamplingPlan(num_images, "ddpm", STEPS, DEFAULT_BATCH_SIZE, seed)
+    return generate_plan(pipeline, plan).transpose(0, 2, 3, 1)
+
+
+def test_a_sampling_plan_is_seeded_uint8_batch_by_batch(pipeline_dir):
     pipeline = load_pipeline(pipeline_dir, device="cpu")
-    a = generate_images(pipeline, 3, seed=7, num_inference_steps=STEPS)
-    b = generate_images(pipeline, 3, seed=7, num_inference_steps=STEPS)
-    c = generate_images(pipeline, 3, seed=8, num_inference_steps=STEPS)
-    assert a.shape == (3, 8, 8, 1) and a.dtype == np.uint8
+    plan = SamplingPlan(3, "ddpm", STEPS, 3, seed=7)
+    a, b = generate_plan(pipeline, plan), generate_plan(pipeline, plan)
+    c = generate_plan(pipeline, SamplingPlan(3, "ddpm", STEPS, 3, seed=8))
+    assert a.shape == (3, 1, 8, 8) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert len(np.unique(a)) > 2  # real pixel values, not an all-black or saturated output
-    # The pipeline's own float [0, 1] output for that seed, rounded (not truncated) to uint8.
-    floats = pipeline(batch_size=3, generator=torch.Generator().manual_seed(7),
+    # The pipeline's own float [0, 1] output for the batch's seed, rounded (not truncated) to uint8.
+    ((count, seed),) = plan.batches()
+    floats = pipeline(batch_size=count, generator=torch.Generator().manual_seed(seed),
                       num_inference_steps=STEPS, output_type="np").images
-    np.testing.assert_array_equal(a, np.round(floats * 255).astype(np.uint8))
+    np.testing.assert_array_equal(a, np.round(floats * 255).astype(np.uint8).transpose(0, 3, 1, 2))
 
-    # Batches draw from one generator: still seeded, and the second batch is not the first again.
-    d = generate_images(pipeline, 4, seed=7, num_inference_steps=STEPS, batch_size=2)
-    e = generate_images(pipeline, 4, seed=7, num_inference_steps=STEPS, batch_size=2)
-    assert d.shape == (4, 8, 8, 1)
-    np.testing.assert_array_equal(d, e)
+    # Each batch has its own seed: the second batch is not the first again, and a batch is the
+    # same images whichever plan of the same seed and batch size holds it.
+    d = generate_plan(pipeline, SamplingPlan(4, "ddpm", STEPS, 2, seed=7))
+    assert d.shape == (4, 1, 8, 8)
     assert not np.array_equal(d[:2], d[2:])
+    np.testing.assert_array_equal(d[:2], generate_plan(pipeline, SamplingPlan(2, "ddpm", STEPS, 2, seed=7)))
+    with pytest.raises(MemshardError, match="at least 1 image"):
+        SamplingPlan(0, "ddpm", STEPS, 2, seed=7)
 
 
 def test_image_grid_tiles_and_upscales_grayscale():
@@ -109,7 +126,7 @@ def test_image_grid_tiles_and_upscales_grayscale():
 def test_logged_model_predicts_registers_and_downloads(pipeline_dir, experiment_id, tmp_path):
     name = "memshard-test-pipeline"
     request = {"num_images": 3, "seed": 1, "num_inference_steps": STEPS}
-    expected = generate_images(load_pipeline(pipeline_dir, device="cpu"), 3, seed=1, num_inference_steps=STEPS)
+    expected = predicted(load_pipeline(pipeline_dir, device="cpu"), 3, seed=1)
 
     with mlflow.start_run(experiment_id=experiment_id):
         info = log_pipeline_model(pipeline_dir, name)
@@ -131,14 +148,14 @@ def test_logged_model_predicts_registers_and_downloads(pipeline_dir, experiment_
     (index,) = local.rglob("model_index.json")
     downloaded = DDPMPipeline.from_pretrained(index.parent)
     np.testing.assert_array_equal(
-        generate_images(downloaded, 3, seed=1, num_inference_steps=STEPS), expected
+        predicted(downloaded, 3, seed=1), expected
     )
 
 
 def test_predict_reads_plain_and_wrapped_request_values(pipeline_dir):
     model = DDPMPipelineModel()
     model.pipeline = load_pipeline(pipeline_dir, device="cpu")  # what load_context does
-    expected = generate_images(model.pipeline, 2, seed=3, num_inference_steps=STEPS)
+    expected = predicted(model.pipeline, 2, seed=3)
     # A serving request may wrap scalars in lists or arrays; numpy ints come from DataFrames.
     request = {"num_images": [2], "seed": np.int64(3), "num_inference_steps": np.array([STEPS])}
     np.testing.assert_array_equal(model.predict(None, request), expected)

@@ -11,6 +11,7 @@ import pytest
 import ray
 from conftest import all_runs
 from mlflow.tracking import MlflowClient
+from test_efficacy_summary import efficacy
 from test_reliability import assert_same_weights, final_weights, train_until_the_driver_dies_after_round_one
 
 from memshard.aggregation import weighted_average
@@ -18,9 +19,11 @@ from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.checkpoint import load_checkpoint
-from memshard.orchestrator.rounds import server_optimizer_settings, start_shard_driver
+from memshard.orchestrator.rounds import start_shard_driver
+from memshard.orchestrator.settings import check, server_hyperparameters
 from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import checkpoint_dir, resume_config, train
+from memshard.tuning.space import trial_config
 
 
 def tiny(store: str, *sets: str):
@@ -32,13 +35,13 @@ def tiny(store: str, *sets: str):
 
 def test_the_default_is_plain_fedavg_and_unset_hyperparameters_take_the_optimizers_defaults():
     assert build_config("tiny").aggregation.server_optimizer == "fedavg"
-    assert server_optimizer_settings(build_config("tiny")) == {}
+    assert server_hyperparameters(build_config("tiny")) == {}
     adam = build_config("tiny", sets=["aggregation.server_optimizer=fedadam", "aggregation.eta=0.03"])
-    assert server_optimizer_settings(adam) == {"eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-9}
+    assert server_hyperparameters(adam) == {"eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-9}
     yogi = build_config("tiny", sets=["aggregation.server_optimizer=fedyogi"])
-    assert server_optimizer_settings(yogi) == {"eta": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
+    assert server_hyperparameters(yogi) == {"eta": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
     momentum = build_config("tiny", sets=["aggregation.server_optimizer=fedavgm"])
-    assert server_optimizer_settings(momentum) == {"server_learning_rate": 1.0, "server_momentum": 0.9}
+    assert server_hyperparameters(momentum) == {"server_learning_rate": 1.0, "server_momentum": 0.9}
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -50,19 +53,42 @@ def test_the_default_is_plain_fedavg_and_unset_hyperparameters_take_the_optimize
 ])
 def test_an_unknown_optimizer_or_a_setting_it_does_not_take_is_one_line(sets, message):
     with pytest.raises(MemshardError, match="^" + re.escape(message)) as error:
-        server_optimizer_settings(build_config("tiny", sets=sets))
+        server_hyperparameters(build_config("tiny", sets=sets))
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("aggregation.server_momentum=1.0", "aggregation.server_momentum = 1.0: must be in [0, 1)"),
-    ("aggregation.beta_2=-0.1", "aggregation.beta_2 = -0.1: must be in [0, 1)"),
-    ("aggregation.eta=0", "aggregation.eta = 0.0: must be > 0"),
-    ("aggregation.tau=-0.001", "aggregation.tau = -0.001: must be > 0"),
+@pytest.mark.parametrize("sets, message", [
+    (["aggregation.server_optimizer=fedavgm", "aggregation.server_momentum=1.0"],
+     "aggregation.server_momentum = 1.0: must be in [0, 1)"),
+    (["aggregation.server_optimizer=fedyogi", "aggregation.beta_2=-0.1"], "aggregation.beta_2 = -0.1: must be in [0, 1)"),
+    (["aggregation.server_optimizer=fedadam", "aggregation.eta=0"], "aggregation.eta = 0.0: must be > 0"),
+    (["aggregation.server_optimizer=fedadam", "aggregation.tau=-0.001"], "aggregation.tau = -0.001: must be > 0"),
 ])
-def test_out_of_range_hyperparameters_are_config_errors(setting, message):
-    with pytest.raises(MemshardError, match=re.escape(message)):
-        build_config("tiny", sets=[setting])
+def test_out_of_range_hyperparameters_are_one_line_errors(sets, message):
+    with pytest.raises(MemshardError, match="^" + re.escape(message)):
+        check(build_config("tiny", sets=sets))
+
+
+# Every entry point that trains, each given the same --set items: all go through orchestrator.settings.check.
+ENTRY_POINTS = {
+    "train": lambda sets: train(build_config("tiny", sets=sets)),
+    "tune trial": lambda sets: trial_config("tiny", {}, sets, {}, where="--grid g.yaml"),
+    "efficacy bench": lambda sets: efficacy.method_config("tiny", efficacy.parse_method("ddpm"), 0, 2, sets),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("sets, message", [
+    (["msr.rule=nearest"], "msr.rule = 'nearest' is not a destination rule: choose one of ring, least-familiar"),
+    (["aggregation.server_optimizer=adam"], "aggregation.server_optimizer = 'adam' is not a server optimizer"),
+    (["aggregation.server_optimizer=fedavgm", "aggregation.eta=0.1"],
+     "aggregation.eta is not a setting of the server optimizer fedavgm"),
+    (["aggregation.server_optimizer=fedadam", "aggregation.beta_1=1"], "aggregation.beta_1 = 1.0: must be in [0, 1)"),
+])
+def test_every_entry_point_checks_the_rule_and_the_server_optimizer_before_any_work(entry, sets, message):
+    with pytest.raises(MemshardError, match=re.escape(message)) as error:
+        ENTRY_POINTS[entry](sets)
+    assert "\n" not in str(error.value)
 
 
 # ---------------------------------------------------------------- training

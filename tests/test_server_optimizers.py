@@ -35,7 +35,7 @@ def random_model(rng):
 def test_registry_names_every_optimizer():
     assert SERVER_OPTIMIZERS == {"fedavg": fedavg, "fedavgm": fedavgm, "fedadam": fedadam, "fedyogi": fedyogi}
     assert server_optimizer("fedyogi") is fedyogi
-    with pytest.raises(AggregationError, match="unknown server optimizer 'adam': choose one of fedavg, fedavgm"):
+    with pytest.raises(AggregationError, match="server_optimizer = 'adam' is not a server optimizer: choose one of fedavg, fedavgm"):
         server_optimizer("adam")
 
 
@@ -159,9 +159,11 @@ def test_server_state_round_trips_through_a_checkpoint_file():
 
 @pytest.mark.parametrize("call, message", [
     (lambda t: server_update("fedadam", t, [(t, 1)], ServerState(), {"lr": 0.1}),
-     "server optimizer fedadam has no setting lr: its settings are beta_1, beta_2, buffers, eta, tau"),
-    (lambda t: fedavgm(t, t, ServerState(), server_momentum=1.0), "server_momentum must be in"),
-    (lambda t: fedadam(t, t, ServerState(), tau=0.0), "tau must be > 0"),
+     "lr is not a setting of the server optimizer fedadam \\(it takes eta, beta_1, beta_2, tau\\)"),
+    (lambda t: server_update("fedavgm", t, [(t, 1)], ServerState(), {"server_momentum": 1.0}),
+     "server_momentum = 1.0: must be in \\[0, 1\\)"),
+    (lambda t: fedavgm(t, t, ServerState(), server_momentum=1.0), "server_momentum = 1.0: must be in"),
+    (lambda t: fedadam(t, t, ServerState(), tau=0.0), "tau = 0.0: must be > 0"),
     (lambda t: fedadam(t, t, ServerState(m={"conv.weight": np.zeros((4, 3, 3, 3))}, v={})),
      "server state m does not match the model: missing \\['conv.bias'\\]"),
     (lambda t: fedavgm(t, {**t, "extra": np.zeros(1)}, ServerState()), "different keys"),

@@ -437,8 +437,9 @@ def test_the_stop_rule_and_when_unlearning_stops(monkeypatch):
 def test_quality_can_be_measured_against_the_kept_rows_only(tmp_path):
     """The audit compares generations with X \\ A: the reference, its real images and the label
     histogram come from the kept rows; with every row it is the plain quality report."""
-    from memshard.evaluation.classifier_space import ClassifierSpace, quality_report
-    from memshard.evaluation.fid import PIXEL_PROJECTION, feature_space
+    from memshard.evaluation.classifier_space import ClassifierSpace
+    from memshard.evaluation.fid import PIXEL_PROJECTION
+    from memshard.evaluation.quality import feature_space, quality_report
 
     digits = load_digits()
     images = np.rint(digits.images[:120] * 255 / 16).astype(np.uint8)
@@ -461,8 +462,8 @@ def test_evaluate_counts_a_planted_image_once_and_the_forget_set_takes_all_its_c
     """Sixty identical training images must not hide each other: the k-NN scan sees each distinct
     image once, so a near-copy of the planted image has r ≈ 0 (not 1), the copy is credited to its
     first row, and `--forget evaluation:RUN_ID` expands that row to every duplicate."""
-    from memshard.evaluation.classifier_space import QualitySpaceChoice
     from memshard.evaluation.evaluate import EvaluateSettings, Generation, evaluate, sampling_plan
+    from memshard.evaluation.quality import QualitySpaceChoice
 
     digits = np.rint(load_digits().images[:80] * 255 / 16).astype(np.uint8)
     images = np.concatenate([digits, np.repeat(digits[:1], 60, axis=0)])
@@ -494,12 +495,12 @@ def test_forget_evaluation_takes_near_copies_by_default_and_r_copies_when_asked(
     of the planted digit are both. An evaluation whose table predates near copies is a one-line error."""
     import pyarrow as pa
 
-    from memshard.evaluation.classifier_space import QualitySpaceChoice
+    from memshard.commands.unlearn import copied_ids
     from memshard.evaluation.evaluate import COPIES_TABLE, EvaluateSettings, Generation, evaluate, sampling_plan
+    from memshard.evaluation.quality import QualitySpaceChoice
     from memshard.orchestrator.registry import SOURCE_RUN_TAG
-    from memshard.orchestrator.tracking import log_table
+    from memshard.orchestrator.tracking import tracker
     from memshard.unlearning.forget_set import forget_set
-    from memshard.unlearning.runner import copied_ids
 
     digits = np.rint(load_digits().images * 255 / 16).astype(np.uint8)
     np.save(tmp_path / "planted.npy", np.concatenate([digits[:200], np.repeat(digits[:1], 20, axis=0)]))
@@ -513,10 +514,10 @@ def test_forget_evaluation_takes_near_copies_by_default_and_r_copies_when_asked(
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
     with mlflow.start_run(tags={SOURCE_RUN_TAG: "source"}) as run:
-        log_table(report.copies_table(dataset), COPIES_TABLE)
+        tracker.log_table(report.copies_table(dataset), COPIES_TABLE)
     with mlflow.start_run(tags={SOURCE_RUN_TAG: "source"}) as old:  # the table as evaluations wrote it before
-        log_table(pa.table({"sample_id": dataset.sample_ids.astype(str), "copies": report.memorization.r_copies}),
-                  COPIES_TABLE)
+        tracker.log_table(pa.table({"sample_id": dataset.sample_ids.astype(str), "copies": report.memorization.r_copies}),
+                          COPIES_TABLE)
     client = MlflowClient(store)
 
     def chosen(spec: str):

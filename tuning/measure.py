@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from memshard.config import Config
 from memshard.data import ImageDataset
-from memshard.evaluation.classifier_space import ClassifierSpace, QualitySpaceChoice, quality_report
+from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import REAL_PREFIX, EvaluateSettings, Generation, evaluate, sampling_plan
 from memshard.evaluation.memorization import MemorizationReport, near_copies
+from memshard.evaluation.quality import QualitySpaceChoice, quality_report
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
 
 # The copying measures (lower is better) and the quality measures of every point. COPYING and

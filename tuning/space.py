@@ -28,8 +28,7 @@ from typing import Any
 
 from memshard.config import Config, build_config, from_dict, load_config_file, to_dict
 from memshard.errors import MemshardError, shown
-from memshard.orchestrator.rounds import server_optimizer_settings
-from memshard.orchestrator.sharding import destination_rule
+from memshard.orchestrator.settings import check
 
 REFERENCE_METHOD = "ddpm"
 MAX_TRIALS = 1000  # a grid past this is a typo, not a sweep
@@ -132,8 +131,7 @@ def trial_config(preset: str, overrides: dict[str, Any], sets: list[str], settin
     """The full configuration of one trial, checked like `memshard train` checks it (a one-line error)."""
     try:
         cfg = build_config(preset, overrides={**overrides, **settings}, sets=sets)
-        destination_rule(cfg.msr.rule)
-        server_optimizer_settings(cfg)
+        check(cfg)
     except MemshardError as error:
         raise MemshardError(f"{where}, trial {shown(settings)}: {error}") from None
     return cfg

@@ -51,10 +51,9 @@ from memshard.orchestrator.cluster import (
     plan_actor_resources,
     ray_session,
 )
-from memshard.orchestrator.pipeline_model import log_pipeline_model
 from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
-from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, with_retries
-from memshard.orchestrator.train import RunHooks, checkpoint_dir, train
+from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
+from memshard.orchestrator.train import RoundEnd, RunHooks, checkpoint_dir, train
 from memshard.pipeline import save_pipeline
 from memshard.tuning.choice import Choice, Point, choose, quality_budget
 from memshard.tuning.measure import Data, evaluation_rounds, measure
@@ -148,11 +147,12 @@ def _train_and_measure(cfg: Config, spec: dict, context: TrialContext, tags: dic
     steps_per_round = cfg.iet.shards * cfg.iet.local_steps
     measured: list[tuple[int, dict, dict]] = []  # (round, evaluate's metrics, its params)
 
-    def after_round(round_index: int, weights: dict) -> None:
+    def after_round(end: RoundEnd) -> None:
+        round_index = end.round_index
         if round_index not in rounds:
             return
         run_id = mlflow.active_run().info.run_id
-        m = measure(cfg, weights, data, context.evaluate, space, device)
+        m = measure(cfg, end.model_weights, data, context.evaluate, space, device)
         pipeline_dir = ""
         if round_index < cfg.iet.rounds:  # the last round's pipeline is the run's model already
             pipeline_dir = str(save_pipeline(m.pipeline.to("cpu"), checkpoint_dir(cfg, run_id) / "rounds" / f"round_{round_index:04d}"))
@@ -160,8 +160,7 @@ def _train_and_measure(cfg: Config, spec: dict, context: TrialContext, tags: dic
         if figures["copied_near"] is None:  # evaluate() calibrates near copies on >= 3 distinct images
             raise MemshardError(f"{cfg.data.path} has fewer than 3 distinct images: near copies, what the choice "
                                 "minimizes, cannot be calibrated; tune on a dataset of at least 3 images")
-        with_retries(mlflow.log_metrics, {f"tune.{k}": float(v) for k, v in figures.items() if v is not None},
-                     step=round_index)
+        tracker.log_metrics({f"tune.{k}": float(v) for k, v in figures.items() if v is not None}, step=round_index)
         measured.append((round_index, m.metrics, m.params))
         tune.report({"kind": "point", "trial": spec["name"], "round": round_index, "run_id": run_id,
                      "near_copied": float(figures["copied_near"]),
@@ -191,9 +190,9 @@ def _log_evaluation_run(run_id: str, model_uri: str, cfg: Config, dataset: Image
     experiment_id = MlflowClient().get_run(run_id).info.experiment_id
     with mlflow.start_run(experiment_id=experiment_id, parent_run_id=run_id, run_name=f"evaluate {tags[TRIAL_TAG]}",
                           tags=run_tags):
-        with_retries(mlflow.log_params, params)
+        tracker.log_params(params)
         for round_index, metrics, _ in measured:
-            with_retries(mlflow.log_metrics, metrics, step=round_index)
+            tracker.log_metrics(metrics, step=round_index)
 
 
 def _mark_failed(cfg: Config, spec: dict, context: TrialContext, tags: dict[str, str], error: BaseException) -> None:
@@ -371,15 +370,15 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune {preset}",
                               tags={KIND_TAG: "tune"}) as parent:
             parent_id = parent.info.run_id
-            with_retries(mlflow.log_params, {
+            tracker.log_params({
                 "preset": preset, "trials": len(space.trials), "reference": space.reference.name,
                 "reference_round": space.reference_round, "max_quality_loss": settings.max_quality_loss,
                 "num_images": settings.num_images, "sampler": settings.sampler,
                 "sampling_steps": settings.sampling_steps, "eval_every": eval_every, "seed": settings.seed,
                 "quality_space": space_name,
                 "dataset.fingerprint": dataset.fingerprint, "dataset.path": dataset.path})
-            with_retries(mlflow.log_dict, {t.name: {"setting": t.describe(), "settings": t.settings,
-                                                    "reference": t.reference} for t in space.trials}, "space.json")
+            tracker.log_dict({t.name: {"setting": t.describe(), "settings": t.settings, "reference": t.reference}
+                              for t in space.trials}, "space.json")
             context = TrialContext(tracking_uri, parent_id, absolute_places(base, dataset_dir), str(classifier_cache),
                                    evaluate_settings, eval_every, space.reference_round)
             say(f"sweep: {len(space.trials)} trials on Ray Tune; MLflow parent run {parent_id}; reference "
@@ -422,7 +421,7 @@ def _conclude(outcomes: list[TrialOutcome], space: SweepSpace, settings: SweepSe
                         f"(budget: Fréchet within +{settings.max_quality_loss:.0%} of {space.reference.name} "
                         f"at round {space.reference_round})")
         (folder / "choice.json").write_text(json.dumps(_choice_summary(choice, space), indent=1))
-        with_retries(mlflow.log_artifacts, str(folder))
+        tracker.log_artifacts(folder)
     config_file = None
     marked = None if choice is None else choice.chosen or choice.closest
     if marked is not None:
@@ -430,15 +429,15 @@ def _conclude(outcomes: list[TrialOutcome], space: SweepSpace, settings: SweepSe
         name = "chosen_config.yaml" if choice.chosen else "closest_over_budget_config.yaml"
         config_file = out / name
         config_file.write_text(chosen_config(trial.cfg, marked.round))
-        with_retries(mlflow.log_artifact, str(config_file))
+        tracker.log_artifact(config_file)
     metrics = {"trials_failed": sum(o.status == "FAILED" for o in outcomes),
                "trials_finished": sum(o.status == "FINISHED" for o in outcomes)}
     if choice is not None and choice.chosen is not None:
         metrics.update({"chosen.training_images_nearly_copied": choice.chosen.near_copied, "chosen.frechet": choice.chosen.frechet,
                         "chosen.round": choice.chosen.round, "budget.max_frechet": choice.budget.max_frechet})
-    with_retries(mlflow.log_metrics, metrics)
+    tracker.log_metrics(metrics)
     if choice is not None and choice.chosen is not None:
-        mlflow.set_tag("memshard.tune.chosen", f"{choice.chosen.trial} round {choice.chosen.round}")
+        tracker.set_tags({"memshard.tune.chosen": f"{choice.chosen.trial} round {choice.chosen.round}"})
     registered = None
     if settings.register_as and choice is not None and choice.chosen is not None:
         registered = register_point(next(o for o in outcomes if o.trial.name == choice.chosen.trial),
@@ -468,10 +467,8 @@ def register_point(outcome: TrialOutcome, round_index: int, name: str, parent_id
         version = mlflow.register_model(outcome.model_uri, name)
     else:
         with mlflow.start_run(run_id=outcome.run_id, nested=True):
-            info = with_retries(log_pipeline_model, outcome.round_pipelines[round_index], name,
-                                artifact_name=f"model-round-{round_index}")
+            info = tracker.log_model(outcome.round_pipelines[round_index], name, artifact_name=f"model-round-{round_index}")
         version = MlflowClient().get_model_version(name, str(info.registered_model_version))
-    client = MlflowClient()
-    for key, value in {SWEEP_TAG: parent_id, TRIAL_TAG: outcome.trial.name, "memshard.tune.round": str(round_index)}.items():
-        client.set_model_version_tag(name, str(version.version), key, value)
+    tracker.tag_model_version(name, str(version.version), {
+        SWEEP_TAG: parent_id, TRIAL_TAG: outcome.trial.name, "memshard.tune.round": str(round_index)})
     return name, str(version.version)

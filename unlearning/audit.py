@@ -6,7 +6,7 @@ It answers what a reviewer asks first, in this order:
    generations within mean squared pixel distance `pixel_match_threshold` of it,
    `unlearning.forget_check`) and its nearest generation, before and after (the
    picture shows the image beside its nearest generation from each model).
-2. Is the model otherwise intact? Keep-set loss at fixed seeded (t, ε) (`shard_worker.scoring`) and
+2. Is the model otherwise intact? Keep-set loss at fixed seeded (t, ε) (`model.score_samples`) and
    the quality of the generations against the kept images in the default quality space
    (`evaluation.classifier_space`: the training set's own classifier for labelled data) beside its
    real reference; the retrained model's figures beside them where a retrain exists.
@@ -29,10 +29,10 @@ from PIL import Image
 
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
-from memshard.evaluation.classifier_space import QualityReport, quality_report
-from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, feature_space, fid
-from memshard.pipeline import generate_images, image_grid
-from memshard.shard_worker.scoring import score_samples
+from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, fid
+from memshard.evaluation.quality import QualityReport, feature_space, quality_report
+from memshard.model import score_samples
+from memshard.pipeline import DEFAULT_BATCH_SIZE, SamplingPlan, generate_plan, image_grid
 from memshard.unlearning.forget_check import PIXEL_MATCH_THRESHOLD, CheckPoint, pixel_distances
 from memshard.unlearning.forget_set import ForgetSet
 
@@ -323,8 +323,8 @@ def measure(pipeline: DDPMPipeline, dataset: ImageDataset, forget: ForgetSet, se
                                      replace=False))
     forget_loss = score_samples(unet, scheduler, dataset.images, forget.rows, settings.seed, settings.repeats)
     keep_loss = score_samples(unet, scheduler, dataset.images, keep_scored, settings.seed, settings.repeats)
-    generated = generate_images(pipeline, settings.num_images, settings.seed, settings.sampling_steps)
-    generated = np.ascontiguousarray(generated.transpose(0, 3, 1, 2))
+    generated = generate_plan(pipeline, SamplingPlan(settings.num_images, "ddpm", settings.sampling_steps,
+                                                     DEFAULT_BATCH_SIZE, settings.seed))
     distinct = distinct_rows(dataset, forget.rows)
     per_pixel, indices = pixel_distances(dataset.images[distinct], generated)  # (forget images, generations)
     matching = per_pixel < settings.pixel_match_threshold

@@ -3,7 +3,7 @@ unlearning steps, and the rule that stops unlearning on their evidence (method.m
 
 A check measures the UNet as it stands, in eval mode, always on the same seeded draws, so two
 checks differ only because the model changed:
-- forget loss and keep loss: mean DDPM loss at fixed seeded (t, ε) (`shard_worker.scoring`) over a
+- forget loss and keep loss: mean DDPM loss at fixed seeded (t, ε) (`model.score_samples`) over a
   seeded sample of at most `samples` forget images and as many keep images;
 - pixel matches: of `check_images` generations sampled with the audit's sampler (ancestral DDPM) in only
   `check_sampling_steps` steps from one seeded generator (the same noise at every check), how many
@@ -33,8 +33,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from memshard.evaluation.nearest_neighbors import nearest_neighbors
-from memshard.pipeline import generate_images
-from memshard.shard_worker.scoring import score_samples
+from memshard.model import score_samples
+from memshard.pipeline import SamplingPlan, generate_plan
 
 PIXEL_MATCH_THRESHOLD = 0.01  # mean((g − a)²) with pixels in [0, 1]: the audit's and the check's pixel match
 
@@ -101,8 +101,8 @@ class ForgetCheck:
             if full or self.unfamiliar(forget_loss, keep_loss):
                 with torch.no_grad():
                     pipeline = DDPMPipeline(unet=unet, scheduler=self.sampler)
-                    generated = generate_images(pipeline, self.generations, self.seed, self.sampling_steps,
-                                                batch_size=self.generations).transpose(0, 3, 1, 2)
+                    plan = SamplingPlan(self.generations, "ddpm", self.sampling_steps, self.generations, self.seed)
+                    generated = generate_plan(pipeline, plan)
                 pixel_matches = len(pixel_matching_generations(self.forget_distinct, generated,
                                                                self.pixel_match_threshold))
         finally:

@@ -5,12 +5,12 @@ The model's training run supplies the lineage: params `dataset.path` / `dataset.
 artifact `config.json` (`orchestrator.registry`). Approximate methods (`unlearning.methods`) run as
 one Ray task, on a GPU where the cluster has one; `retrain` reruns `orchestrator.train` on the kept
 data with the source run's configuration (the exact gold standard). MLflow runs, artifacts and the
-registered version are the command's (`memshard.commands.unlearn`).
+registered version are the command's (`memshard.commands.unlearn`), and so are the MLflow reads: the
+evaluation run a forget set comes from, and the earlier retrain an audit compares with.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,25 +21,15 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from diffusers import DDPMPipeline
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from memshard.config import Config, from_dict, to_dict
 from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
 from memshard.errors import MemshardError
-from memshard.evaluation.classifier_space import default_quality_space
-from memshard.evaluation.evaluate import COPIES_TABLE, PER_SAMPLE_MEASURES
 from memshard.evaluation.fid import FeatureSpace
+from memshard.evaluation.quality import default_quality_space
 from memshard.model import state_to_numpy
 from memshard.orchestrator.cluster import ray_session
-from memshard.orchestrator.registry import (
-    SOURCE_RUN_TAG,
-    ResolvedModel,
-    get_run,
-    load_model_pipeline,
-    recorded_dataset,
-    resolve_model,
-)
+from memshard.orchestrator.registry import ResolvedModel, recorded_dataset
 from memshard.orchestrator.train import TrainResult, train
 from memshard.unlearning.audit import (
     AuditReport,
@@ -76,6 +66,17 @@ class UnlearnedWeights:
 
 
 @dataclass(frozen=True)
+class RetrainedModel:
+    """An earlier registered retrain of the same source without the same forget set (found by the command)."""
+
+    run_id: str
+    model_uri: str
+    steps: int
+    seconds: float | None
+    pipeline: DDPMPipeline
+
+
+@dataclass(frozen=True)
 class Retrained:
     result: TrainResult
     steps: int  # optimizer steps over all proxies
@@ -105,32 +106,6 @@ def unlearn_source(resolved: ResolvedModel) -> UnlearnSource:
     return UnlearnSource(resolved, run.info.run_id, name, resolved.config, dataset)
 
 
-def copied_ids(client: MlflowClient, evaluation_run_id: str, source_run_id: str, measure: str) -> list[str]:
-    """The sample ids an evaluation run of the source found at least one generation to be a copy of,
-    by `measure` (a key of PER_SAMPLE_MEASURES): its copies table's column of that measure."""
-    column = PER_SAMPLE_MEASURES[measure]
-    run = get_run(client, evaluation_run_id)
-    evaluated = run.data.tags.get(SOURCE_RUN_TAG)
-    if evaluated != source_run_id:
-        raise MemshardError(f"evaluation run {evaluation_run_id} evaluated run {evaluated}, not this model's run "
-                            f"{source_run_id}: pass an evaluation of this model")
-    with tempfile.TemporaryDirectory(prefix="memshard-copies-") as tmp:
-        try:
-            path = client.download_artifacts(evaluation_run_id, COPIES_TABLE, tmp)
-        except (MlflowException, OSError):
-            raise MemshardError(f"evaluation run {evaluation_run_id} has no {COPIES_TABLE}: run memshard evaluate "
-                                "on the model first") from None
-        table = pq.read_table(path)
-    if column not in table.column_names:
-        raise MemshardError(f"evaluation run {evaluation_run_id} predates per-sample {measure} (its {COPIES_TABLE} "
-                            f"has no {column} column): run memshard evaluate on the model again")
-    if table.column(column).null_count == len(table):
-        raise MemshardError(f"evaluation run {evaluation_run_id} could not calibrate {measure} (fewer than 3 distinct "
-                            f"training images): pass evaluation:{evaluation_run_id}:r-copies or sample ids")
-    counts = table.select(["sample_id", column]).to_pandas()
-    return counts.loc[counts[column] > 0, "sample_id"].astype(str).tolist()
-
-
 def training_steps(cfg: Config) -> int:
     """Optimizer steps of a training run with `cfg`, over all proxies (ddpm is folded to one shard)."""
     return cfg.iet.rounds * cfg.iet.local_steps * cfg.iet.shards
@@ -144,7 +119,7 @@ def training_compute(source: UnlearnSource) -> TrainingCompute:
 
 
 @ray.remote
-def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_images, settings, copy_threshold):
+def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_images, settings, pixel_match_threshold):
     from memshard.model import build_scheduler, build_unet, load_numpy_state, resolve_device
 
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
@@ -154,12 +129,12 @@ def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_im
     unet = build_unet(cfg, channels)
     load_numpy_state(unet, weights)
     unet.to(device)
-    stats = unlearn(method, unet, build_scheduler(cfg), keep_images, forget_images, settings, copy_threshold)
+    stats = unlearn(method, unet, build_scheduler(cfg), keep_images, forget_images, settings, pixel_match_threshold)
     return UnlearnedWeights(state_to_numpy(unet), stats, str(device))
 
 
 def unlearn_on_ray(method: str, pipeline: DDPMPipeline, source: UnlearnSource, forget: ForgetSet,
-                   settings: UnlearnSettings, copy_threshold: float, ray_address: str | None = None) -> UnlearnedWeights:
+                   settings: UnlearnSettings, pixel_match_threshold: float, ray_address: str | None = None) -> UnlearnedWeights:
     """One Ray task runs `method` on the source's UNet: on a GPU when the cluster has one, else one CPU.
     `ray_address`: the one asked for now (`cluster.resolve_ray_address`), never the source run's."""
     with ray_session(ray_address):
@@ -168,7 +143,7 @@ def unlearn_on_ray(method: str, pipeline: DDPMPipeline, source: UnlearnSource, f
         images = source.dataset.images
         task = _unlearn_task.options(**options).remote(
             method, state_to_numpy(pipeline.unet), to_dict(source.config), source.dataset.channels,
-            images[forget.keep_rows], images[forget.rows], settings, copy_threshold)
+            images[forget.keep_rows], images[forget.rows], settings, pixel_match_threshold)
         return ray.get(task)
 
 
@@ -203,13 +178,16 @@ def write_subset(dataset: ImageDataset, rows: np.ndarray, out_dir: Path) -> Path
     return out_dir
 
 
-def audit_unlearning(client: MlflowClient, source: UnlearnSource, forget: ForgetSet, before: DDPMPipeline,
-                     after: DDPMPipeline, compute: UnlearnCompute, settings: AuditSettings) -> AuditReport:
-    """Before vs after on the same seeded draws, quality in the default quality space; an approximate
-    method is also set beside the latest retrain of the same forget set, when there is one."""
+def audit_unlearning(source: UnlearnSource, forget: ForgetSet, before: DDPMPipeline, after: DDPMPipeline,
+                     compute: UnlearnCompute, settings: AuditSettings,
+                     retrained: RetrainedModel | None = None) -> AuditReport:
+    """Before vs after on the same seeded draws, quality in the default quality space; with `retrained`
+    (an approximate method's exact reference) the retrain is measured the same way and set beside them."""
     dataset = source.dataset
     space, note = quality_space(dataset, settings)
-    retrain = None if compute.method == "retrain" else find_retrain(client, source, forget, settings, space)
+    retrain = None if retrained is None else RetrainReference(
+        retrained.run_id, retrained.model_uri, retrained.steps, retrained.seconds,
+        measure(retrained.pipeline, dataset, forget, settings, space))
     return AuditReport(
         source_run_id=source.run_id, registered_model=source.registered_name, forget_hash=forget.hash,
         forget_size=len(forget.rows), keep_size=len(forget.keep_rows), method=compute.method, settings=settings,
@@ -223,24 +201,3 @@ def quality_space(dataset: ImageDataset, settings: AuditSettings) -> tuple[Featu
     if not settings.quality:
         return None, "not measured (audit.quality=false)"
     return default_quality_space(dataset)
-
-
-def find_retrain(client: MlflowClient, source: UnlearnSource, forget: ForgetSet, settings: AuditSettings,
-                 space: FeatureSpace | None = None) -> RetrainReference | None:
-    """The latest registered retrain of `source` without `forget`, measured like the other models."""
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string=(f"tags.`{SOURCE_RUN_TAG}` = '{source.run_id}' and tags.`{METHOD_TAG}` = 'retrain' "
-                       f"and tags.`{FORGET_HASH_TAG}` = '{forget.hash}'"),
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        return None
-    run = runs[0]
-    versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
-    if not versions:
-        return None
-    uri = f"models:/{versions[0].name}/{versions[0].version}"
-    retrained = load_model_pipeline(resolve_model(uri, client), client)
-    return RetrainReference(run.info.run_id, uri, int(run.data.tags.get(STEPS_TAG, 0)),
-                            run.data.metrics.get("unlearn_seconds"),
-                            measure(retrained, source.dataset, forget, settings, space))

@@ -62,10 +62,9 @@ from memshard.orchestrator.registry import (
 from memshard.orchestrator.tracking import (
     check_tracking_store,
     connect_mlflow,
-    log_table,
     resolve_tracking_uri,
+    tracker,
     ui_command,
-    with_retries,
 )
 from memshard.pipeline import SamplingPlan, image_grid, image_shape
 
@@ -157,15 +156,14 @@ def _log_evaluation(model: str, source: Run | None, dataset: ImageDataset, match
     title = f"{label}: {plan.num_images} generations, {plan.sampler} {plan.steps} steps, seed {plan.seed}"
     generated = report.generated
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate {label}", tags=tags) as run:
-        with_retries(mlflow.log_params, params)
-        with_retries(mlflow.log_metrics, report.metrics())
-        with_retries(mlflow.log_dict, summary, "report.json")
-        with_retries(log_table, report.copies_table(dataset), COPIES_TABLE)
+        tracker.log_params(params)
+        tracker.log_metrics(report.metrics())
+        tracker.log_dict(summary, "report.json")
+        tracker.log_table(report.copies_table(dataset), COPIES_TABLE)
         _log_png(r_histogram(report.memorization, title), "r_histogram.png")
         _log_png(most_r_copied(report.memorization, dataset.images, dataset.sample_ids, generated, title),
                  "most_r_copied.png")
-        with_retries(mlflow.log_image, image_grid(generated[:SAMPLE_GRID_IMAGES].transpose(0, 2, 3, 1)),
-                     "samples.png")
+        tracker.log_image(image_grid(generated[:SAMPLE_GRID_IMAGES].transpose(0, 2, 3, 1)), "samples.png")
     return run.info.run_id
 
 
@@ -173,7 +171,7 @@ def _log_png(png: bytes, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_bytes(png)
-        with_retries(mlflow.log_artifact, str(path))
+        tracker.log_artifact(path)
 
 
 @dataclass(frozen=True)
@@ -194,8 +192,8 @@ def compare_runs(run_ids: list[str], tracking_uri: str | None = None) -> Compare
     experiment_id = connect_mlflow(tracking_uri, client.get_experiment(evaluations[0].info.experiment_id).name)
     tags = {KIND_TAG: "compare", "memshard.compared_runs": ",".join(r.info.run_id for r in evaluations)}
     with mlflow.start_run(experiment_id=experiment_id, run_name="compare", tags=tags) as run:
-        with_retries(mlflow.log_text, table.markdown(), "compare.md")
-        with_retries(mlflow.log_dict, table.to_json(), "compare.json")
+        tracker.log_text(table.markdown(), "compare.md")
+        tracker.log_dict(table.to_json(), "compare.json")
     return CompareResult(run.info.run_id, table)
 
 

@@ -15,17 +15,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pyarrow.parquet as pq
 from diffusers import DDPMPipeline
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from memshard.config import MLflowConfig, RayConfig, field_hints, parse_sets, to_dict
-from memshard.orchestrator.pipeline_model import log_pipeline_model
-from memshard.orchestrator.registry import SOURCE_RUN_TAG, load_model_pipeline, resolve_model
-from memshard.orchestrator.tracking import check_tracking_store, connect_mlflow, resolve_tracking_uri, with_retries
+from memshard.errors import MemshardError
+from memshard.evaluation.evaluate import COPIES_TABLE, PER_SAMPLE_MEASURES
+from memshard.orchestrator.registry import SOURCE_RUN_TAG, get_run, load_model_pipeline, resolve_model
+from memshard.orchestrator.tracking import check_tracking_store, connect_mlflow, resolve_tracking_uri, tracker
 from memshard.pipeline import build_pipeline, load_pipeline, save_pipeline
 from memshard.unlearning.audit import AuditReport, AuditSettings, UnlearnCompute
 from memshard.unlearning.forget_set import ForgetSet, evaluation_spec, forget_set
@@ -34,10 +38,10 @@ from memshard.unlearning.runner import (
     FORGET_HASH_TAG,
     METHOD_TAG,
     STEPS_TAG,
+    RetrainedModel,
     UnlearnSource,
     audit_unlearning,
     check_method,
-    copied_ids,
     retrain_without,
     unlearn_on_ray,
     unlearn_source,
@@ -136,34 +140,35 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
     source, chosen, options = request.source, request.forget, request.options
     dataset = source.dataset
     with mlflow.start_run() as run:
-        with_retries(mlflow.set_tags, request.tags())
-        with_retries(mlflow.log_params, {
+        tracker.set_tags(request.tags())
+        tracker.log_params({
             **{f"unlearn.{k}": v for k, v in dataclasses.asdict(options.settings).items()},
             **{f"audit.{k}": v for k, v in dataclasses.asdict(options.audit).items()},
             "unlearn.method": request.method, "forget.size": len(chosen.rows), "forget.spec": request.forget_spec[:400],
             "dataset.path": dataset.path, "dataset.fingerprint": dataset.fingerprint, "source.model": request.model,
         })
-        with_retries(mlflow.log_dict, to_dict(source.config), "config.json")  # lineage for the next unlearn
-        with_retries(mlflow.log_text, "\n".join(chosen.ids) + "\n", "forget_ids.txt")
+        tracker.log_dict(to_dict(source.config), "config.json")  # lineage for the next unlearn
+        tracker.log_text("\n".join(chosen.ids) + "\n", "forget_ids.txt")
         unlearned = unlearn_on_ray(request.method, request.before, source, chosen, options.settings,
                                    options.audit.pixel_match_threshold, options.ray_address)
         stats = unlearned.stats
         tags = request.tags(stats.steps, stats.stopped)  # the steps taken, not the cap
-        with_retries(mlflow.set_tags, tags)
+        tracker.set_tags(tags)
         for point in stats.trajectory:
             counted = {} if point.pixel_matches is None else {"check_pixel_matches": point.pixel_matches}
-            with_retries(mlflow.log_metrics, {"check_keep_loss": point.keep_loss,
-                                              "check_forget_loss": point.forget_loss, **counted}, step=point.step)
+            tracker.log_metrics({"check_keep_loss": point.keep_loss, "check_forget_loss": point.forget_loss, **counted},
+                                step=point.step)
         after = build_pipeline(source.config, dataset.channels, unlearned.weights)
         checkpoints = Path(source.config.mlflow.checkpoint_dir).absolute()
         local = save_pipeline(after, checkpoints / run.info.run_id / "pipeline")
-        with_retries(mlflow.set_tag, "device", unlearned.device)
+        tracker.set_tags({"device": unlearned.device})
         compute = UnlearnCompute(request.method, stats.steps, stats.seconds, unlearned.device, stats.check_seconds,
                                  options.settings.max_steps, stats.stopped, stats.trajectory)
-        report = audit_unlearning(client, source, chosen, request.before, after, compute, options.audit)
+        report = audit_unlearning(source, chosen, request.before, after, compute, options.audit,
+                                  latest_retrain(client, source, chosen))
         report_dir = _log_report(report, source, local.parent / "audit")
-        version = str(with_retries(log_pipeline_model, local, source.registered_name).registered_model_version)
-    _tag_version(client, source.registered_name, version, tags)
+        version = str(tracker.log_model(local, source.registered_name).registered_model_version)
+    tracker.tag_model_version(source.registered_name, version, tags)
     return UnlearnResult(run.info.run_id, source.registered_name, version, report, report_dir, chosen)
 
 
@@ -173,14 +178,58 @@ def _retrain(client: MlflowClient, request: UnlearnRequest, tracking_uri: str) -
     result, tags = retrained.result, request.tags(retrained.steps)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=result.run_id):
-        with_retries(mlflow.set_tags, tags)
-        with_retries(mlflow.log_text, "\n".join(chosen.ids) + "\n", "forget_ids.txt")
+        tracker.set_tags(tags)
+        tracker.log_text("\n".join(chosen.ids) + "\n", "forget_ids.txt")
         after = load_pipeline(result.local_pipeline, "cpu")
         compute = UnlearnCompute("retrain", retrained.steps, retrained.seconds, "see the run's devices tag")
-        report = audit_unlearning(client, source, chosen, request.before, after, compute, request.options.audit)
+        report = audit_unlearning(source, chosen, request.before, after, compute, request.options.audit)
         report_dir = _log_report(report, source, result.local_pipeline.parent / "audit")
-    _tag_version(client, source.registered_name, result.registered_version, tags)
+    tracker.tag_model_version(source.registered_name, result.registered_version, tags)
     return UnlearnResult(result.run_id, source.registered_name, result.registered_version, report, report_dir, chosen)
+
+
+def copied_ids(client: MlflowClient, evaluation_run_id: str, source_run_id: str, measure: str) -> list[str]:
+    """The sample ids an evaluation run of the source found at least one generation to be a copy of,
+    by `measure` (a key of PER_SAMPLE_MEASURES): its copies table's column of that measure."""
+    column = PER_SAMPLE_MEASURES[measure]
+    run = get_run(client, evaluation_run_id)
+    evaluated = run.data.tags.get(SOURCE_RUN_TAG)
+    if evaluated != source_run_id:
+        raise MemshardError(f"evaluation run {evaluation_run_id} evaluated run {evaluated}, not this model's run "
+                            f"{source_run_id}: pass an evaluation of this model")
+    with tempfile.TemporaryDirectory(prefix="memshard-copies-") as tmp:
+        try:
+            path = client.download_artifacts(evaluation_run_id, COPIES_TABLE, tmp)
+        except (MlflowException, OSError):
+            raise MemshardError(f"evaluation run {evaluation_run_id} has no {COPIES_TABLE}: run memshard evaluate "
+                                "on the model first") from None
+        table = pq.read_table(path)
+    if column not in table.column_names:
+        raise MemshardError(f"evaluation run {evaluation_run_id} predates per-sample {measure} (its {COPIES_TABLE} "
+                            f"has no {column} column): run memshard evaluate on the model again")
+    if table.column(column).null_count == len(table):
+        raise MemshardError(f"evaluation run {evaluation_run_id} could not calibrate {measure} (fewer than 3 distinct "
+                            f"training images): pass evaluation:{evaluation_run_id}:r-copies or sample ids")
+    counts = table.select(["sample_id", column]).to_pandas()
+    return counts.loc[counts[column] > 0, "sample_id"].astype(str).tolist()
+
+
+def latest_retrain(client: MlflowClient, source: UnlearnSource, forget: ForgetSet) -> RetrainedModel | None:
+    """The latest registered retrain of `source` without `forget` in the store, loaded (None: there is none)."""
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=(f"tags.`{SOURCE_RUN_TAG}` = '{source.run_id}' and tags.`{METHOD_TAG}` = 'retrain' "
+                       f"and tags.`{FORGET_HASH_TAG}` = '{forget.hash}'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
+    if not versions:
+        return None
+    uri = f"models:/{versions[0].name}/{versions[0].version}"
+    return RetrainedModel(run.info.run_id, uri, int(run.data.tags.get(STEPS_TAG, 0)),
+                          run.data.metrics.get("unlearn_seconds"), load_model_pipeline(resolve_model(uri, client), client))
 
 
 def _log_report(report: AuditReport, source: UnlearnSource, out_dir: Path) -> Path:
@@ -191,14 +240,9 @@ def _log_report(report: AuditReport, source: UnlearnSource, out_dir: Path) -> Pa
     (out_dir / "report.md").write_text(report.markdown())
     report.nearest_picture(source.dataset).save(out_dir / "nearest.png")
     for name in ("report.json", "report.md", "nearest.png"):
-        with_retries(mlflow.log_artifact, str(out_dir / name), "audit")
-    with_retries(mlflow.log_metrics, report.metrics())
+        tracker.log_artifact(out_dir / name, "audit")
+    tracker.log_metrics(report.metrics())
     return out_dir
-
-
-def _tag_version(client: MlflowClient, name: str, version: str, tags: dict) -> None:
-    for key, value in tags.items():
-        with_retries(client.set_model_version_tag, name, version, key, value)
 
 
 def run_unlearn_command(args: argparse.Namespace) -> int:
