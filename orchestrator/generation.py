@@ -36,6 +36,7 @@ from memshard.errors import MemshardError
 from memshard.orchestrator.cluster import (
     ActorResources,
     ActorRole,
+    assigned_device,
     check_feasible,
     node_resources,
     place_actors,
@@ -98,9 +99,8 @@ class GenerationWorker:
 
     def __init__(self, pipeline: DDPMPipeline, plan: SamplingPlan, threads: int):
         torch.set_num_threads(threads)
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.plan = plan
-        self.pipeline = use_sampler(pipeline, plan.sampler).to(device)
+        self.pipeline = use_sampler(pipeline, plan.sampler).to(assigned_device())
 
     def describe(self) -> dict:
         """Where this worker runs (waiting on it also waits for the pipeline to load)."""
