@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
+import torch
 from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
@@ -131,8 +132,10 @@ def largest_packable_share(node_cpus: list[float], count: int) -> float:
 
 
 def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[str, float]],
-                   role: ActorRole = SHARD_ACTOR) -> None:
-    """Raise when no placement could ever hold the K actors (identical bundles pack node by node)."""
+                   role: ActorRole = SHARD_ACTOR, beside: int = 0) -> None:
+    """Raise when no placement could ever hold the K actors and `beside` more bundles like theirs (a
+    Ray Tune trial's measurement holds one on a GPU cluster: `memshard.tuning.sweep`). Identical
+    bundles pack node by node."""
     bundle = resources.bundle()
 
     def holds(node: dict[str, float]) -> int:
@@ -146,13 +149,15 @@ def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[
             f"no node can hold one {role.name} needing {bundle}: nodes offer "
             f"{_offers(nodes, bundle)}; {_lower(lacking, role, ', or ')}add nodes with more {' and '.join(lacking)}"
         )
-    if capacity < num_shards:
+    if capacity < num_shards + beside:
         # The resources that stop each node from holding one more actor.
         limiting = {name for node in nodes for name, amount in bundle.items()
                     if math.floor(node.get(name, 0.0) / amount + 1e-9) == holds(node)}
+        also = f" and {beside} more bundle{'s' * (beside != 1)} like theirs" if beside else ""
+        fewer = f"use {role.count_flag} {capacity - beside} or fewer, " if capacity > beside else ""
         raise MemshardError(
-            f"{num_shards} {role.name}s needing {bundle} each do not fit: the nodes hold {capacity}; "
-            f"use {role.count_flag} {capacity} or fewer, {_lower(sorted(limiting), role, ', ')}or add nodes"
+            f"{num_shards} {role.name}s{also} needing {bundle} each do not fit: the nodes hold {capacity}; "
+            f"{fewer}{_lower(sorted(limiting), role, ', ')}or add nodes"
         )
 
 
@@ -170,6 +175,13 @@ def _lower(names: list[str], role: ActorRole, then: str) -> str:
     fixes = [f"lower {settings[n]} (auto fits the nodes)" if n in settings else f"lower or drop {n} in ray.actor_resources"
              for n in names]
     return " / ".join(fixes) + then
+
+
+def assigned_device() -> str:
+    """Where this Ray task or actor computes: cuda when Ray assigned it a GPU and torch can use it, else
+    cpu. Ray hides the node's GPUs from a process that reserved none, and a fake GPU (a node that
+    declares num_gpus without one) is no CUDA device."""
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 def node_resources() -> list[dict[str, float]]:

@@ -37,6 +37,7 @@ from memshard.orchestrator.actor_pool import ActorPool, CallError, Lost
 from memshard.orchestrator.cluster import (
     ActorResources,
     ActorRole,
+    assigned_device,
     check_feasible,
     node_resources,
     place_actors,
@@ -100,9 +101,8 @@ class GenerationWorker:
 
     def __init__(self, pipeline: DDPMPipeline, plan: SamplingPlan, threads: int, faults: FaultPlan | None = None):
         torch.set_num_threads(threads)
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.plan = plan
-        self.pipeline = use_sampler(pipeline, plan.sampler).to(device)
+        self.pipeline = use_sampler(pipeline, plan.sampler).to(assigned_device())
         self.faults = faults  # test-only (shard_worker.faults); None in a real run
 
     def describe(self) -> dict:
