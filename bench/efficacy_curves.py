@@ -82,7 +82,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import ray
 import torch
 
 from memshard.cli import quiet_terminal
@@ -92,7 +91,7 @@ from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
 from memshard.model import resolve_device
-from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.tracking import connect_mlflow, tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, train
 from memshard.pipeline import SAMPLERS
@@ -397,7 +396,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{results['environment']['command']}\nload average at start: {results['environment']['load_average_at_start']}",
           file=sys.stderr)
     torch.set_num_threads(os.cpu_count() or 1)  # evaluation runs here while the actors wait
-    started_ray = connect_ray(None)
     started = time.perf_counter()
     total_rounds = sum(cfg.iet.rounds for cfg in configs.values())
     rounds_done = 0
@@ -418,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{point['mean_confidence']:.2f}, coverage {point['coverage']:.2f}; {elapsed / 60:.1f} min, "
               f"about {elapsed / done * (total_rounds - done) / 60:.0f} min left", file=sys.stderr, flush=True)
 
-    try:
+    with ray_session(None):  # RAY_ADDRESS, else a local instance
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"efficacy {args.preset} {data.regime}") as parent:
             tracker.log_params({"command": results["environment"]["command"][:6000], **{
                 key: json.dumps(value)[:6000] for key, value in results["settings"].items()}})
@@ -441,9 +439,6 @@ def main(argv: list[str] | None = None) -> None:
                 if (out / name).exists():
                     tracker.log_artifact(out / name)
             print(f"MLflow run {parent.info.run_id} in experiment {args.experiment} ({args.tracking_uri})")
-    finally:
-        if started_ray:
-            ray.shutdown()
     print(summary_markdown(results["summary"]))
     print(f"load average at end: {results['environment']['load_average_at_end']}; "
           f"{results['environment']['seconds'] / 3600:.2f} h")

@@ -19,11 +19,10 @@ import tempfile
 import time
 
 import numpy as np
-import ray
 import torch
 
 from memshard.config import build_config
-from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.sharding import split_into_shards
 
@@ -39,8 +38,7 @@ def main() -> None:
                                              "training.batch_size": 2, "training.mixed_precision": "no"})
     num_samples = 50 * args.shards
     images = np.random.default_rng(0).integers(0, 256, (num_samples, 3, 32, 32), dtype=np.uint8)
-    connect_ray(None)
-    try:
+    with ray_session(None):  # RAY_ADDRESS, else a local instance
         with start_shard_driver(cfg, images, split_into_shards(num_samples, args.shards, 0)) as (driver, _):
             megabytes = sum(w.nbytes for w in driver.weights.values()) / 1e6
             for round_index in range(1, args.rounds + 1):
@@ -50,8 +48,6 @@ def main() -> None:
         seconds = report.seconds
         overhead = seconds["broadcast"] + seconds["gather"] + seconds["aggregate"]
         step_s = float(np.median([r.seconds / r.steps for r in report.results]))
-    finally:
-        ray.shutdown()
 
     device = f"cpu: {platform.machine()}, {os.cpu_count()} cores" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     print(f"device: {device}; K={args.shards}; cifar32 proxy {megabytes:.0f} MB fp32 weights")

@@ -99,6 +99,7 @@ class EvaluateSettings:
     r_copy_threshold: float = DEFAULT_R_COPY_THRESHOLD
     device: str = AUTO  # where generation runs: auto (GPUs when the cluster has them), cpu or cuda
     workers: int | None = None  # generation workers; None: every GPU (or CPU slot) of the cluster
+    batch_timeout_s: float = 3600.0  # a generation worker with no batch back by then is replaced (as a dead one)
 
     def check(self) -> None:
         """Every setting that can be checked without the model or the cluster."""
@@ -120,6 +121,8 @@ class EvaluateSettings:
             raise MemshardError(f"--device {self.device!r} is not a device here: use {', '.join(DEVICES)}")
         if self.workers is not None and self.workers < 1:
             raise MemshardError(f"--workers {self.workers}: need at least 1 (default: every GPU or CPU slot)")
+        if not self.batch_timeout_s > 0:
+            raise MemshardError(f"--batch-timeout {self.batch_timeout_s}: give seconds > 0")
 
 
 class PlanChoice(NamedTuple):

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch", type=int, help="generations per batch (default: 256 published, 50 quick)")
     evaluate.add_argument("--workers", type=_count_or_auto, default=None, metavar="N|auto",
                           help="generation workers on the Ray cluster (default auto: one per GPU, else one per CPU)")
+    evaluate.add_argument("--batch-timeout", type=float, metavar="SECONDS",
+                          help="a generation worker with no batch back within this is replaced, as a dead one is "
+                               "(default: an hour)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--feature-space", default="auto",
                           help="quality features: auto (default: inception-v3 where torch-fidelity and its weights are "
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto",
                           help="where generation runs: auto (the cluster's GPUs when it has them), cpu or cuda")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    evaluate.add_argument("--ray-address", metavar="HOST:PORT|auto",
+                          help="the Ray cluster to generate on (default: RAY_ADDRESS, else a local Ray instance)")
     evaluate.add_argument("--experiment", default="memshard",
                           help="experiment for a model with no training run (else the training run's)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
+import torch
 from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
@@ -25,26 +28,38 @@ from memshard.config import Config
 from memshard.errors import MemshardError
 
 
-def connect_ray(address: str | None) -> bool:
-    """Join the cluster named by `address` or RAY_ADDRESS (set by `ray job submit`), else start a
-    local instance of our own — never silently join some other cluster running on this machine
-    (use `ray.address=auto` for that).
+def resolve_ray_address(requested: str | None) -> str | None:
+    """Where a command runs on Ray, by the one rule every command follows: the address asked for now
+    (a flag or `--set ray.address=...`) > RAY_ADDRESS (which `ray job submit` sets) > None, a local
+    instance of our own. Never a saved run's address: a where-setting is asked for again each time.
+    `auto` joins the cluster already running on this machine."""
+    return requested or os.environ.get("RAY_ADDRESS") or None
 
-    Returns True when this call started Ray (so the caller shuts it down again).
-    """
+
+@contextmanager
+def ray_session(requested: str | None) -> Iterator[None]:
+    """Ray connected for the block, at `resolve_ray_address(requested)`; a Ray this call started is shut
+    down on the way out. Inside a Ray driver or task that is already connected (a Tune trial, the
+    tests' cluster) it joins nothing and shuts nothing down."""
     if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
+        yield
+        return
+    address = resolve_ray_address(requested)
     try:
         if address:
             _check_address_answers(address)
             ray.init(address=address)  # actor output reaches this terminal unless RAY_LOG_TO_DRIVER=0 (memshard.cli)
         else:
-            # A local instance sized to this machine, without a dashboard.
+            # A local instance sized to this machine, without a dashboard: never silently some other
+            # cluster running here (`auto` asks for that).
             ray.init(address="local", include_dashboard=False)
     except (ConnectionError, OSError, ValueError) as error:  # OSError: refused, no route; ValueError: a malformed address
-        raise MemshardError(f"cannot reach the Ray cluster at {address} ({error}): check RAY_ADDRESS / ray.address") from None
-    return True
+        raise MemshardError(f"cannot reach the Ray cluster at {address} ({error}): check ray.address "
+                            "(evaluate: --ray-address) or RAY_ADDRESS") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _check_address_answers(address: str, timeout_s: float = 5.0) -> None:
@@ -117,8 +132,10 @@ def largest_packable_share(node_cpus: list[float], count: int) -> float:
 
 
 def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[str, float]],
-                   role: ActorRole = SHARD_ACTOR) -> None:
-    """Raise when no placement could ever hold the K actors (identical bundles pack node by node)."""
+                   role: ActorRole = SHARD_ACTOR, beside: int = 0) -> None:
+    """Raise when no placement could ever hold the K actors and `beside` more bundles like theirs (a
+    Ray Tune trial's measurement holds one on a GPU cluster: `memshard.tuning.sweep`). Identical
+    bundles pack node by node."""
     bundle = resources.bundle()
 
     def holds(node: dict[str, float]) -> int:
@@ -132,13 +149,15 @@ def check_feasible(resources: ActorResources, num_shards: int, nodes: list[dict[
             f"no node can hold one {role.name} needing {bundle}: nodes offer "
             f"{_offers(nodes, bundle)}; {_lower(lacking, role, ', or ')}add nodes with more {' and '.join(lacking)}"
         )
-    if capacity < num_shards:
+    if capacity < num_shards + beside:
         # The resources that stop each node from holding one more actor.
         limiting = {name for node in nodes for name, amount in bundle.items()
                     if math.floor(node.get(name, 0.0) / amount + 1e-9) == holds(node)}
+        also = f" and {beside} more bundle{'s' * (beside != 1)} like theirs" if beside else ""
+        fewer = f"use {role.count_flag} {capacity - beside} or fewer, " if capacity > beside else ""
         raise MemshardError(
-            f"{num_shards} {role.name}s needing {bundle} each do not fit: the nodes hold {capacity}; "
-            f"use {role.count_flag} {capacity} or fewer, {_lower(sorted(limiting), role, ', ')}or add nodes"
+            f"{num_shards} {role.name}s{also} needing {bundle} each do not fit: the nodes hold {capacity}; "
+            f"{fewer}{_lower(sorted(limiting), role, ', ')}or add nodes"
         )
 
 
@@ -158,13 +177,15 @@ def _lower(names: list[str], role: ActorRole, then: str) -> str:
     return " / ".join(fixes) + then
 
 
+def assigned_device() -> str:
+    """Where this Ray task or actor computes: cuda when Ray assigned it a GPU and torch can use it, else
+    cpu. Ray hides the node's GPUs from a process that reserved none, and a fake GPU (a node that
+    declares num_gpus without one) is no CUDA device."""
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-
-
-def place_shard_actors(cfg: Config, num_shards: int, actor_class, make_args):
-    """Start K shard actors in one placement group (see `place_actors`)."""
-    return place_actors(cfg, num_shards, actor_class, make_args)
 
 
 def place_actors(cfg: Config, num_shards: int, actor_class, make_args, role: ActorRole = SHARD_ACTOR,

@@ -13,7 +13,8 @@ A `--workers` count that can never fit is a one-line error, before any actor sta
 
 The driver hands out batches as workers free up (two in flight per worker), draws one progress
 bar over all of them, prints an estimate of the total once the first batch is back, and replaces a
-worker that dies (its batches are made again: the same images).
+worker that dies or stalls (no batch back within `--batch-timeout`; `actor_pool.ActorPool`): its
+batches are made again, the same images.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -33,9 +33,11 @@ from tqdm import tqdm
 
 from memshard.config import Config
 from memshard.errors import MemshardError
+from memshard.orchestrator.actor_pool import ActorPool, CallError, Lost
 from memshard.orchestrator.cluster import (
     ActorResources,
     ActorRole,
+    assigned_device,
     check_feasible,
     node_resources,
     place_actors,
@@ -43,6 +45,7 @@ from memshard.orchestrator.cluster import (
     release,
 )
 from memshard.pipeline import SamplingPlan, generate_batch, use_sampler
+from memshard.shard_worker.faults import FaultPlan
 
 GENERATION_WORKER = ActorRole("generation worker", "--workers")
 IN_FLIGHT = 2  # batches queued per worker: the next one starts while the last one's images travel
@@ -96,18 +99,21 @@ def plan_workers(requested: int | None, device: str, batches: int) -> WorkerPlan
 class GenerationWorker:
     """Holds one copy of the pipeline, with the plan's sampler, and makes batches on request."""
 
-    def __init__(self, pipeline: DDPMPipeline, plan: SamplingPlan, threads: int):
+    def __init__(self, pipeline: DDPMPipeline, plan: SamplingPlan, threads: int, faults: FaultPlan | None = None):
         torch.set_num_threads(threads)
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.plan = plan
-        self.pipeline = use_sampler(pipeline, plan.sampler).to(device)
+        self.pipeline = use_sampler(pipeline, plan.sampler).to(assigned_device())
+        self.faults = faults  # test-only (shard_worker.faults); None in a real run
 
     def describe(self) -> dict:
         """Where this worker runs (waiting on it also waits for the pipeline to load)."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "device": self.pipeline.device.type,
                 "threads": torch.get_num_threads()}
 
-    def generate(self, count: int, seed: int) -> np.ndarray:
+    def generate(self, batch: int, count: int, seed: int) -> np.ndarray:
+        """The plan's batch `batch`: `count` images from `seed`."""
+        if self.faults is not None:
+            self.faults.before_batch(batch)
         return generate_batch(self.pipeline, self.plan, count, seed)
 
 
@@ -129,89 +135,86 @@ class GeneratedImages:
                 "estimated_seconds": round(self.estimated_seconds, 1), "worker_restarts": self.restarts}
 
 
-def generate_on_ray(pipeline: DDPMPipeline, plan: SamplingPlan, workers: WorkerPlan, show_progress: bool = True,
-                    max_restarts: int | None = None) -> GeneratedImages:
-    """The plan's images, made by `workers` placed on the cluster (see the module notes). The
-    estimate after the first batch is printed to stdout; the progress bar goes to stderr."""
+def generate_on_ray(pipeline: DDPMPipeline, plan: SamplingPlan, workers: WorkerPlan, *, batch_timeout_s: float,
+                    show_progress: bool = True, max_restarts: int | None = None) -> GeneratedImages:
+    """The plan's images, made by `workers` placed on the cluster (see the module notes). A worker that
+    returns no batch within `batch_timeout_s` (EvaluateSettings.batch_timeout_s) is replaced, as is one
+    that dies, up to `max_restarts` times (None: ray.max_actor_restarts' default). The estimate after
+    the first batch is printed to stdout; the progress bar goes to stderr."""
     started = time.perf_counter()
     batches = plan.batches()
     cfg = Config()
     limit = cfg.ray.max_actor_restarts if max_restarts is None else max_restarts
+    faults = FaultPlan.from_environment()  # test-only; None in a real run
     pipeline_ref = ray.put(pipeline.to("cpu"))  # once into the object store; each worker loads its copy
     actors, group = [], None
     try:
         actors, group, resources, start_actor = place_actors(
-            cfg, workers.count, GenerationWorker, lambda k, r: (pipeline_ref, plan, max(1, int(r.cpus))),
+            cfg, workers.count, GenerationWorker, lambda k, r: (pipeline_ref, plan, max(1, int(r.cpus)), faults),
             role=GENERATION_WORKER, resources=workers.resources)
         placement = ray.get([actor.describe.remote() for actor in actors])
-        run = _BatchRun(actors, start_actor, batches, limit)
-        images, first, estimate = run.collect(plan, show_progress)
+
+        def out_of_restarts(lost: Lost) -> MemshardError:
+            return MemshardError(f"generation worker {lost.actor} failed ({lost.reason}) and the evaluation has used "
+                                 f"its {limit} restarts: check the nodes' memory and logs, raise --batch-timeout for "
+                                 f"slow batches, or use fewer --workers")
+
+        pool = ActorPool(actors, start_actor, max_restarts=limit, timeout_s=batch_timeout_s,
+                         timeout_setting="--batch-timeout", out_of_restarts=out_of_restarts,
+                         restore=lambda k, actor: ray.get(actor.describe.remote()))  # its pipeline loaded first
+        images, first, estimate = _BatchRun(pool, batches).collect(plan, show_progress)
         return GeneratedImages(np.ascontiguousarray(np.concatenate(images)), workers, placement, first, estimate,
-                               time.perf_counter() - started, run.restarts)
+                               time.perf_counter() - started, pool.restarts)
     finally:
         release(actors, group)
 
 
 class _BatchRun:
-    """The driver's loop: queue the batches, keep IN_FLIGHT per worker, gather them in order."""
+    """The driver's loop: queue the batches, keep IN_FLIGHT per worker, gather them in order; the
+    batches of a worker the pool replaced go back to the front of the queue."""
 
-    def __init__(self, actors: list, start_actor: Callable[[int], object], batches: list[tuple[int, int]],
-                 max_restarts: int):
-        self.actors, self.start_actor, self.batches = actors, start_actor, batches
-        self.max_restarts, self.restarts = max_restarts, 0
+    def __init__(self, pool: ActorPool, batches: list[tuple[int, int]]):
+        self.pool, self.batches = pool, batches
         self.queue = deque(range(len(batches)))
-        self.pending: dict = {}  # ObjectRef -> (worker k, batch b, the actor it was sent to)
 
     def submit(self, k: int) -> None:
         if self.queue:
             b = self.queue.popleft()
             count, seed = self.batches[b]
-            self.pending[self.actors[k].generate.remote(count, seed)] = (k, b, self.actors[k])
+            self.pool.submit(k, "generate", b, count, seed, tag=b)
 
     def collect(self, plan: SamplingPlan, show_progress: bool) -> tuple[list[np.ndarray], float, float]:
         results: list[np.ndarray | None] = [None] * len(self.batches)
+        workers = len(self.pool.actors)
         for _ in range(IN_FLIGHT):
-            for k in range(len(self.actors)):
+            for k in range(workers):
                 self.submit(k)
         start = time.perf_counter()
         first = estimate = 0.0
         bar = tqdm(total=plan.num_images, desc="generating", unit="img", disable=not show_progress, file=sys.stderr)
         try:
-            while self.pending:
-                (ref,), _ = ray.wait(list(self.pending), num_returns=1)
-                k, b, actor = self.pending.pop(ref)
-                try:
-                    results[b] = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:
-                    self._replace(k, actor, b, error)
+            for outcome in self.pool.results():
+                if isinstance(outcome, Lost):  # a fresh worker, idle: the lost batches first
+                    self.queue.extendleft(reversed(outcome.tags))
+                    for _ in range(IN_FLIGHT):
+                        self.submit(outcome.actor)
                     continue
-                except ray.exceptions.RayTaskError as error:
-                    raise _task_error(error, self.batches[b][0]) from None
+                b = outcome.tag
+                results[b] = outcome.value
                 if not first:
                     first = time.perf_counter() - start
-                    estimate = first * math.ceil(len(self.batches) / len(self.actors))
+                    estimate = first * math.ceil(len(self.batches) / workers)
                     bar.write(f"first batch: {self.batches[b][0]} images in {_duration(first)} on "
-                              f"{len(self.actors)} worker{'s' * (len(self.actors) != 1)}; estimated generation "
+                              f"{workers} worker{'s' * (workers != 1)}; estimated generation "
                               f"time for {plan.num_images:,} images: {_duration(estimate)}", file=sys.stdout)
                     sys.stdout.flush()
                 bar.update(self.batches[b][0])
-                self.submit(k)
+                self.submit(outcome.actor)
+        except CallError as failed:
+            raise _task_error(failed.error, self.batches[failed.tag][0]) from None
         finally:
             bar.close()
         return results, first, estimate
-
-    def _replace(self, k: int, actor, b: int, error: Exception) -> None:
-        """Worker k died: its batch is made again by a fresh worker in the same bundle (one per death)."""
-        self.queue.appendleft(b)
-        if actor is self.actors[k]:  # else: already replaced while this batch was in flight
-            self.restarts += 1
-            if self.restarts > self.max_restarts:
-                raise MemshardError(f"generation worker {k} died ({type(error).__name__}) and the evaluation has used "
-                                    f"its {self.max_restarts} restarts: check the nodes' memory and logs, or use "
-                                    f"fewer --workers")
-            ray.kill(actor, no_restart=True)
-            self.actors[k] = self.start_actor(k)
-        self.submit(k)
 
 
 def _task_error(error: Exception, count: int) -> Exception:

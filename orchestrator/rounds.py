@@ -22,7 +22,8 @@ import ray
 from memshard.aggregation import ServerState, server_update, weighted_average
 from memshard.config import Config
 from memshard.errors import MemshardError
-from memshard.orchestrator.cluster import ActorResources, place_shard_actors, release
+from memshard.orchestrator.actor_pool import ActorPool, CallError, Lost
+from memshard.orchestrator.cluster import ActorResources, place_actors, release
 from memshard.orchestrator.settings import server_hyperparameters
 from memshard.orchestrator.sharding import (
     Moves,
@@ -68,9 +69,13 @@ class IETDriver:
     """Holds the global weights, the shard assignment and the per-sample tables; runs rounds."""
 
     def __init__(self, cfg: Config, actors: list, shards: list[np.ndarray], num_samples: int,
-                 weights: dict[str, np.ndarray], start_actor: Callable[[int], object] | None = None):
+                 weights: dict[str, np.ndarray], start_actor: Callable[[int], object]):
         self.cfg = cfg
-        self.actors = actors
+        # The proxies; one that dies or stalls is replaced in its bundle and resumes its shard (`_restore`).
+        self.pool = ActorPool(actors, start_actor, max_restarts=cfg.ray.max_actor_restarts,
+                              timeout_s=cfg.ray.round_timeout_s, timeout_setting="ray.round_timeout_s",
+                              out_of_restarts=self._out_of_restarts, restore=self._restore)
+        self.round_index = 0  # the round being run, for the failure records
         self.shards = shards
         self.num_samples = num_samples
         self.weights = weights
@@ -83,13 +88,21 @@ class IETDriver:
         self.skips_total = np.zeros(num_samples, dtype=np.int64)  # over the whole run, for the report
         self.last_loss = np.full(num_samples, np.nan)
         self.rounds_done = 0
-        self.start_actor = start_actor  # starts a replacement actor for shard k (None: no recovery)
-        self.restarts = 0
         self.failure_events: list[dict] = []
         # Each proxy's state as of the start of the coming round (object-store references): what a
         # replacement actor resumes from, so a re-run round gives what the lost one would have.
         self.worker_states = [actor.state_dict.remote() for actor in actors]
         self._weights_refs: tuple = ()
+
+    @property
+    def actors(self) -> list:
+        """The live proxy of each shard (replacements included)."""
+        return self.pool.actors
+
+    @property
+    def restarts(self) -> int:
+        """Actors replaced over the run (checkpointed: the budget ray.max_actor_restarts is per run)."""
+        return self.pool.restarts
 
     @property
     def model_weights(self) -> dict[str, np.ndarray]:
@@ -129,59 +142,46 @@ class IETDriver:
         return RoundReport(round_index, results, moves, seconds)
 
     def _train_all_shards(self, round_index: int) -> list[RoundResult]:
-        """Every shard's local steps, concurrently; a shard whose actor dies or stalls is re-run."""
-        cfg = self.cfg
-        pending: dict = {}  # ObjectRef -> shard
+        """Every shard's local steps, concurrently; a shard whose actor dies or stalls is re-run on a
+        replacement (`ActorPool`) that resumes it from the start of the round."""
+        self.round_index = round_index
 
         def launch(k: int) -> None:
-            ref = self.actors[k].train_round.remote(self.shards[k], cfg.iet.local_steps)
-            pending[ref] = k
+            self.pool.submit(k, "train_round", self.shards[k], self.cfg.iet.local_steps, tag=k)
 
         for k in range(len(self.actors)):
             launch(k)
         results: dict[int, RoundResult] = {}
-        deadline = time.monotonic() + cfg.ray.round_timeout_s
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:  # stuck shards are treated as failed
-                stuck = list(pending.items())
-                pending.clear()
-                for _, k in stuck:
-                    self._replace_actor(k, round_index, f"no result within ray.round_timeout_s = {cfg.ray.round_timeout_s:g} s")
-                    launch(k)
-                deadline = time.monotonic() + cfg.ray.round_timeout_s
-                continue
-            ref = ready[0]
-            k = pending.pop(ref)
-            try:
-                results[k] = ray.get(ref)
-            except NonFiniteLossError as error:
-                cause = getattr(error, "cause", error)
-                raise MemshardError(
-                    f"shard {k} produced a non-finite loss at step {getattr(cause, 'step', '?')} in round {round_index}; "
-                    f"the round was rolled back and the last checkpoint kept: lower training.learning_rate "
-                    f"or training.grad_clip, or set training.mixed_precision=no"
-                ) from None
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:
-                self._replace_actor(k, round_index, f"actor died ({type(error).__name__})")
-                launch(k)
+        try:
+            for outcome in self.pool.results():
+                if isinstance(outcome, Lost):
+                    self.failure_events.append({"round": round_index, "shard": outcome.actor, "reason": outcome.reason,
+                                                "restart": outcome.restart})
+                    launch(outcome.actor)
+                else:
+                    results[outcome.actor] = outcome.value
+        except CallError as failed:
+            if not isinstance(failed.error, NonFiniteLossError):
+                raise failed.error from None
+            cause = getattr(failed.error, "cause", failed.error)
+            raise MemshardError(
+                f"shard {failed.actor} produced a non-finite loss at step {getattr(cause, 'step', '?')} in round "
+                f"{round_index}; the round was rolled back and the last checkpoint kept: lower training.learning_rate "
+                f"or training.grad_clip, or set training.mixed_precision=no"
+            ) from None
         return [results[k] for k in range(len(self.actors))]
 
-    def _replace_actor(self, k: int, round_index: int, reason: str) -> None:
-        """A fresh actor for shard k, in the state shard k had at the start of this round."""
-        self.restarts += 1
-        self.failure_events.append({"round": round_index, "shard": k, "reason": reason, "restart": self.restarts})
-        limit = self.cfg.ray.max_actor_restarts
-        if self.start_actor is None or self.restarts > limit:
-            raise MemshardError(
-                f"shard {k} failed in round {round_index} ({reason}) and the run has used its {limit} restarts "
-                f"(ray.max_actor_restarts): the last checkpoint is kept, continue with memshard train --resume RUN_ID"
-            )
-        ray.kill(self.actors[k], no_restart=True)
-        actor = self.start_actor(k)
+    def _restore(self, k: int, actor) -> None:
+        """A replacement for shard k takes the state shard k had at the start of this round, and its weights."""
         ray.get(actor.load_state_dict.remote(self.worker_states[k]))
         ray.get(actor.set_weights.remote(*self._weights_refs))
-        self.actors[k] = actor
+
+    def _out_of_restarts(self, lost: Lost) -> MemshardError:
+        return MemshardError(
+            f"shard {lost.actor} failed in round {self.round_index} ({lost.reason}) and the run has used its "
+            f"{self.cfg.ray.max_actor_restarts} restarts (ray.max_actor_restarts): the last checkpoint is kept, "
+            f"continue with memshard train --resume RUN_ID"
+        )
 
     def redistribute_memorized_samples(self, round_index: int) -> Moves:
         """MSR: each shard's top `msr.fraction` by skip count moves to another shard (method.md §3)."""
@@ -224,7 +224,7 @@ class IETDriver:
         self.skips_since_move = state["skips_since_move"]
         self.skips_total = state["skips_total"]
         self.last_loss = state["last_loss"]
-        self.restarts = int(state["restarts"])
+        self.pool.restarts = int(state["restarts"])
         # Checkpoints from before the server optimizers were plain FedAvg, whose state is a round count.
         saved = state.get("server_state")
         self.server_state = ServerState(rounds=self.rounds_done) if saved is None else ServerState.from_checkpoint(saved)
@@ -248,7 +248,7 @@ def start_shard_driver(cfg: Config, images: np.ndarray, shards: list[np.ndarray]
     images_ref = ray.put(images)
     actors, group = [], None
     try:
-        actors, group, resources, start_actor = place_shard_actors(
+        actors, group, resources, start_actor = place_actors(
             cfg, len(shards), ShardWorker, lambda k, r: (cfg, images_ref, k, max(1, int(r.cpus)), faults))
         weights = ray.get(actors[0].get_weights.remote())
         yield IETDriver(cfg, actors, shards, len(images), weights, start_actor), resources

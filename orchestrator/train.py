@@ -25,7 +25,7 @@ from memshard.config import Config, build_partial, flatten, from_dict, is_redact
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
-from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
 from memshard.orchestrator.settings import check, server_hyperparameters
 from memshard.orchestrator.sharding import split_into_shards
@@ -102,17 +102,13 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
             f"(fingerprint differs): restore it, or start a new run"
         )
     shards = initial_shards(cfg, dataset)
-    started_ray = connect_ray(cfg.ray.address)
-    try:
+    with ray_session(cfg.ray.address):
         _check_cluster_has_gpu(cfg)
         run_args = {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id}
         with mlflow.start_run(**run_args, parent_run_id=hooks.parent_run_id, nested=hooks.parent_run_id is not None,
                               tags=hooks.tags or None) as run:
             return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults,
                                  hooks)
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 def checkpoint_dir(cfg: Config, run_id: str) -> Path:
@@ -150,6 +146,7 @@ def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
                 f"give the URI again (--set mlflow.tracking_uri=URI or MLFLOW_TRACKING_URI)"
             )
         saved.mlflow.tracking_uri = None
+    saved.ray.address = None  # a where-setting (README "Which cluster"): given again, else RAY_ADDRESS or local
     for key, value in requested.items():
         section, name = key.split(".", 1)
         current = getattr(getattr(saved, section), name)

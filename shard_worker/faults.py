@@ -2,9 +2,10 @@
 
 Not a setting: nothing here is in a user's configuration or in a run's MLflow params. A plan is
 installed only through the environment variable MEMSHARD_TEST_FAULTS (JSON with the fields of
-`FaultPlan`), which the reliability tests set; `memshard train` reads it once, at its start, and
-hands the plan to the driver and, as an explicit argument, to every shard actor — wherever in the
-cluster those run. Without the variable nothing is injected and nothing is checked.
+`FaultPlan`), which the reliability tests set; `memshard train` (and generation on Ray,
+`orchestrator.generation`) reads it once, at its start, and hands the plan to the driver and, as an
+explicit argument, to every shard actor (generation worker) — wherever in the cluster those run.
+Without the variable nothing is injected and nothing is checked.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class FaultPlan:
     stall_at_steps: tuple[int, ...] = ()  # it sleeps for an hour at these global steps, once each
     nan_at_step: int = -1  # its loss becomes NaN at this global step
     driver_exit_after_round: int = 0  # the driver process exits right after checkpointing this round
+    stall_at_batches: tuple[int, ...] = ()  # a generation worker sleeps for an hour on these batches, once each
     marker_dir: str = ".memshard/faults"  # remembers which faults fired, so a replacement actor goes on
 
     @classmethod
@@ -46,15 +48,24 @@ class FaultPlan:
         """Exit this process (a real crash, not an exception) or stall, at a step, once each."""
         if shard != self.shard:
             return
-        for kind, steps in (("exit", self.exit_at_steps), ("stall", self.stall_at_steps)):
-            marker = Path(self.marker_dir) / f"{kind}-shard{shard}-step{step}"
-            if step not in steps or marker.exists():
-                continue
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            if kind == "exit":
-                os._exit(17)
+        if step in self.exit_at_steps and self._first_time(f"exit-shard{shard}-step{step}"):
+            os._exit(17)
+        if step in self.stall_at_steps and self._first_time(f"stall-shard{shard}-step{step}"):
             time.sleep(3600)
+
+    def before_batch(self, batch: int) -> None:
+        """A generation worker stalls on a chosen batch (its index in the plan), once each."""
+        if batch in self.stall_at_batches and self._first_time(f"stall-batch{batch}"):
+            time.sleep(3600)
+
+    def _first_time(self, fault: str) -> bool:
+        """Whether this fault fires now: not yet fired (by this actor or the one it replaced)."""
+        marker = Path(self.marker_dir) / fault
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return True
 
     def losses(self, losses: torch.Tensor, shard: int, step: int) -> torch.Tensor:
         """The step's per-sample losses, made NaN at the chosen step (a real NaN through the real step)."""

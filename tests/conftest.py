@@ -14,7 +14,7 @@ def pytest_addoption(parser):
 
 
 # A test that uses any of these starts Ray, an MLflow store or a training run: the `integration` lane.
-INTEGRATION_FIXTURES = {"ray_cluster", "job_cluster", "mlflow_store", "cli_rejects", "experiment_id"}
+INTEGRATION_FIXTURES = {"ray_cluster", "gpu_nodes", "job_cluster", "mlflow_store", "cli_rejects", "experiment_id"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,6 +42,24 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture
+def gpu_nodes(ray_cluster):
+    """Two worker nodes of one GPU each (1 CPU), joined to the session's cluster for one test. The GPUs
+    are declared to Ray, a logical resource (exactly what Ray schedules on); torch sees no CUDA device."""
+    import time
+
+    from memshard.orchestrator.cluster import node_resources
+
+    nodes = [ray_cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    yield nodes
+    for node in nodes:
+        ray_cluster.remove_node(node)
+    deadline = time.monotonic() + 60  # later tests must see the CPU-only cluster again
+    while any(n.get("GPU") for n in node_resources()) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from memshard import SUBPACKAGES
 from memshard.cli import build_parser
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
-from memshard.orchestrator.cluster import node_resources, plan_actor_resources
+from memshard.orchestrator.cluster import plan_actor_resources, resolve_ray_address
 from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.sharding import split_into_shards
 from memshard.orchestrator.train import train
@@ -44,6 +44,19 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # `ray` and `memshard` of the Python running the tests
 LAUNCHER_CONFIGS = ["cluster.yaml", "deploy/cluster-onprem.yaml"]
 MUST_NOT_UPLOAD = [".git", ".venv", "mlruns", "mlflow.db", ".memshard", "data"]
+
+
+# ---- which cluster -----------------------------------------------------------------------------
+
+def test_the_ray_address_asked_for_beats_ray_address_which_beats_a_local_instance(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert resolve_ray_address("10.0.0.2:6379") == "10.0.0.2:6379"
+    assert resolve_ray_address("auto") == "auto"  # the cluster on this machine, asked for by name
+    assert resolve_ray_address(None) == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert resolve_ray_address(None) is None  # a local instance of our own
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert resolve_ray_address(None) is None
 
 
 # ---- the cluster-launcher configs -------------------------------------------------------------
@@ -364,31 +377,19 @@ def test_more_shards_than_nodes_share_a_custom_resource(ray_cluster, mlflow_stor
     assert run.data.tags["actor.resources"] == str({"CPU": 0.5, "worker_slot": 0.5})
 
 
-def test_more_shards_than_gpus_get_fractional_gpus_on_the_gpu_nodes(ray_cluster, mlflow_store, tmp_path):
-    """Two GPU nodes join the cluster; K=4 actors get half a GPU and half a CPU each, on those nodes only.
+def test_more_shards_than_gpus_get_fractional_gpus_on_the_gpu_nodes(ray_cluster, gpu_nodes, mlflow_store, tmp_path):
+    """Two GPU nodes join the cluster; K=4 actors get half a GPU and half a CPU each, on those nodes only
+    (torch here is the CPU build, so the proxies compute on the CPU)."""
+    cfg = build_config("tiny", overrides={"mlflow.tracking_uri": mlflow_store, "iet.shards": 4, "iet.rounds": 1})
+    result = train(cfg, show_progress=False)
+    run = MlflowClient(mlflow_store).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["nodes"] == "2"
+    assert run.data.tags["actor.resources"] == str({"CPU": 0.5, "GPU": 0.5})
 
-    The GPUs are declared to Ray (a logical resource — exactly what Ray schedules on); torch here is
-    the CPU build, so the proxies compute on the CPU.
-    """
-    gpu_nodes = [ray_cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
-    ray_cluster.wait_for_nodes()
-    try:
-        cfg = build_config("tiny", overrides={"mlflow.tracking_uri": mlflow_store, "iet.shards": 4, "iet.rounds": 1})
-        result = train(cfg, show_progress=False)
-        run = MlflowClient(mlflow_store).get_run(result.run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["nodes"] == "2"
-        assert run.data.tags["actor.resources"] == str({"CPU": 0.5, "GPU": 0.5})
-
-        dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
-        with start_shard_driver(cfg, dataset.images, split_into_shards(len(dataset), 4, seed=0)) as (driver, _):
-            placed = driver.placement()
-        assert {p["node_id"] for p in placed} == {node.node_id for node in gpu_nodes}
-    finally:
-        for node in gpu_nodes:
-            ray_cluster.remove_node(node)
-        deadline = time.monotonic() + 60  # later tests must see the CPU-only cluster again
-        while any(n.get("GPU") for n in node_resources()) and time.monotonic() < deadline:
-            time.sleep(0.5)
+    dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
+    with start_shard_driver(cfg, dataset.images, split_into_shards(len(dataset), 4, seed=0)) as (driver, _):
+        placed = driver.placement()
+    assert {p["node_id"] for p in placed} == {node.node_id for node in gpu_nodes}
 
 
 @pytest.mark.parametrize(

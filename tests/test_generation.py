@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import time
 
 import numpy as np
 import pytest
@@ -21,8 +23,10 @@ from memshard.model import build_unet, state_to_numpy
 from memshard.orchestrator.cluster import node_resources
 from memshard.orchestrator.generation import generate_on_ray, plan_workers
 from memshard.pipeline import SAMPLERS, SamplingPlan, build_pipeline, generate_plan, use_sampler
+from memshard.shard_worker.faults import FAULTS_ENV
 
 PLAN = SamplingPlan(num_images=10, sampler="ddim", steps=3, batch_size=3, seed=7)  # 4 batches, the last of 1
+PATIENT = EvaluateSettings().batch_timeout_s
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +67,10 @@ def test_every_sampler_makes_seeded_images_on_the_training_schedule(pipeline, sa
 
 
 def test_two_workers_make_bitwise_the_images_one_worker_makes(ray_cluster, pipeline, capsys):
-    one = generate_on_ray(copy.deepcopy(pipeline), PLAN, plan_workers(1, "cpu", 4), show_progress=False)
-    two = generate_on_ray(copy.deepcopy(pipeline), PLAN, plan_workers(2, "cpu", 4), show_progress=False)
+    one = generate_on_ray(copy.deepcopy(pipeline), PLAN, plan_workers(1, "cpu", 4), batch_timeout_s=PATIENT,
+                          show_progress=False)
+    two = generate_on_ray(copy.deepcopy(pipeline), PLAN, plan_workers(2, "cpu", 4), batch_timeout_s=PATIENT,
+                          show_progress=False)
     assert one.workers.count == 1 and two.workers.count == 2 and len(two.placement) == 2
     assert two.images.shape == (10, 1, 8, 8) and two.images.dtype == np.uint8
     np.testing.assert_array_equal(one.images, two.images)  # bitwise, on CPUs
@@ -72,6 +78,29 @@ def test_two_workers_make_bitwise_the_images_one_worker_makes(ray_cluster, pipel
     assert all(p["device"] == "cpu" for p in two.placement) and two.details()["workers"] == 2
     printed = capsys.readouterr().out
     assert printed.count("first batch: 3 images in ") == 2 and "estimated generation time for 10 images" in printed
+
+
+def test_a_stalled_generation_worker_is_replaced_after_the_batch_timeout_and_the_images_are_the_same(
+    ray_cluster, pipeline, tmp_path, monkeypatch
+):
+    """Worker 1 sleeps for an hour on batch 1 (a real stall, test-only fault plan): after the timeout
+    it is replaced, batches 1 and 3 (both sent to it) are made again, and the images are the plan's."""
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"stall_at_batches": [1], "marker_dir": str(tmp_path / "faults")}))
+    started = time.monotonic()
+    made = generate_on_ray(copy.deepcopy(pipeline), PLAN, plan_workers(2, "cpu", 4), batch_timeout_s=8,
+                           show_progress=False)
+    assert time.monotonic() - started < 120  # the timeout, a replacement and two batches: not the hour
+    assert (tmp_path / "faults" / "stall-batch1").exists()  # the worker really stalled
+    assert made.restarts == 1 and made.details()["worker_restarts"] == 1
+    np.testing.assert_array_equal(made.images, in_process(pipeline, PLAN))  # bitwise, on CPUs
+
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"stall_at_batches": [0], "marker_dir": str(tmp_path / "again")}))
+    with pytest.raises(MemshardError) as error:
+        generate_on_ray(copy.deepcopy(pipeline), PLAN, plan_workers(1, "cpu", 4), batch_timeout_s=8,
+                        show_progress=False, max_restarts=0)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("generation worker 0 failed (no result within --batch-timeout = 8 s)")
+    assert "raise --batch-timeout" in message
 
 
 def test_the_default_worker_count_fills_the_cluster_and_an_impossible_one_is_one_line(ray_cluster):

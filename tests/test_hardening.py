@@ -31,6 +31,7 @@ from memshard.config import build_config, flatten, from_dict, load_config_file, 
 from memshard.errors import MAX_MESSAGE_CHARS, MemshardError, shown
 from memshard.orchestrator.checkpoint import CHECKPOINT_FILE, _to_tensors, load_checkpoint
 from memshard.orchestrator.tracking import scrub, ui_command
+from memshard.orchestrator.train import resume_config
 
 
 @pytest.fixture
@@ -365,7 +366,7 @@ def test_cuda_without_a_gpu_in_the_cluster_starts_no_run(ray_cluster, mlflow_sto
 
 @pytest.mark.integration  # a fresh process and an MLflow store
 def test_a_closed_ray_port_fails_fast_with_the_cluster_error(tmp_path):
-    """A fresh process (no Ray in it yet): connect_ray checks the port instead of Ray's minutes of retries."""
+    """A fresh process (no Ray in it yet): ray_session checks the port instead of Ray's minutes of retries."""
     started = time.monotonic()
     completed = subprocess.run(
         [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress",
@@ -413,6 +414,15 @@ def test_resuming_a_run_the_store_does_not_hold_is_one_line(mlflow_store, tmp_pa
     cli_rejects(["train", "--resume", "0123456789abcdef0123456789abcdef", "--no-progress",
                  "--set", f"mlflow.checkpoint_dir={root}", "--set", f"mlflow.tracking_uri={mlflow_store}"],
                 "is not in the MLflow tracking store")
+
+
+def test_a_resume_asks_again_where_to_run_and_never_takes_the_saved_ray_address(tmp_path):
+    cfg = build_config("tiny", sets=["ray.address=10.1.2.3:6379"])  # the cluster the run was trained on
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, "0123456789abcdef", _to_tensors({**valid_state(), "config": to_dict(cfg)}))
+    where = f"mlflow.checkpoint_dir={root}"
+    assert resume_config("0123456789abcdef", {}, [where]).ray.address is None  # RAY_ADDRESS, else local
+    assert resume_config("0123456789abcdef", {}, [where, "ray.address=auto"]).ray.address == "auto"
 
 
 def test_a_resume_asks_again_for_credentials_it_never_saved(tmp_path, rejects, monkeypatch):

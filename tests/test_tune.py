@@ -1,5 +1,6 @@
 """`memshard tune` on the test cluster: a tiny sweep on Ray Tune, its MLflow runs, table, picture and
-config file; a trial that fails leaves the sweep finished; shard actors go into a trial's own group."""
+config file; a trial that fails leaves the sweep finished; shard actors go into a trial's own group; on a
+cluster with GPUs (simulated: nodes that declare them) the trial's driver, which measures, holds one too."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import sys
 
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
-from ray import cloudpickle
+from ray import cloudpickle, tune
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from memshard.cli import main
 from memshard.config import build_config
-from memshard.orchestrator.cluster import place_actors, release
+from memshard.errors import MemshardError
+from memshard.orchestrator.cluster import assigned_device, node_resources, place_actors, release
 from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
+from memshard.tuning.space import Trial
+from memshard.tuning.sweep import placement, trial_bundles
 from memshard.tuning.trial import SWEEP_TAG, TRIAL_TAG
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the remote code below ships with the test
@@ -26,7 +31,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the remote code b
 class _Probe:
     def where(self) -> dict:
         context = ray.get_runtime_context()
-        return {"group": context.get_placement_group_id(), "resources": context.get_assigned_resources()}
+        return {"group": context.get_placement_group_id(), "resources": context.get_assigned_resources(),
+                "gpu_ids": ray.get_gpu_ids()}
 
 
 @ray.remote
@@ -54,6 +60,73 @@ def test_place_actors_inside_a_placement_group_uses_its_last_bundles(ray_cluster
         assert placement_group_table(group)["state"] == "CREATED"  # released actors, kept the group
     finally:
         remove_placement_group(group)
+
+
+def _trial(shards: int, *sets: str) -> Trial:
+    return Trial("t00", {}, build_config("tiny", sets=[f"iet.shards={shards}", *sets]))
+
+
+def _holds(nodes: list[dict[str, float]], bundle: dict[str, float]) -> int:
+    """How many of these alike bundles the nodes hold, node by node."""
+    return sum(min(int(node.get(name, 0.0) / amount + 1e-9) for name, amount in bundle.items()) for node in nodes)
+
+
+TWO_GPU_NODES = [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]  # a CPU head, 2 nodes x 1 GPU
+
+
+@pytest.mark.parametrize(("shards", "share"), [(2, 0.5), (4, 0.33)])
+def test_on_gpus_the_trials_measurement_holds_a_gpu_share_and_the_group_fits(shards, share):
+    """K actors and the driver share the 2 GPUs as K + 1 processes: 3 -> 1/2 GPU each, 5 -> 1/3."""
+    bundles = trial_bundles(_trial(shards), TWO_GPU_NODES)
+    assert bundles == [{"CPU": 1.0, "GPU": share}] * (shards + 1)
+    assert _holds(TWO_GPU_NODES, bundles[0]) >= len(bundles)
+    assert placement({"trial": {"bundles": bundles, "strategy": "PACK"}}).bundles == bundles
+
+
+@pytest.mark.parametrize(("nodes", "sets"), [
+    ([{"CPU": 2.0}, {"CPU": 1.0}, {"CPU": 1.0}], []),  # a CPU-only cluster
+    (TWO_GPU_NODES, ["ray.gpus_per_actor=0"]),  # actors kept off the GPUs: so is the measurement
+])
+def test_without_gpu_actors_nothing_asks_for_a_gpu_and_the_driver_bundle_is_empty(nodes, sets):
+    bundles = trial_bundles(_trial(2, *sets), nodes)
+    assert bundles[0] == {} and len(bundles) == 3 and not any("GPU" in b for b in bundles)
+
+
+def test_a_trial_whose_measurement_cannot_have_a_gpu_beside_its_actors_is_one_line():
+    """One whole GPU per actor on 2 GPUs: 2 actors would fit, 2 and the measurement do not."""
+    with pytest.raises(MemshardError) as raised:
+        trial_bundles(_trial(2, "ray.gpus_per_actor=1"), TWO_GPU_NODES)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("trial t00 ")
+    assert "its measurement holds a GPU bundle like a shard actor's" in message
+    assert "the nodes hold 2; use --shards 1 or fewer" in message and "lower ray.gpus_per_actor" in message
+    with pytest.raises(MemshardError, match=r"the nodes hold 1; lower ray.gpus_per_actor"):  # no --shards 0
+        trial_bundles(_trial(1, "ray.gpus_per_actor=1"), [{"CPU": 4.0, "GPU": 1.0}])
+
+
+def _gpu_trial(config: dict) -> None:
+    """A Tune trial's driver without the training: what Ray gave it, and where its shard actors went."""
+    actors, group, resources, _ = place_actors(build_config("tiny"), config["shards"], _Probe, lambda k, r: ())
+    where = ray.get([actor.where.remote() for actor in actors])
+    release(actors, group)
+    tune.report({"gpu_ids": [str(i) for i in ray.get_gpu_ids()], "device": assigned_device(),
+                 "cuda": torch.cuda.is_available(), "actor_gpus": [w["resources"].get("GPU", 0.0) for w in where],
+                 "actor_gpu_ids": [len(w["gpu_ids"]) for w in where]})
+
+
+def test_a_trial_on_gpu_nodes_is_placed_and_its_driver_sees_a_gpu(ray_cluster, gpu_nodes, tmp_path):
+    """Through Ray Tune as `memshard tune` runs it: the group is placed, the driver gets a GPU id from
+    Ray (and measures on cuda exactly when torch can use it), its 2 actors a GPU share each."""
+    bundles = trial_bundles(_trial(2), node_resources())
+    assert bundles == [{"CPU": 0.5, "GPU": 0.5}] * 3  # the GPU nodes' 2 CPUs and 2 GPUs shared by 3
+    tuner = tune.Tuner(tune.with_resources(_gpu_trial, resources=placement),
+                       param_space={"trial": {"bundles": bundles, "strategy": "PACK"}, "shards": 2},
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    result = tuner.fit()[0]
+    assert result.error is None, result.error
+    seen = result.metrics
+    assert len(seen["gpu_ids"]) == 1 and seen["device"] == ("cuda" if seen["cuda"] else "cpu")
+    assert seen["actor_gpus"] == [0.5, 0.5] and seen["actor_gpu_ids"] == [1, 1]
 
 
 def test_a_tiny_sweep_logs_its_trials_chooses_registers_and_its_config_trains(ray_cluster, mlflow_store, tmp_path,

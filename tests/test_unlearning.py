@@ -4,7 +4,11 @@ many times (so it copies that image), on the session's real Ray cluster and a re
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -313,11 +317,12 @@ def test_bad_input_is_one_line_and_registers_nothing(planted, monkeypatch, capsy
 
 def test_unlearn_sets_go_through_the_config_parser():
     options = parse_unlearn_sets(["lam=0.25", "c=1", "forget_scale_mode=absolute", "check_every=5",
-                                  "audit.num_images=8", "mlflow.experiment=x"], steps=7)
+                                  "audit.num_images=8", "mlflow.experiment=x", "ray.address=auto"], steps=7)
     assert options.settings == UnlearnSettings(lam=0.25, c=1.0, forget_scale_mode="absolute", check_every=5,
                                                max_steps=7)
     assert UnlearnSettings().forget_scale_mode == "relative" and UnlearnSettings().rho == 0.1
     assert options.audit == AuditSettings(num_images=8) and options.experiment == "x" and options.tracking_uri is None
+    assert options.ray_address == "auto" and parse_unlearn_sets([]).ray_address is None
     for sets, message in [(["lam=half"], "lam = 'half' has the wrong type: expected float"),
                           (["max_steps=2.5"], "max_steps = 2.5 has the wrong type: expected int"),
                           (["forget_scale_mode=both"], "forget_scale_mode='both' must be one of relative, absolute"),
@@ -527,3 +532,37 @@ def test_forget_evaluation_takes_near_copies_by_default_and_r_copies_when_asked(
     assert set(near.rows.tolist()) < set(r.rows.tolist()) and len(r.rows) - len(planted) > 2 * (len(near.rows) - len(planted))
     with pytest.raises(MemshardError, match="predates per-sample near-copies .* run memshard evaluate on the model again"):
         chosen(f"evaluation:{old.info.run_id}")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unlearn_and_retrain_run_where_they_are_told_never_where_the_source_trained(ray_cluster, mlflow_store, tmp_path):
+    """The source run's saved config names a Ray address nothing answers on (this process's Ray is
+    already up, so training never tried it). A fresh `memshard unlearn` process runs on RAY_ADDRESS;
+    a retrain on the `--set ray.address` it is given, with RAY_ADDRESS empty: neither tries the saved one."""
+    saved = f"127.0.0.1:{closed_port()}"
+    cfg = build_config("tiny", overrides={"mlflow.tracking_uri": mlflow_store, "iet.rounds": 1},
+                       sets=[f"ray.address={saved}", "mlflow.register_as=elsewhere"])
+    source = train(cfg, show_progress=False)
+    client = MlflowClient(mlflow_store)
+    assert f'"address": "{saved}"' in Path(client.download_artifacts(source.run_id, "config.json", str(tmp_path))).read_text()
+    forget = str(load_dataset(client.get_run(source.run_id).data.params["dataset.path"]).sample_ids[0])
+    base = [sys.executable, "-m", "memshard.cli", "unlearn", "models:/elsewhere/1", "--forget", forget,
+            "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "audit.num_images=4",
+            "--set", "audit.sampling_steps=2", "--set", "audit.quality=false"]
+    env = {key: value for key, value in os.environ.items() if key != "MEMSHARD_TEST_FAULTS"}
+    for extra, ray_address in [(["--method", "naive", "--steps", "1", "--set", "batch_size=8"], ray_cluster.address),
+                               (["--method", "retrain", "--set", f"ray.address={ray_cluster.address}"], "")]:
+        completed = subprocess.run([*base, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                                   env={**env, "RAY_ADDRESS": ray_address})
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert saved not in completed.stderr
+        run_id = re.search(r"^run id: (\w+)$", completed.stdout, re.M).group(1)
+        assert client.get_run(run_id).info.status == "FINISHED"
+    retrained = client.get_run(run_id)  # the retrain: a training run, tagged with the cluster it joined
+    assert retrained.data.tags["ray.address"] == ray_cluster.gcs_address
+    assert retrained.data.params["ray.address"] == ray_cluster.address  # the address asked for, not the saved one

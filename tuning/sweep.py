@@ -1,12 +1,22 @@
 """`memshard tune` on Ray Tune, the driver's side: check everything, start one trial per setting, follow
 their points, choose, log, register.
 
-Placement: a trial reserves, through `tune.with_resources`, a placement group of an empty bundle for
-its driver (it generates and measures between rounds, while its actors wait) and K bundles shaped
-like the K shard actors `memshard train` would start on this cluster (`plan_actor_resources`). Inside
-the trial, `cluster.place_actors` finds that group and puts the actors in those K bundles, so a trial
-holds exactly what it reserved: trials run side by side when the cluster has room and queue when it
-does not.
+Placement (`trial_bundles`): a trial reserves, through `tune.with_resources`, a placement group of a
+bundle for its driver — the process Tune runs the trial in, which generates and measures between
+rounds while its actors wait — and K bundles shaped like the K shard actors `memshard train` would
+start on this cluster (`plan_actor_resources`). Inside the trial, `cluster.place_actors` finds that
+group and puts the actors in its last K bundles, so a trial holds exactly what it reserved: trials
+run side by side when the cluster has room and queue when it does not.
+
+The driver's bundle follows the actors': where they hold GPU shares, it holds one more bundle like
+theirs (the GPUs shared among K + 1, as `ray.gpus_per_actor=auto` shares them among K actors), since
+Ray shows a process only the GPUs it reserved and the measurement would otherwise run on the CPU;
+where they hold none (a CPU-only cluster, or `ray.gpus_per_actor=0`), it is empty and the driver
+borrows the CPUs its waiting actors hold. The driver measures on what Ray assigned it
+(`assigned_device`). Why a bundle of the driver's own and not a Ray task in an actor's bundle: the
+actor holds all of its bundle, so such a task would need a bigger bundle per actor and would ship
+the weights, the data and the classifier to another process each round; a driver bundle like the
+actors' keeps the group K + 1 alike bundles, which `check_feasible` checks exactly.
 
 Each trial (`trial.run_trial`, in its own process) is a training run plus its points; what it needs
 beyond its configuration reaches it as a `trial.TrialContext`. A failed trial's points are shown,
@@ -29,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -40,11 +49,10 @@ from memshard.evaluation.classifier_space import ClassifierSpace, classifier_una
 from memshard.evaluation.evaluate import EvaluateSettings
 from memshard.orchestrator.checkpoint import check_checkpoint_root
 from memshard.orchestrator.cluster import (
-    ActorResources,
     check_feasible,
-    connect_ray,
     node_resources,
     plan_actor_resources,
+    ray_session,
 )
 from memshard.orchestrator.registry import KIND_TAG
 from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
@@ -94,21 +102,27 @@ class SweepResult:
     table: str  # trials.md
 
 
-def trial_resources(trial: Trial, nodes: list[dict[str, float]]) -> ActorResources:
-    """One shard actor of `trial`, sized as `memshard train` sizes it on this cluster; a trial that
-    could never be placed is a one-line error before any work."""
-    resources = plan_actor_resources(trial.cfg, trial.cfg.iet.shards, nodes)
+def trial_bundles(trial: Trial, nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The bundles `trial` reserves on these nodes: its driver's, then one per shard actor (see the
+    module's docstring: the driver's is like an actor's when the actors hold GPU shares, else empty).
+    A trial that could never be placed is a one-line error before any work."""
+    shards = trial.cfg.iet.shards
+    actor = plan_actor_resources(trial.cfg, shards, nodes)
+    measures_on_gpu = actor.gpus > 0
+    if measures_on_gpu:
+        actor = plan_actor_resources(trial.cfg, shards + 1, nodes)  # the driver is one more GPU process
     try:
-        check_feasible(resources, trial.cfg.iet.shards, nodes)
+        check_feasible(actor, shards, nodes, beside=int(measures_on_gpu))
     except MemshardError as error:
-        raise MemshardError(f"trial {trial.name} ({trial.describe()}): {error}") from None
-    return resources
+        why = "its measurement holds a GPU bundle like a shard actor's: " if measures_on_gpu else ""
+        raise MemshardError(f"trial {trial.name} ({trial.describe()}): {why}{error}") from None
+    return [actor.bundle() if measures_on_gpu else {}] + [actor.bundle()] * shards
 
 
 def placement(config: dict) -> tune.PlacementGroupFactory:
-    """A trial's reservation: an empty bundle for its driver, then one bundle per shard actor."""
+    """A trial's reservation, as `trial_bundles` made it."""
     spec = config["trial"]
-    return tune.PlacementGroupFactory([{}] + [spec["bundle"]] * spec["shards"], strategy=spec["strategy"])
+    return tune.PlacementGroupFactory(spec["bundles"], strategy=spec["strategy"])
 
 
 class Progress(tune.Callback):
@@ -235,11 +249,10 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
                             f"cannot have one ({why_not}): tune on labelled data")
     classifier_cache = Path(".memshard/classifiers").absolute()
     space_name = ClassifierSpace(dataset, cache_dir=classifier_cache).name  # trained once here; every trial loads it
-    started_ray = connect_ray(base.ray.address)
-    try:
+    with ray_session(base.ray.address):
         nodes = node_resources()
-        specs = [{"name": t.name, "config": to_dict(t.cfg), "reference": t.reference, "shards": t.cfg.iet.shards,
-                  "bundle": trial_resources(t, nodes).bundle(), "strategy": t.cfg.ray.placement_strategy}
+        specs = [{"name": t.name, "config": to_dict(t.cfg), "reference": t.reference, "bundles": trial_bundles(t, nodes),
+                  "strategy": t.cfg.ray.placement_strategy}
                  for t in space.trials]
         outcomes = {t.name: TrialOutcome(t) for t in space.trials}
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune {preset}",
@@ -262,9 +275,6 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
             with nullcontext() if tune_output else redirect_stdout(io.StringIO()):  # Tune prints even at verbose=0
                 _fit(specs, context, progress, parent_id)
             return _conclude(list(outcomes.values()), space, settings, preset, parent_id, tracking_uri)
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 def _fit(specs: list[dict], context: TrialContext, progress: Progress, parent_id: str) -> None:

@@ -18,7 +18,6 @@ import logging
 from dataclasses import dataclass
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -27,6 +26,7 @@ from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError, one_line
 from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import EvaluateSettings
+from memshard.orchestrator.cluster import assigned_device
 from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
 from memshard.orchestrator.tracking import tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, checkpoint_dir, train
@@ -74,7 +74,7 @@ def _train_and_measure(cfg: Config, spec: dict, context: TrialContext, tags: dic
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
     data = Data(dataset, dataset, "full")
     space = ClassifierSpace(dataset, cache_dir=context.classifier_cache)  # cached by the sweep's driver
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = assigned_device()  # a GPU only where the trial's driver bundle holds one (trial_bundles)
     rounds = evaluation_rounds(cfg.iet.rounds, context.eval_every, context.reference_round if spec["reference"] else None)
     steps_per_round = cfg.iet.shards * cfg.iet.local_steps
     measured: list[tuple[int, dict, dict]] = []  # (round, evaluate's metrics, its params)

@@ -28,7 +28,7 @@ from memshard.errors import MemshardError
 from memshard.evaluation.fid import FeatureSpace
 from memshard.evaluation.quality import default_quality_space
 from memshard.model import state_to_numpy
-from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.registry import ResolvedModel, recorded_dataset
 from memshard.orchestrator.train import TrainResult, train
 from memshard.unlearning.audit import (
@@ -134,10 +134,10 @@ def _unlearn_task(method, weights, config_tree, channels, keep_images, forget_im
 
 
 def unlearn_on_ray(method: str, pipeline: DDPMPipeline, source: UnlearnSource, forget: ForgetSet,
-                   settings: UnlearnSettings, pixel_match_threshold: float) -> UnlearnedWeights:
-    """One Ray task runs `method` on the source's UNet: on a GPU when the cluster has one, else one CPU."""
-    started_ray = connect_ray(source.config.ray.address)
-    try:
+                   settings: UnlearnSettings, pixel_match_threshold: float, ray_address: str | None = None) -> UnlearnedWeights:
+    """One Ray task runs `method` on the source's UNet: on a GPU when the cluster has one, else one CPU.
+    `ray_address`: the one asked for now (`cluster.resolve_ray_address`), never the source run's."""
+    with ray_session(ray_address):
         gpu = ray.cluster_resources().get("GPU", 0) >= 1
         options = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
         images = source.dataset.images
@@ -145,15 +145,15 @@ def unlearn_on_ray(method: str, pipeline: DDPMPipeline, source: UnlearnSource, f
             method, state_to_numpy(pipeline.unet), to_dict(source.config), source.dataset.channels,
             images[forget.keep_rows], images[forget.rows], settings, pixel_match_threshold)
         return ray.get(task)
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
-def retrain_without(source: UnlearnSource, forget: ForgetSet, tracking_uri: str) -> Retrained:
+def retrain_without(source: UnlearnSource, forget: ForgetSet, tracking_uri: str,
+                    ray_address: str | None = None) -> Retrained:
     """`memshard train` again with the source run's configuration, on the kept data only; its model is
-    registered as a new version of the source's registered model."""
+    registered as a new version of the source's registered model. Where it runs is asked for now
+    (`ray_address`, else RAY_ADDRESS, else a local instance), never the source run's saved address."""
     cfg = from_dict(to_dict(source.config))
+    cfg.ray.address = ray_address
     data_dir = Path(cfg.data.cache_dir).absolute() / f"unlearn-{forget.hash[:16]}"
     cfg.data.path = str(write_subset(source.dataset, forget.keep_rows, data_dir))
     cfg.mlflow.tracking_uri = tracking_uri

@@ -25,7 +25,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
-import ray
 import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -48,7 +47,7 @@ from memshard.evaluation.evaluate import (
 )
 from memshard.evaluation.figures import most_r_copied, r_histogram
 from memshard.evaluation.memorization import NEAR_COPY_QUANTILE, THRESHOLDS
-from memshard.orchestrator.cluster import connect_ray
+from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.generation import cluster_has_gpu, generate_on_ray, plan_workers
 from memshard.orchestrator.registry import (
     KIND_TAG,
@@ -86,8 +85,10 @@ class EvaluationResult:
 
 def evaluate_model(model: str, settings: EvaluateSettings | None = None, data: str | None = None,
                    tracking_uri: str | None = None, experiment: str = MLflowConfig.experiment,
-                   show_progress: bool = True, say: Callable[[str], None] = print) -> EvaluationResult:
-    """Evaluate `model` and log one MLflow run; see the module notes. `say` gets the choice lines."""
+                   show_progress: bool = True, say: Callable[[str], None] = print,
+                   ray_address: str | None = None) -> EvaluationResult:
+    """Evaluate `model` and log one MLflow run; see the module notes. `say` gets the choice lines;
+    `ray_address` (--ray-address) beats RAY_ADDRESS (`cluster.resolve_ray_address`)."""
     settings = settings or EvaluateSettings()
     settings.check()
     tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -104,8 +105,7 @@ def evaluate_model(model: str, settings: EvaluateSettings | None = None, data: s
     device = "cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu"  # this process's
     space = choose_quality_space(settings, dataset, device)
     say(f"quality: {space.reason}")
-    started_ray = connect_ray(None)  # RAY_ADDRESS (`ray job submit`), else a local instance
-    try:
+    with ray_session(ray_address):
         choice = sampling_plan(settings, int(pipeline.scheduler.config.num_train_timesteps),
                                cluster_has_gpu(settings.device))
         say(choice.note)
@@ -113,13 +113,11 @@ def evaluate_model(model: str, settings: EvaluateSettings | None = None, data: s
         say(f"generating on {workers.describe()}")
 
         def generate(plan: SamplingPlan) -> Generation:
-            made = generate_on_ray(pipeline, plan, workers, show_progress)
+            made = generate_on_ray(pipeline, plan, workers, batch_timeout_s=settings.batch_timeout_s,
+                                   show_progress=show_progress)
             return Generation(made.images, made.workers.device, made.details())
 
         report = evaluate(choice, dataset, generate, settings, space, device)
-    finally:
-        if started_ray:
-            ray.shutdown()
     run_id = _log_evaluation(model, source, dataset, matches, report, experiment_id)
     return EvaluationResult(run_id, resolved.source_run_id, tracking_uri, report)
 
@@ -208,11 +206,12 @@ def _compare_row(client: MlflowClient, run: Run) -> CompareRow:
 
 def evaluate_settings(args: argparse.Namespace) -> EvaluateSettings:
     """`memshard evaluate`'s flags as settings (nothing checked yet: `EvaluateSettings.check`)."""
+    patience = {} if args.batch_timeout is None else {"batch_timeout_s": args.batch_timeout}
     return EvaluateSettings(protocol=args.protocol, num_images=args.num_images, sampler=args.sampler,
                             sampling_steps=args.sampling_steps, batch_size=args.batch, seed=args.seed,
                             feature_space=None if args.feature_space == "none" else args.feature_space,
                             inception_weights=args.inception_weights, r_copy_threshold=args.r_copy_threshold,
-                            device=args.device, workers=args.workers)
+                            device=args.device, workers=args.workers, **patience)
 
 
 def quality_lines(report: EvaluationReport) -> list[str]:
@@ -242,7 +241,7 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
         return 0
     settings = evaluate_settings(args)
     result = evaluate_model(args.model, settings, data=args.data, tracking_uri=args.tracking_uri,
-                            experiment=args.experiment, show_progress=not args.no_progress)
+                            experiment=args.experiment, show_progress=not args.no_progress, ray_address=args.ray_address)
     report, m = result.report, result.metrics
     print(f"evaluation run id: {result.run_id} (source run: {result.source_run_id or 'none'})")
     real = report.real_memorization

@@ -25,7 +25,7 @@ from diffusers import DDPMPipeline
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from memshard.config import MLflowConfig, field_hints, parse_sets, to_dict
+from memshard.config import MLflowConfig, RayConfig, field_hints, parse_sets, to_dict
 from memshard.errors import MemshardError
 from memshard.evaluation.evaluate import COPIES_TABLE, PER_SAMPLE_MEASURES
 from memshard.orchestrator.registry import SOURCE_RUN_TAG, get_run, load_model_pipeline, resolve_model
@@ -47,7 +47,10 @@ from memshard.unlearning.runner import (
     unlearn_source,
 )
 
-MLFLOW_SETTINGS = ("mlflow.tracking_uri", "mlflow.experiment")  # where to log; the rest is the source's
+# Where-settings `--set` may give: where to log and where to run (asked for again on every command,
+# never taken from the source run: README "Which cluster"); the rest is the source's.
+MLFLOW_SETTINGS = ("mlflow.tracking_uri", "mlflow.experiment")
+RAY_SETTINGS = ("ray.address",)
 STOPPED_TAG = "memshard.unlearn_stopped"  # forgotten (the checks said so) or max_steps
 FORGET_MEASURE_TAG = "memshard.forget_measure"  # near-copies or r-copies: what chose an evaluation:RUN_ID forget set
 
@@ -58,6 +61,7 @@ class UnlearnOptions:
     audit: AuditSettings
     tracking_uri: str | None = None
     experiment: str | None = None  # None: the source run's configured experiment
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local instance (never the source run's)
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,11 @@ class UnlearnResult:
 
 def parse_unlearn_sets(sets: list[str], steps: int | None = None) -> UnlearnOptions:
     """`--set` keys: unlearning settings by name (rho, forget_scale_mode, check_every, ...), `audit.NAME`,
-    `mlflow.tracking_uri|experiment`; read and checked by the training config's machinery
+    `mlflow.tracking_uri|experiment`, `ray.address`; read and checked by the training config's machinery
     (`memshard.config.parse_sets`). `steps` (--steps) is the cap, max_steps."""
-    mlflow_hints = field_hints(MLflowConfig, "mlflow.")
+    where_hints = {**field_hints(MLflowConfig, "mlflow."), **field_hints(RayConfig, "ray.")}
     hints = {**field_hints(UnlearnSettings), **field_hints(AuditSettings, "audit."),
-             **{key: mlflow_hints[key] for key in MLFLOW_SETTINGS}}
+             **{key: where_hints[key] for key in (*MLFLOW_SETTINGS, *RAY_SETTINGS)}}
     chosen = parse_sets(sets, hints, example="rho=0.1")
     unlearn_values = {key: value for key, value in chosen.items() if "." not in key}
     if steps is not None:
@@ -85,7 +89,8 @@ def parse_unlearn_sets(sets: list[str], steps: int | None = None) -> UnlearnOpti
     audit.check()
     settings = UnlearnSettings(**unlearn_values)
     settings.check()
-    return UnlearnOptions(settings, audit, chosen.get("mlflow.tracking_uri"), chosen.get("mlflow.experiment"))
+    return UnlearnOptions(settings, audit, chosen.get("mlflow.tracking_uri"), chosen.get("mlflow.experiment"),
+                          chosen.get("ray.address"))
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
         tracker.log_dict(to_dict(source.config), "config.json")  # lineage for the next unlearn
         tracker.log_text("\n".join(chosen.ids) + "\n", "forget_ids.txt")
         unlearned = unlearn_on_ray(request.method, request.before, source, chosen, options.settings,
-                                   options.audit.pixel_match_threshold)
+                                   options.audit.pixel_match_threshold, options.ray_address)
         stats = unlearned.stats
         tags = request.tags(stats.steps, stats.stopped)  # the steps taken, not the cap
         tracker.set_tags(tags)
@@ -169,7 +174,7 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
 
 def _retrain(client: MlflowClient, request: UnlearnRequest, tracking_uri: str) -> UnlearnResult:
     source, chosen = request.source, request.forget
-    retrained = retrain_without(source, chosen, tracking_uri)
+    retrained = retrain_without(source, chosen, tracking_uri, request.options.ray_address)
     result, tags = retrained.result, request.tags(retrained.steps)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=result.run_id):
