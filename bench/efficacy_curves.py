@@ -84,7 +84,7 @@ import mlflow
 import numpy as np
 import torch
 
-from memshard.cli import quiet_terminal
+from memshard.commands.cli import quiet_terminal
 from memshard.config import Config, build_config
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError

@@ -44,7 +44,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from memshard.cli import quiet_terminal  # noqa: E402
+from memshard.commands.cli import quiet_terminal  # noqa: E402
 from memshard.commands.evaluate import EvaluationResult, evaluate_model  # noqa: E402
 from memshard.config import build_config  # noqa: E402
 from memshard.evaluation.evaluate import EvaluateSettings  # noqa: E402

@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 import torch
 
-from memshard.cli import quiet_terminal
+from memshard.commands.cli import quiet_terminal
 from memshard.tuning.space import sweep_space
 from memshard.tuning.sweep import SweepSettings, run_sweep
 

@@ -68,11 +68,6 @@ def _network(channels: int, classes: int) -> nn.Sequential:
     )
 
 
-def labelled_classes(dataset: ImageDataset) -> np.ndarray:
-    """The label ints that have at least one image (the classes coverage counts)."""
-    return np.unique(dataset.labels[dataset.labels >= 0])
-
-
 def classifier_unavailable(dataset: ImageDataset) -> str | None:
     """Why no classifier can be trained on `dataset` (one line), or None when one can."""
     labels = dataset.labels[dataset.labels >= 0]

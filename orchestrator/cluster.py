@@ -48,7 +48,7 @@ def ray_session(requested: str | None) -> Iterator[None]:
     try:
         if address:
             _check_address_answers(address)
-            ray.init(address=address)  # actor output reaches this terminal unless RAY_LOG_TO_DRIVER=0 (memshard.cli)
+            ray.init(address=address)  # actor output reaches this terminal unless RAY_LOG_TO_DRIVER=0 (memshard.commands.cli)
         else:
             # A local instance sized to this machine, without a dashboard: never silently some other
             # cluster running here (`auto` asks for that).

@@ -91,7 +91,7 @@ def cli_rejects(mlflow_store, capsys):
     left RUNNING and nothing registered. Returns the error line."""
     from mlflow.tracking import MlflowClient
 
-    from memshard.cli import main
+    from memshard.commands.cli import main
 
     def run(argv: list[str], message: str) -> str:
         code = main(argv)

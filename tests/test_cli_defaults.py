@@ -1,5 +1,5 @@
 """Every default the command line restates (an argparse default, a default or a list of names quoted in a
-help text) equals the library's own: the library decides, memshard/cli.py only repeats it for --help."""
+help text) equals the library's own: the library decides, memshard/commands/cli.py only repeats it for --help."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from memshard.cli import build_parser
+from memshard.commands.cli import build_parser
 from memshard.commands.evaluate import evaluate_settings
 from memshard.commands.tune import parse_quality_loss
 from memshard.commands.unlearn import parse_unlearn_sets, unlearn_model

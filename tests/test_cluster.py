@@ -32,7 +32,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from memshard import SUBPACKAGES
-from memshard.cli import build_parser
+from memshard.commands.cli import build_parser
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
 from memshard.orchestrator.cluster import plan_actor_resources, resolve_ray_address

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memshard.cli import main
+from memshard.commands.cli import main
 from memshard.data import (
     ImageDataset,
     inspect_dataset,

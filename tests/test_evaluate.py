@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from memshard.cli import main
+from memshard.commands.cli import main
 from memshard.commands.evaluate import evaluate_model
 from memshard.config import build_config
 from memshard.evaluation.evaluate import EvaluateSettings

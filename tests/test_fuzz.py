@@ -28,7 +28,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from memshard.cli import main
+from memshard.commands.cli import main
 from memshard.config import Config, build_config, from_dict, to_dict
 from memshard.data import inspect_dataset, load_dataset, prepare_dataset
 from memshard.errors import MAX_MESSAGE_CHARS, MemshardError

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from memshard.cli import build_parser
+from memshard.commands.cli import build_parser
 from memshard.commands.evaluate import evaluate_settings
 from memshard.config import build_config
 from memshard.data import load_dataset, prepare_dataset

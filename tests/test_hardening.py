@@ -26,7 +26,7 @@ import torch
 from conftest import all_runs
 from PIL import Image
 
-from memshard.cli import main
+from memshard.commands.cli import main
 from memshard.config import build_config, flatten, from_dict, load_config_file, redact_uri, to_dict
 from memshard.errors import MAX_MESSAGE_CHARS, MemshardError, shown
 from memshard.orchestrator.checkpoint import CHECKPOINT_FILE, _to_tensors, load_checkpoint
@@ -369,7 +369,7 @@ def test_a_closed_ray_port_fails_fast_with_the_cluster_error(tmp_path):
     """A fresh process (no Ray in it yet): ray_session checks the port instead of Ray's minutes of retries."""
     started = time.monotonic()
     completed = subprocess.run(
-        [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress",
+        [sys.executable, "-m", "memshard.commands.cli", "train", "--preset", "tiny", "--no-progress",
          "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--set", f"ray.address=127.0.0.1:{free_port()}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=180, env={**os.environ, "RAY_ADDRESS": ""},
     )

@@ -2,7 +2,7 @@
 
 Layers, top first; a module imports only from layers below its own (or from inside its own folder):
 
-    cli → commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data
+    commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data
         → pipeline → model → config → files → errors
 """
 
@@ -14,7 +14,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    {"cli"},
     {"commands"},
     {"unlearning", "tuning"},
     {"orchestrator", "evaluation"},
@@ -113,7 +112,7 @@ def test_the_rule_catches_upward_peer_and_generic_imports():
     assert "import it as memshard.orchestrator.errors" in problems[3]
 
 
-RULE = ("cli → commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data "
+RULE = ("commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data "
         "→ pipeline → model → config → files → errors")
 
 

@@ -19,7 +19,7 @@ from conftest import all_runs
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
 
-from memshard.cli import main
+from memshard.commands.cli import main
 from memshard.config import build_config
 from memshard.errors import MemshardError
 from memshard.orchestrator.checkpoint import load_checkpoint
@@ -124,7 +124,7 @@ def train_until_the_driver_dies_after_round_one(ray_cluster, store: str, cwd, *s
     checkpoint (the test fault plan), its run left RUNNING for a resume; `sets` are extra --set items."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, FAULTS_ENV: json.dumps({"driver_exit_after_round": 1})}
     completed = subprocess.run(
-        [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
+        [sys.executable, "-m", "memshard.commands.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
          "--set", f"mlflow.tracking_uri={store}", *(arg for item in sets for arg in ("--set", item))],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from memshard.cli import QUIET_ENVIRONMENT
+from memshard.commands.cli import QUIET_ENVIRONMENT
 
 NOISE = ("Downloading artifacts", "INFO", "WARNING", "Warning", "Loading pipeline components", "accelerate",
          "Successfully registered model")
@@ -19,7 +19,7 @@ NOISE = ("Downloading artifacts", "INFO", "WARNING", "Warning", "Loading pipelin
 def memshard(args: list[str], cwd, ray_cluster) -> tuple[str, str]:
     env = {name: value for name, value in os.environ.items() if name not in QUIET_ENVIRONMENT}  # none set by the user
     env["RAY_ADDRESS"] = ray_cluster.address
-    done = subprocess.run([sys.executable, "-m", "memshard.cli", *args], cwd=cwd, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "memshard.commands.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout, done.stderr

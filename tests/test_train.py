@@ -170,7 +170,7 @@ def test_cli_prints_the_run_the_version_and_the_ui_command(tmp_path):
     """The real console script in a fresh process (its own local Ray): the README's first command."""
     store = f"sqlite:///{tmp_path}/mlflow.db"
     completed = subprocess.run(
-        [sys.executable, "-m", "memshard.cli", "train", "--preset", "tiny", "--no-progress",
+        [sys.executable, "-m", "memshard.commands.cli", "train", "--preset", "tiny", "--no-progress",
          "--set", f"mlflow.tracking_uri={store}", "--register-as", "cli-model"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )

@@ -15,7 +15,7 @@ from ray import cloudpickle, tune
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from memshard.cli import main
+from memshard.commands.cli import main
 from memshard.config import build_config
 from memshard.errors import MemshardError
 from memshard.orchestrator.cluster import assigned_device, node_resources, place_actors, release

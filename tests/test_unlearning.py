@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from memshard.cli import main
+from memshard.commands.cli import main
 from memshard.commands.unlearn import parse_unlearn_sets, unlearn_model
 from memshard.config import build_config
 from memshard.data import content_hash, load_dataset, resolve_dataset
@@ -551,7 +551,7 @@ def test_unlearn_and_retrain_run_where_they_are_told_never_where_the_source_trai
     client = MlflowClient(mlflow_store)
     assert f'"address": "{saved}"' in Path(client.download_artifacts(source.run_id, "config.json", str(tmp_path))).read_text()
     forget = str(load_dataset(client.get_run(source.run_id).data.params["dataset.path"]).sample_ids[0])
-    base = [sys.executable, "-m", "memshard.cli", "unlearn", "models:/elsewhere/1", "--forget", forget,
+    base = [sys.executable, "-m", "memshard.commands.cli", "unlearn", "models:/elsewhere/1", "--forget", forget,
             "--set", f"mlflow.tracking_uri={mlflow_store}", "--set", "audit.num_images=4",
             "--set", "audit.sampling_steps=2", "--set", "audit.quality=false"]
     env = {key: value for key, value in os.environ.items() if key != "MEMSHARD_TEST_FAULTS"}

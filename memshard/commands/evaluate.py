@@ -230,7 +230,7 @@ def quality_lines(report: EvaluationReport) -> list[str]:
 
 
 def run_evaluation_command(args: argparse.Namespace) -> int:
-    """`memshard evaluate` / `memshard compare` (parsed by memshard.cli)."""
+    """`memshard evaluate` / `memshard compare` (parsed by memshard.commands.cli)."""
     if args.command == "compare":
         result = compare_runs(args.runs, args.tracking_uri)
         print(result.table.text())

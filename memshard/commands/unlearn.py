@@ -246,7 +246,7 @@ def _log_report(report: AuditReport, source: UnlearnSource, out_dir: Path) -> Pa
 
 
 def run_unlearn_command(args: argparse.Namespace) -> int:
-    """`memshard unlearn` (see memshard/cli.py)."""
+    """`memshard unlearn` (see memshard/commands/cli.py)."""
     result = unlearn_model(args.model, args.forget, args.method, args.steps, args.set)
     report = result.report
     before, after, compute = report.before, report.after, report.compute
