@@ -3,7 +3,7 @@
     python bench/efficacy_curves.py --out bench-results/efficacy-digits \\
         [--methods ddpm iet iet-agc iet-agc-plus 'iet-agc-plus+fedavgm:aggregation.server_optimizer=fedavgm']
         [--seeds 0 1] [--preset digits] [--rounds 40] [--baseline-rounds 20] [--eval-every 2] [--subset N]
-        [--num-images 500] [--sampler ddim] [--sampling-steps 50] [--tracking-uri sqlite:///mlflow.db]
+        [--num-images 500] [--sampler ddim] [--sampling-steps 50] [--tracking-uri URI]
 
 For every method and seed it trains in this process with `memshard train`'s own `train()`
 (`orchestrator.train`, on a local Ray instance, its run nested under the bench's, its model logged but
@@ -92,7 +92,7 @@ from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import ray_session
-from memshard.orchestrator.tracking import connect_mlflow, tracker
+from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, train
 from memshard.pipeline import SAMPLERS
 from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-batch", type=int, default=250)
     parser.add_argument("--eval-seed", type=int, default=0, help="generation seed, the same for every point")
     parser.add_argument("--device", default="auto", help="where evaluation runs: auto, cpu, cuda")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else memshard's default)")
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--from-results", nargs="+", default=None,
                         help="redraw the plot and summary from results.json files (several: their points merged)")
@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     device = str(resolve_device(args.device))
     data = load_data(next(iter(configs.values())), args.subset)
     space = ClassifierSpace(data.quality)
+    args.tracking_uri = resolve_tracking_uri(args.tracking_uri)
     experiment_id = connect_mlflow(args.tracking_uri, args.experiment)  # the store answers before any training
     results = {"environment": environment([sys.argv[0], *argv]),
                "settings": {"preset": args.preset, "regime": data.regime, "methods": {m.label: list(m.sets) for m in methods},

@@ -39,11 +39,12 @@ from torch import nn
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
 from memshard.evaluation.fid import _batches
+from memshard.files import in_workspace
 from memshard.model import resolve_device
 
 ARCHITECTURE = "cnn1"  # bump when the network, its training recipe or the split change
 NAME_PREFIX = "trainset-classifier-"
-DEFAULT_CACHE_DIR = ".memshard/classifiers"
+DEFAULT_CACHE_DIR = ".memshard/classifiers"  # relative: under the workspace root
 FEATURE_DIMS = 128
 HELD_OUT_FRACTION = 0.2
 TRAIN_STEPS = 500
@@ -102,7 +103,7 @@ def classifier_cache_file(dataset: ImageDataset, cache_dir: str | Path | None = 
     key = [ARCHITECTURE, dataset.fingerprint, labels, seed, list(dataset.images.shape),
            TRAIN_STEPS, TRAIN_BATCH, LEARNING_RATE, WEIGHT_DECAY, HELD_OUT_FRACTION]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    return Path(cache_dir or DEFAULT_CACHE_DIR) / f"{dataset.fingerprint[:12]}-{ARCHITECTURE}-{digest}.pt"
+    return in_workspace(cache_dir or DEFAULT_CACHE_DIR) / f"{dataset.fingerprint[:12]}-{ARCHITECTURE}-{digest}.pt"
 
 
 class ClassifierSpace:

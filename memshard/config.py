@@ -35,7 +35,7 @@ class DataConfig:
     path: str = "digits"  # a prepared dataset dir, or any source `memshard data prepare` takes
     resolution: int = 16
     channels: int | None = None  # None: keep the source's channel count
-    cache_dir: str = ".memshard/data"
+    cache_dir: str = ".memshard/data"  # a relative path lies under the workspace root (memshard.files.in_workspace)
     balanced_by_label: bool = False
 
 
@@ -129,13 +129,13 @@ class RayConfig:
 
 @dataclass
 class MLflowConfig:
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else mlflow.db in the workspace root
     experiment: str = "memshard"
     register_as: str = "memshard-digits"
     sample_grid_every: int = 5  # rounds; 0 turns the grid off
     sample_grid_images: int = 16
     sample_grid_steps: int = 100  # DDPM sampling steps for the progress grid (the final model uses 1000)
-    checkpoint_dir: str = ".memshard/checkpoints"
+    checkpoint_dir: str = ".memshard/checkpoints"  # relative: under the workspace root
     checkpoint_every: int = 1  # rounds
 
 
@@ -167,6 +167,21 @@ class Config:
     @property
     def conditions_on_augmentation(self) -> bool:
         return self.uses_taa and self.taa.non_leaky
+
+
+# The settings that say where a run's files go on this machine (relative paths: under the workspace root).
+# They are where-settings: a resumed or retrained run takes them from its flags or the defaults here,
+# never from its saved configuration, which may name another machine's folders.
+PLACE_SETTINGS = ("data.cache_dir", "mlflow.checkpoint_dir")
+
+
+def with_default_places(cfg: Config) -> Config:
+    """`cfg` with its PLACE_SETTINGS back at their defaults (a saved configuration read on this machine)."""
+    default = Config()
+    for dotted in PLACE_SETTINGS:
+        section, key = dotted.split(".")
+        setattr(getattr(cfg, section), key, getattr(getattr(default, section), key))
+    return cfg
 
 
 DEFAULT_PRESET = "digits"  # what `memshard train` and `memshard tune` start from without --preset

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from memshard.errors import MemshardError, shown
-from memshard.files import checked_path, ensure_writable_dir, replace_directory
+from memshard.files import checked_path, ensure_writable_dir, in_workspace, replace_directory
 
 DATASET_FILE = "images.parquet"
 FORMAT_VERSION = "1"
@@ -730,10 +730,11 @@ def _source_signature(source: str) -> list:
 
 def resolve_dataset(data: str, resolution: int | None, channels: int | None,
                     cache_dir: str | Path) -> Path:
-    """A prepared dataset dir as is, or prepare `data` into the cache once and reuse it."""
+    """A prepared dataset dir as is, or prepare `data` into the cache once and reuse it. Both are settings:
+    relative paths lie under the workspace root."""
     data = str(data)
     if data not in BUNDLED_SOURCES:
-        checked_path(data, "data.path")
+        data = str(in_workspace(checked_path(data, "data.path")))
     if data not in BUNDLED_SOURCES and is_prepared_dataset(data):
         meta = _read_metadata(_dataset_file(data), _parquet_schema(_dataset_file(data)))
         for name, wanted in (("resolution", resolution), ("channels", channels)):
@@ -747,7 +748,8 @@ def resolve_dataset(data: str, resolution: int | None, channels: int | None,
     if data not in BUNDLED_SOURCES and not Path(data).exists():
         raise _missing_source(data)
     key = json.dumps([FORMAT_VERSION, _source_signature(data), resolution, channels])
-    target = Path(cache_dir).absolute() / hashlib.sha256(key.encode()).hexdigest()[:16]
+    cache_dir = in_workspace(cache_dir)
+    target = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
     if _is_intact_dataset(target):
         return target
     ensure_writable_dir(cache_dir, "data.cache_dir")

@@ -1,5 +1,5 @@
-"""File-system helpers every layer shares: a user's path checked where it comes in, a directory
-proved writable before work starts, and a directory replaced whole.
+"""File-system helpers every layer shares: where memshard writes (the workspace root), a user's path
+checked where it comes in, a directory proved writable before work starts, and a directory replaced whole.
 
 They know nothing of datasets, models or checkpoints; they fail in one line (a `MemshardError`)
 naming the setting or flag the path came from.
@@ -7,12 +7,35 @@ naming the setting or flag the path came from.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from memshard.errors import MemshardError, shown
+
+WORKSPACE_ENV = "MEMSHARD_WORKSPACE"
+
+
+@functools.cache
+def _starting_directory() -> Path:
+    """The working directory at the process's first question about the workspace, kept: a process that
+    changes directory later (a Ray Tune trial, a test) still means the same folder."""
+    return Path.cwd().absolute()
+
+
+def workspace_root() -> Path:
+    """Where memshard's relative paths lie: MEMSHARD_WORKSPACE when set (a relative value is taken from
+    the starting directory), else the working directory the process started in. Absolute either way."""
+    chosen = os.environ.get(WORKSPACE_ENV, "").strip()
+    return _starting_directory() / Path(chosen).expanduser() if chosen else _starting_directory()
+
+
+def in_workspace(path: str | Path) -> Path:
+    """`path` made absolute: a relative one (a default such as .memshard/checkpoints, or a setting a user
+    gave) lies under the workspace root; an absolute one is kept."""
+    return workspace_root() / Path(path).expanduser()
 
 
 def checked_path(text: str | Path, what: str) -> Path:

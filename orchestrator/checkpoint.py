@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from memshard.errors import MemshardError
-from memshard.files import checked_path, ensure_writable_dir
+from memshard.files import checked_path, ensure_writable_dir, in_workspace
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # What every checkpoint holds, and the type each entry must have for a resume to trust it.
@@ -25,7 +25,7 @@ REQUIRED_ENTRIES = {"config": dict, "dataset_fingerprint": str, "driver": dict, 
 
 def check_checkpoint_root(root: str | Path) -> Path:
     """Fail before training when checkpoints could not be written under `root` (mlflow.checkpoint_dir)."""
-    return ensure_writable_dir(root, "mlflow.checkpoint_dir")
+    return ensure_writable_dir(in_workspace(root), "mlflow.checkpoint_dir")
 
 
 def save_checkpoint(directory: str | Path, state: dict) -> Path:

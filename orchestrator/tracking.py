@@ -20,14 +20,21 @@ from mlflow.tracking import MlflowClient
 
 from memshard.config import REDACTED, redact_uri
 from memshard.errors import MemshardError
+from memshard.files import in_workspace
 from memshard.orchestrator.pipeline_model import log_pipeline_model
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the file lies in the workspace root: see resolve_tracking_uri
+SQLITE = "sqlite:///"
 log = logging.getLogger("memshard.tracking")
 
 
 def resolve_tracking_uri(setting: str | None) -> str:
-    return setting or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The store: the setting (flag), else MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI. A relative sqlite
+    file lies under the workspace root, made absolute here, so every process means the same file."""
+    uri = setting or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str(in_workspace(uri[len(SQLITE):]))
+    return uri
 
 
 def connect_mlflow(tracking_uri: str, experiment: str) -> str:

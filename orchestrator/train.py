@@ -21,9 +21,19 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from memshard.config import Config, build_partial, flatten, from_dict, is_redacted, to_dict
+from memshard.config import (
+    PLACE_SETTINGS,
+    Config,
+    build_partial,
+    flatten,
+    from_dict,
+    is_redacted,
+    to_dict,
+    with_default_places,
+)
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
+from memshard.files import in_workspace
 from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
@@ -112,7 +122,7 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
 
 
 def checkpoint_dir(cfg: Config, run_id: str) -> Path:
-    return Path(cfg.mlflow.checkpoint_dir) / run_id
+    return in_workspace(cfg.mlflow.checkpoint_dir) / run_id
 
 
 def _check_cluster_has_gpu(cfg: Config) -> None:
@@ -123,22 +133,24 @@ def _check_cluster_has_gpu(cfg: Config) -> None:
 
 
 # Settings a resumed run may change: where things are and how patient to be, never what is trained.
-RESUMABLE_SETTINGS = {"mlflow.tracking_uri", "mlflow.checkpoint_dir", "ray.address", "ray.round_timeout_s",
+RESUMABLE_SETTINGS = {"mlflow.tracking_uri", *PLACE_SETTINGS, "ray.address", "ray.round_timeout_s",
                       "ray.max_actor_restarts", "ray.placement_timeout_s", "ray.placement_strategy"}
 
 
 def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
-    """The saved configuration of `run_id`; explicit flags may only change RESUMABLE_SETTINGS."""
+    """The saved configuration of `run_id`; explicit flags may only change RESUMABLE_SETTINGS. Its place
+    settings are this machine's (flags, else defaults), never the saved ones."""
     if not re.fullmatch(r"[a-zA-Z0-9][\w\-]{0,255}", run_id):  # MLflow's run id rule; also no path tricks
         raise MemshardError(f"--resume {run_id[:80]!r} is not a run id: give the id `memshard train` printed")
     requested = build_partial(overrides, sets)
     root = requested.get("mlflow.checkpoint_dir", Config().mlflow.checkpoint_dir)
-    directory = Path(root) / run_id
+    directory = in_workspace(root) / run_id
     saved_tree = load_checkpoint(directory)["config"]
     try:
         saved = from_dict(saved_tree)
     except MemshardError as error:
         raise MemshardError(f"damaged checkpoint in {directory} (its config: {error}): start the run again") from None
+    with_default_places(saved)
     if is_redacted(saved.mlflow.tracking_uri) and "mlflow.tracking_uri" not in requested:
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # credentials are never saved: the user gives them again
             raise MemshardError(

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from memshard.files import in_workspace
+
 FAULTS_ENV = "MEMSHARD_TEST_FAULTS"
 
 
@@ -33,7 +35,8 @@ class FaultPlan:
 
     @classmethod
     def from_environment(cls) -> FaultPlan | None:
-        """The plan in MEMSHARD_TEST_FAULTS, its marker_dir made absolute (actors may run elsewhere)."""
+        """The plan in MEMSHARD_TEST_FAULTS, its marker_dir resolved here, in the driver, under the workspace
+        root: the actors get the absolute path, wherever they run."""
         text = os.environ.get(FAULTS_ENV)
         if not text:
             return None
@@ -42,7 +45,7 @@ class FaultPlan:
         if unknown:
             raise ValueError(f"{FAULTS_ENV} names unknown faults {sorted(unknown)}")
         plan = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
-        return replace(plan, marker_dir=str(Path(plan.marker_dir).resolve()))
+        return replace(plan, marker_dir=str(in_workspace(plan.marker_dir)))
 
     def before_step(self, shard: int, step: int) -> None:
         """Exit this process (a real crash, not an exception) or stall, at a step, once each."""

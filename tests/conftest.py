@@ -64,7 +64,10 @@ def gpu_nodes(ray_cluster):
 
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
-    """A fresh sqlite MLflow store; the test runs in tmp_path so artifacts and caches land there."""
+    """A fresh sqlite MLflow store in tmp_path, which is also memshard's workspace (caches, checkpoints).
+    The test runs in tmp_path too: MLflow puts a local store's artifacts in ./mlruns of the working
+    directory where an experiment is created (MLflow's rule, not memshard's)."""
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -100,7 +100,7 @@ def test_evaluate_help_quotes_the_protocols_samplers_spaces_and_devices():
     assert all(space in spaces for space in (*FEATURE_SPACES, "none", f"{AUTO} (default"))
     assert all(device in help_of("evaluate", "--device") for device in DEVICES)
     for command in ("evaluate", "compare"):
-        assert f"else {DEFAULT_TRACKING_URI})" in help_of(command, "--tracking-uri")
+        assert f"else {DEFAULT_TRACKING_URI}, in the workspace root)" in help_of(command, "--tracking-uri")
 
 
 def test_train_and_tune_list_the_presets_and_methods_with_their_defaults():

@@ -19,7 +19,7 @@ from memshard.orchestrator.train import resume_config, train
 
 
 def test_the_driver_averages_the_proxies_emas_by_shard_size(ray_cluster, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
     cfg = build_config("tiny", sets=["iet.shards=3", "training.ema=true", "iet.local_steps=4"])
     dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
     shards = split_into_shards(len(dataset), 3, seed=0)

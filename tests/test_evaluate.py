@@ -30,7 +30,8 @@ def store(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # checkpoints, data cache and artifacts land in the temp dir
+        patch.setenv("MEMSHARD_WORKSPACE", str(root))  # checkpoints and caches land in the temp dir
+        patch.chdir(root)  # and MLflow's artifacts: ./mlruns where the experiment is created
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         previous = mlflow.get_tracking_uri()
         trained = {}

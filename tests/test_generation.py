@@ -148,7 +148,7 @@ def digits(tmp_path_factory):
 
 
 def test_the_default_quality_space_needs_no_optional_dependency(digits, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the classifier cache
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))  # the classifier cache
     labelled = choose_quality_space(EvaluateSettings(), digits, "cpu")
     if labelled.space is None or labelled.space.name != "inception-v3":  # no torch-fidelity / weights here
         assert labelled.space.name.startswith("trainset-classifier-cnn1-") and "the dataset has labels" in labelled.reason

@@ -204,7 +204,7 @@ def test_a_password_in_the_tracking_uri_reaches_no_artifact_checkpoint_param_tag
     everything printed."""
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set_tracking_uri mirrors itself into it
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
     port = mlflow_server["port"]

@@ -33,7 +33,7 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
+        patch.setenv("MEMSHARD_WORKSPACE", str(root))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(uri)
@@ -110,7 +110,7 @@ def test_local_folders_find_their_run_by_checkpoint_name_or_mlmodel(store, tmp_p
 
 
 def test_an_existing_folder_wins_over_a_registered_name(store, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # MODEL is a folder relative to the working directory, as a shell user types it
     shutil.copytree(store["versions"][1]["local"], tmp_path / NAME)
     resolved = resolve_model(NAME, store["client"])
     assert resolved.is_local and resolved.registered_name is None

@@ -3,7 +3,6 @@ checkpoint and resume — on the session's real Ray cluster and a real MLflow st
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -17,6 +16,7 @@ from memshard.aggregation import weighted_average
 from memshard.config import build_config
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
+from memshard.files import workspace_root
 from memshard.orchestrator.checkpoint import load_checkpoint
 from memshard.orchestrator.rounds import start_shard_driver
 from memshard.orchestrator.settings import check, server_hyperparameters
@@ -95,7 +95,7 @@ def test_every_entry_point_checks_the_rule_and_the_server_optimizer_before_any_w
 
 
 def test_default_fedavg_sets_exactly_the_size_weighted_average(ray_cluster, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
     cfg = build_config("tiny", sets=["iet.shards=3"])
     dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
     shards = split_into_shards(len(dataset), 3, seed=0)
@@ -146,4 +146,4 @@ def test_an_unknown_server_optimizer_is_one_line_and_starts_no_run(mlflow_store,
                  "--set", "aggregation.server_optimizer=adam"],
                 "aggregation.server_optimizer = 'adam' is not a server optimizer: choose one of fedavg")
     assert not all_runs(mlflow_store)
-    assert not os.path.exists(".memshard/checkpoints")  # stopped before any work
+    assert not (workspace_root() / ".memshard" / "checkpoints").exists()  # stopped before any work

@@ -158,7 +158,7 @@ def test_a_test_fault_plan_makes_a_real_nan_on_its_shard_only(digits_8x8):
 def test_fault_plans_come_only_from_the_test_environment_variable(monkeypatch, tmp_path):
     monkeypatch.delenv(FAULTS_ENV, raising=False)
     assert FaultPlan.from_environment() is None
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
     monkeypatch.setenv(FAULTS_ENV, '{"shard": 1, "exit_at_steps": [4, 5]}')
     assert FaultPlan.from_environment() == FaultPlan(shard=1, exit_at_steps=(4, 5),
                                                      marker_dir=str(tmp_path / ".memshard" / "faults"))

@@ -123,7 +123,7 @@ def test_the_documented_rules_resolve_to_their_functions():
 
 @pytest.mark.parametrize("start", [destination_rule, lambda name: train(build_config("tiny", sets=[f"msr.rule={name}"]))])
 def test_an_unknown_rule_is_a_one_line_error_naming_the_registered_rules(start, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # train() must fail before it creates an MLflow store or starts Ray
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))  # train() must fail before it creates an MLflow store or starts Ray
     with pytest.raises(MemshardError) as error:
         start("random")
     assert str(error.value) == f"msr.rule = 'random' is not a destination rule: choose one of {', '.join(DESTINATION_RULES)}"

@@ -99,7 +99,7 @@ def test_least_familiar_rule_and_every_round_schedule(ray_cluster, mlflow_store)
 
 
 def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
     cfg = build_config("tiny", sets=["iet.shards=3", "msr.schedule=every"])
     dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
     shards = split_into_shards(len(dataset), 3, seed=0)

@@ -80,7 +80,7 @@ def versions(store: str, name: str = "planted") -> list[int]:
 
 
 def test_siss_forgets_the_planted_image_and_keeps_the_rest(planted, monkeypatch, tmp_path):
-    monkeypatch.chdir(planted["root"])
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(planted["root"]))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the system temp dir, for this process
     before_versions = versions(planted["store"])
     result = unlearn_model("models:/planted/1", str(planted["root"] / "planted.png"), "siss", steps=200,
@@ -150,7 +150,7 @@ def test_the_closed_loop_evaluate_then_unlearn_what_it_found(planted, monkeypatc
     unlearn --forget evaluation:RUN_ID` removes them, the audit shows no generation pixel-matching
     them and the rest intact, the new version is registered with its lineage, and evaluating it finds
     no near-exact r-copy left."""
-    monkeypatch.chdir(planted["root"])
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(planted["root"]))
     store = planted["store"]
     evaluate = ["--num-images", "64", "--sampler", "ddpm", "--sampling-steps", "20", "--feature-space", "none",
                 "--tracking-uri", store, "--no-progress"]
@@ -253,7 +253,7 @@ def test_early_stopping_stops_when_forgotten_and_at_the_cap_otherwise(planted):
 
 @pytest.mark.parametrize("method", ["naive", "neggrad", "erasediff"])
 def test_each_baseline_runs_through_the_same_interface(planted, monkeypatch, method):
-    monkeypatch.chdir(planted["root"])
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(planted["root"]))
     ids = ",".join(planted["planted_ids"][:3])
     result = unlearn_model("planted/1", ids, method, steps=5,
                            sets=planted["sets"] + ["audit.num_images=4", "audit.sampling_steps=2", "batch_size=8"])
@@ -264,7 +264,7 @@ def test_each_baseline_runs_through_the_same_interface(planted, monkeypatch, met
 
 
 def test_retrain_is_the_exact_reference_and_later_reports_compare_to_it(planted, monkeypatch):
-    monkeypatch.chdir(planted["root"])
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(planted["root"]))
     ids = ",".join(planted["planted_ids"])
     small = planted["sets"] + ["audit.num_images=4", "audit.sampling_steps=2"]
     retrained = unlearn_model("models:/planted/1", ids, "retrain", sets=small)
@@ -284,7 +284,7 @@ def test_retrain_is_the_exact_reference_and_later_reports_compare_to_it(planted,
 
 
 def test_bad_input_is_one_line_and_registers_nothing(planted, monkeypatch, capsys, tmp_path):
-    monkeypatch.chdir(planted["root"])
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(planted["root"]))
     system_tmp = tmp_path / "system-tmp"
     system_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))

@@ -45,8 +45,9 @@ from ray import tune
 from memshard.config import Config, to_dict
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError, one_line
-from memshard.evaluation.classifier_space import ClassifierSpace, classifier_unavailable
+from memshard.evaluation.classifier_space import DEFAULT_CACHE_DIR, ClassifierSpace, classifier_unavailable
 from memshard.evaluation.evaluate import EvaluateSettings
+from memshard.files import in_workspace
 from memshard.orchestrator.checkpoint import check_checkpoint_root
 from memshard.orchestrator.cluster import (
     check_feasible,
@@ -70,7 +71,7 @@ from memshard.tuning.report import (
 from memshard.tuning.space import SweepSpace, Trial
 from memshard.tuning.trial import SWEEP_TAG, TRIAL_TAG, TrialContext, run_trial
 
-TUNE_DIR = ".memshard/tune"  # Tune's own files, and the chosen config file, per sweep
+TUNE_DIR = ".memshard/tune"  # Tune's own files, and the chosen config file, per sweep; under the workspace root
 
 
 @dataclass(frozen=True)
@@ -213,17 +214,9 @@ def current_choice(outcomes: list[TrialOutcome], reference: Trial, reference_rou
 
 
 def absolute_places(base: Config, dataset_dir: Path) -> dict[str, str]:
-    """The where-settings the trials need absolute: Tune runs each trial in a folder of its own."""
-    return {"data.path": str(dataset_dir), "data.cache_dir": str(Path(base.data.cache_dir).absolute()),
-            "mlflow.checkpoint_dir": str(Path(base.mlflow.checkpoint_dir).absolute())}
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """A relative `sqlite:///file.db` made absolute (the trials run elsewhere); other URIs as given."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).absolute())
-    return uri
+    """The place settings resolved here, in the driver: Tune runs each trial in a folder of its own."""
+    return {"data.path": str(dataset_dir), "data.cache_dir": str(in_workspace(base.data.cache_dir)),
+            "mlflow.checkpoint_dir": str(in_workspace(base.mlflow.checkpoint_dir))}
 
 
 def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
@@ -238,7 +231,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
     eval_every = settings.eval_every or max(1, space.reference_round // 5)
     if eval_every < 1:
         raise MemshardError(f"--eval-every {eval_every}: need at least 1 round")
-    tracking_uri = absolute_tracking_uri(resolve_tracking_uri(base.mlflow.tracking_uri))
+    tracking_uri = resolve_tracking_uri(base.mlflow.tracking_uri)
     experiment_id = connect_mlflow(tracking_uri, base.mlflow.experiment)
     check_checkpoint_root(base.mlflow.checkpoint_dir)
     dataset_dir = resolve_dataset(base.data.path, base.data.resolution, base.data.channels, base.data.cache_dir)
@@ -247,7 +240,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
     if why_not:
         raise MemshardError(f"memshard tune measures quality in the training set's classifier space, and {dataset.path} "
                             f"cannot have one ({why_not}): tune on labelled data")
-    classifier_cache = Path(".memshard/classifiers").absolute()
+    classifier_cache = in_workspace(DEFAULT_CACHE_DIR)
     space_name = ClassifierSpace(dataset, cache_dir=classifier_cache).name  # trained once here; every trial loads it
     with ray_session(base.ray.address):
         nodes = node_resources()
@@ -284,7 +277,7 @@ def _fit(specs: list[dict], context: TrialContext, progress: Progress, parent_id
         param_space={"trial": tune.grid_search(specs)},
         tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.config["trial"]["name"],
                                     trial_name_creator=lambda trial: trial.config["trial"]["name"]),
-        run_config=tune.RunConfig(name=f"tune-{parent_id}", storage_path=str(Path(TUNE_DIR).absolute()),
+        run_config=tune.RunConfig(name=f"tune-{parent_id}", storage_path=str(in_workspace(TUNE_DIR)),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=0,
                                   callbacks=[progress]),
     )
@@ -295,7 +288,7 @@ def _conclude(outcomes: list[TrialOutcome], space: SweepSpace, settings: SweepSe
               parent_id: str, tracking_uri: str) -> SweepResult:
     """The choice, the table, the picture, the config file; registered when asked; all on the parent run."""
     choice = current_choice(outcomes, space.reference, space.reference_round, settings.max_quality_loss)
-    out = Path(TUNE_DIR).absolute() / f"tune-{parent_id}"
+    out = in_workspace(TUNE_DIR) / f"tune-{parent_id}"
     out.mkdir(parents=True, exist_ok=True)
     trials = trial_rows(outcomes, choice)
     table = as_markdown(trials, TRIAL_COLUMNS)

@@ -22,11 +22,12 @@ import ray
 import torch
 from diffusers import DDPMPipeline
 
-from memshard.config import Config, from_dict, to_dict
+from memshard.config import Config, from_dict, to_dict, with_default_places
 from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
 from memshard.errors import MemshardError
 from memshard.evaluation.fid import FeatureSpace
 from memshard.evaluation.quality import default_quality_space
+from memshard.files import in_workspace
 from memshard.model import state_to_numpy
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.registry import ResolvedModel, recorded_dataset
@@ -151,10 +152,11 @@ def retrain_without(source: UnlearnSource, forget: ForgetSet, tracking_uri: str,
                     ray_address: str | None = None) -> Retrained:
     """`memshard train` again with the source run's configuration, on the kept data only; its model is
     registered as a new version of the source's registered model. Where it runs is asked for now
-    (`ray_address`, else RAY_ADDRESS, else a local instance), never the source run's saved address."""
-    cfg = from_dict(to_dict(source.config))
+    (`ray_address`, else RAY_ADDRESS, else a local instance), never the source run's saved address; its
+    folders are this machine's (`with_default_places`), never the saved ones."""
+    cfg = with_default_places(from_dict(to_dict(source.config)))
     cfg.ray.address = ray_address
-    data_dir = Path(cfg.data.cache_dir).absolute() / f"unlearn-{forget.hash[:16]}"
+    data_dir = in_workspace(cfg.data.cache_dir) / f"unlearn-{forget.hash[:16]}"
     cfg.data.path = str(write_subset(source.dataset, forget.keep_rows, data_dir))
     cfg.mlflow.tracking_uri = tracking_uri
     cfg.mlflow.register_as = source.registered_name

@@ -13,6 +13,8 @@ from memshard.errors import MemshardError, one_line
 from memshard.evaluation.memorization import DEFAULT_R_COPY_THRESHOLD
 
 # The MODEL forms memshard.orchestrator.registry resolves, written out so that --help imports no MLflow.
+# orchestrator.tracking.DEFAULT_TRACKING_URI, quoted (importing it would load MLflow for --help)
+TRACKING_URI_HELP = "MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, in the workspace root)"
 MODEL_HELP = ("models:/NAME/VERSION or NAME/VERSION, models:/NAME or NAME (latest version), runs:/RUN_ID/model, "
               "or a folder holding a saved pipeline")
 
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"a generation is an r-copy of its nearest training image when r < this (default {DEFAULT_R_COPY_THRESHOLD})")
     evaluate.add_argument("--device", default="auto",
                           help="where generation runs: auto (the cluster's GPUs when it has them), cpu or cuda")
-    evaluate.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    evaluate.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     evaluate.add_argument("--ray-address", metavar="HOST:PORT|auto",
                           help="the Ray cluster to generate on (default: RAY_ADDRESS, else a local Ray instance)")
     evaluate.add_argument("--experiment", default="memshard",
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="evaluation results side by side (table, markdown, MLflow)")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="evaluation run ids, or training runs (their latest evaluation)")
     compare.add_argument("--out", metavar="FILE", help="also write the markdown table here")
-    compare.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    compare.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
 
     unlearn = commands.add_parser("unlearn", help="remove a forget set from a trained model, register it, audit it")
     unlearn.add_argument("model", help=MODEL_HELP)

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from memshard.config import MLflowConfig, RayConfig, field_hints, parse_sets, to_dict
 from memshard.errors import MemshardError
 from memshard.evaluation.evaluate import COPIES_TABLE, PER_SAMPLE_MEASURES
+from memshard.files import in_workspace
 from memshard.orchestrator.registry import SOURCE_RUN_TAG, get_run, load_model_pipeline, resolve_model
 from memshard.orchestrator.tracking import check_tracking_store, connect_mlflow, resolve_tracking_uri, tracker
 from memshard.pipeline import build_pipeline, load_pipeline, save_pipeline
@@ -159,7 +160,7 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
             tracker.log_metrics({"check_keep_loss": point.keep_loss, "check_forget_loss": point.forget_loss, **counted},
                                 step=point.step)
         after = build_pipeline(source.config, dataset.channels, unlearned.weights)
-        checkpoints = Path(source.config.mlflow.checkpoint_dir).absolute()
+        checkpoints = in_workspace(MLflowConfig.checkpoint_dir)  # this machine's, never the source run's saved one
         local = save_pipeline(after, checkpoints / run.info.run_id / "pipeline")
         tracker.set_tags({"device": unlearned.device})
         compute = UnlearnCompute(request.method, stats.steps, stats.seconds, unlearned.device, stats.check_seconds,
