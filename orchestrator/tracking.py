@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -43,12 +44,29 @@ def connect_mlflow(tracking_uri: str, experiment: str) -> str:
     if not experiment.strip():
         raise MemshardError("the MLflow experiment name is empty: give one (--experiment NAME)")
     try:
+        _create_local_experiment(tracking_uri, experiment)
         return mlflow.set_experiment(experiment).experiment_id
     except Exception as error:  # the store answered: it refuses the name (deleted, too long, ...)
         raise MemshardError(
             f"MLflow experiment {experiment[:100]!r} cannot be used in {redact_uri(tracking_uri)} "
             f"({_reason(error, tracking_uri)}): choose another name (--experiment) or restore it"
         ) from None
+
+
+def _create_local_experiment(tracking_uri: str, experiment: str) -> None:
+    """A new experiment in a local sqlite store gets its artifact folder under the workspace root.
+
+    MLflow would put it in ./mlruns of whatever directory the process happens to be in when the
+    experiment is created (a Ray Tune trial's folder, a test's); the store itself is already resolved
+    under the root (`resolve_tracking_uri`), and its artifacts belong beside it. Servers choose their own.
+    """
+    if urlsplit(tracking_uri).scheme != "sqlite" or mlflow.get_experiment_by_name(experiment) is not None:
+        return
+    try:  # MLflow's layout would be mlruns/<id>, but the id is the store's to give: a fresh folder instead
+        mlflow.create_experiment(experiment, artifact_location=(in_workspace("mlruns") / uuid.uuid4().hex).as_uri())
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile: use theirs
+            raise
 
 
 def check_tracking_store(tracking_uri: str) -> MlflowClient:

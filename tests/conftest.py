@@ -65,8 +65,9 @@ def gpu_nodes(ray_cluster):
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store in tmp_path, which is also memshard's workspace (caches, checkpoints).
-    The test runs in tmp_path too: MLflow puts a local store's artifacts in ./mlruns of the working
-    directory where an experiment is created (MLflow's rule, not memshard's)."""
+    The test runs in tmp_path too: memshard's experiments keep their artifacts under the workspace root,
+    but MLflow's own Default experiment, which tests that call mlflow directly use, keeps them in
+    ./mlruns of the working directory."""
     monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -30,8 +30,7 @@ def store(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEMSHARD_WORKSPACE", str(root))  # checkpoints and caches land in the temp dir
-        patch.chdir(root)  # and MLflow's artifacts: ./mlruns where the experiment is created
+        patch.setenv("MEMSHARD_WORKSPACE", str(root))  # checkpoints, caches and MLflow's artifacts land in the temp dir
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         previous = mlflow.get_tracking_uri()
         trained = {}

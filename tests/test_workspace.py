@@ -102,3 +102,27 @@ def test_a_saved_run_keeps_relative_defaults_and_a_resume_uses_this_machines_pla
     assert checkpoint_dir(resumed, "run1") == tmp_path / ".memshard" / "checkpoints" / "run1"
     given = resume_config("run1", {}, [f"data.cache_dir={tmp_path / 'cache'}"])
     assert given.data.cache_dir == str(tmp_path / "cache")
+
+
+def test_a_new_experiment_keeps_its_artifacts_under_the_root_wherever_the_process_runs(tmp_path, monkeypatch):
+    """MLflow alone would put them in ./mlruns of the working directory at creation (a Tune trial's folder)."""
+    import mlflow
+
+    from memshard.orchestrator.tracking import connect_mlflow
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(root))
+    monkeypatch.chdir(elsewhere)
+    previous = mlflow.get_tracking_uri()
+    try:
+        uri = resolve_tracking_uri(None)
+        experiment_id = connect_mlflow(uri, "placed")
+        assert connect_mlflow(uri, "placed") == experiment_id  # the second call finds it, creates nothing
+        with mlflow.start_run(experiment_id=experiment_id):
+            mlflow.log_text("x", "x.txt")
+            artifacts = Path(mlflow.get_artifact_uri().removeprefix("file://"))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert (artifacts / "x.txt").is_file() and artifacts.is_relative_to(root / "mlruns")
+    assert not any(elsewhere.iterdir())
