@@ -56,7 +56,7 @@ def test_posterior_coefficients_match_a_hand_computed_case():
     # c0 = √0.8 (1 − 0.3/0.8) / 0.7 = 0.894427191 · 0.625 / 0.7;  c1 = √0.375 · 0.2 / 0.7
     assert float(c0) == pytest.approx(0.798595706, abs=1e-9)
     assert float(c1) == pytest.approx(0.174963553, abs=1e-9)
-    # The posterior mean is unbiased: c0 √ᾱ_n-free part plus c1 √ᾱ_t gives √ᾱ_n on x0.
+    # The posterior mean is unbiased: with x̂0 = x0, E[ŷ] = (c0 + c1 √ᾱ_t) x0 must be √ᾱ_n x0 = E[y].
     assert float(c0 + c1 * math.sqrt(0.3)) == pytest.approx(math.sqrt(0.8), abs=1e-12)
 
 
