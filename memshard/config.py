@@ -24,6 +24,7 @@ import yaml
 from memshard.errors import MemshardError, shown
 
 METHODS = ("ddpm", "iet", "iet-agc", "iet-agc-plus")
+AMBIENT_WEIGHTINGS = ("epsilon", "x0")  # what memshard.model.ambient_loss computes for each
 MSR_SCHEDULES = ("every", "alternate")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # DDPMScheduler's
 MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is a few hundred bytes; past this it is not one
@@ -68,6 +69,11 @@ class TrainingConfig:
     ema: bool = False
     ema_max_decay: float = 0.9999
     ema_power: float = 0.75
+    # Ambient training at high noise (method.md §10; model.ambient_loss), for every method: above the level
+    # ᾱ_n the model learns only from one fixed noisy copy of each image. None: off. 0.8 is the published
+    # σ_n = 0.5. `ambient_weighting` scales the copy loss: "epsilon" (method.md) or "x0" (published code).
+    ambient_alpha_bar: float | None = None
+    ambient_weighting: str = "epsilon"
 
 
 @dataclass
@@ -485,6 +491,10 @@ def validate(cfg: Config) -> None:
     require(t.grad_clip > 0, f"training.grad_clip = {t.grad_clip}: must be > 0")
     require(0 < t.ema_max_decay < 1, f"training.ema_max_decay = {t.ema_max_decay}: must be in (0, 1), e.g. 0.9999")
     require(t.ema_power > 0, f"training.ema_power = {t.ema_power}: must be > 0, e.g. 0.75")
+    require(t.ambient_alpha_bar is None or 0 < t.ambient_alpha_bar < 1,
+            f"training.ambient_alpha_bar = {t.ambient_alpha_bar}: must be in (0, 1), e.g. 0.8, or null (off)")
+    require(t.ambient_weighting in AMBIENT_WEIGHTINGS,
+            f"training.ambient_weighting = {shown(t.ambient_weighting)}: choose one of {', '.join(AMBIENT_WEIGHTINGS)}")
     require(t.mixed_precision in ("no", "bf16"), f"training.mixed_precision = {t.mixed_precision!r}: use no or bf16")
     require(t.device in ("auto", "cpu", "cuda"), f"training.device = {shown(t.device)}: use auto, cpu or cuda")
     require(not (t.device == "cuda" and cfg.ray.gpus_per_actor != "auto" and _is_nonnegative_number(

@@ -1,9 +1,10 @@
 """The one check of a training configuration, made before any work: `check(cfg)`.
 
-`config.validate` checks every value the config layer can judge on its own. Two settings name things
+`config.validate` checks every value the config layer can judge on its own. Three settings need things
 defined in lower layers that the config layer may not import, so they are checked here, where both
-are in reach: `msr.rule` (a rule of `orchestrator.sharding`'s registry) and the server optimizer with
-its hyperparameters (`aggregation`, which decides which ones each optimizer takes and their ranges).
+are in reach: `msr.rule` (a rule of `orchestrator.sharding`'s registry), the server optimizer with
+its hyperparameters (`aggregation`, which decides which ones each optimizer takes and their ranges)
+and `training.ambient_alpha_bar` (a level inside the noise schedule, `model.ambient_setting`).
 Every entry point that trains calls `check`: `memshard train` (a new run or a resume), each
 `memshard tune` trial, the efficacy bench.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from memshard.aggregation import AggregationError, server_optimizer_settings
 from memshard.config import Config, validate
 from memshard.errors import MemshardError
+from memshard.model import ambient_setting, build_scheduler
 from memshard.orchestrator.sharding import destination_rule
 
 
@@ -21,6 +23,7 @@ def check(cfg: Config) -> None:
     validate(cfg)
     destination_rule(cfg.msr.rule)
     server_hyperparameters(cfg)
+    ambient_setting(cfg, build_scheduler(cfg))
 
 
 def server_hyperparameters(cfg: Config) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""One proxy model and its local training: per-sample DDPM loss, AGC, TAA, AdamW, warm-up.
+"""One proxy model and its local training: per-sample DDPM loss (clean or ambient), AGC, TAA, AdamW, warm-up.
 
 The training step reads top to bottom like diffusers' `train_unconditional.py`; the extra lines are
 AGC (which samples count), TAA (how hard each sample is augmented) and per-sample bookkeeping, all
@@ -16,6 +16,7 @@ from diffusers.training_utils import EMAModel
 
 from memshard.config import Config
 from memshard.model import (
+    ambient_setting,
     build_scheduler,
     build_unet,
     load_numpy_state,
@@ -79,6 +80,7 @@ class ProxyTrainer:
         self.model = build_unet(cfg, channels, for_training=True).to(self.device).train()
         self.scheduler = build_scheduler(cfg)
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        self.ambient = ambient_setting(cfg, self.scheduler)  # None: the clean loss at every t
         t = cfg.training
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
@@ -127,6 +129,9 @@ class ProxyTrainer:
             raise ValueError(f"shard {self.shard} has no samples to train on")
         shard_images = torch.from_numpy(np.ascontiguousarray(self.images[indices])).to(device)
         global_index = torch.from_numpy(indices).to(device)
+        # Each row's fixed copy noise, drawn from (seed, row) once per round, so no step waits on the host.
+        shard_copy_noise = (self.ambient.copy_noise(indices, self.images.shape[1:]).to(device)
+                            if self.ambient is not None else None)
         batch = min(cfg.training.batch_size, n)  # unique rows per batch keeps scatter updates exact
         skip_counts = torch.zeros(n, device=device)
         loss_sums = torch.zeros(n, device=device)
@@ -146,8 +151,12 @@ class ProxyTrainer:
                 x0, parameters = augment(x0, self.taa_strength[global_index[rows]], cfg.taa, self.generator)
             noise = torch.randn(x0.shape, generator=self.generator, device=device)
             timesteps = torch.randint(0, cfg.model.num_train_timesteps, (batch,), generator=self.generator, device=device)
+            # With TAA the copy is of the augmented image (its η still fixed), as the published code adds
+            # its fixed noise after augmenting.
+            copy_noise = shard_copy_noise[rows] if shard_copy_noise is not None else None
             with autocast:
-                losses = per_sample_loss(self.model, self.scheduler, x0, timesteps, noise, parameters)
+                losses = per_sample_loss(self.model, self.scheduler, x0, timesteps, noise, parameters,
+                                         self.ambient, copy_noise)
             if self.faults is not None:
                 losses = self.faults.losses(losses, self.shard, self.global_step)
             detached = losses.detach()
@@ -208,7 +217,7 @@ class ProxyTrainer:
     # ---- scoring ----
     def score(self, indices: np.ndarray, seed: int, repeats: int = 4) -> np.ndarray:
         """This proxy's loss on `indices` at fixed, seeded (t, ε) (MSR least-familiar, evaluation)."""
-        return score_samples(self.model, self.scheduler, self.images, indices, seed, repeats)
+        return score_samples(self.model, self.scheduler, self.images, indices, seed, repeats, ambient=self.ambient)
 
     # ---- checkpoint (all per-proxy state; tensors only, so torch.load(weights_only=True) reads it) ----
     def state_dict(self) -> dict:
