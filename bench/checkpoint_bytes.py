@@ -18,7 +18,6 @@ as the tensors' sizes (`nbytes`), which is what Ray copies; the file sizes are w
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import tempfile
@@ -74,11 +73,10 @@ def main() -> None:
         started = time.perf_counter()
         workers = ray.get([actor.state_dict.remote() for actor in driver.actors])
         before_through_driver = tensor_bytes(workers)
-        buffer = io.BytesIO()
-        torch.save({**{k: v for k, v in driver_state.items() if k != "worker_files"}, "workers": workers}, buffer)
-        (workdir / "before.pt").write_bytes(buffer.getvalue())
+        old_state = {**{k: v for k, v in driver_state.items() if k != "worker_files"}, "workers": workers}
+        save_checkpoint(workdir / "before", {"driver": old_state}, keep_round=args.rounds)
         before_seconds = time.perf_counter() - started
-        before_file = (workdir / "before.pt").stat().st_size
+        before_file = (workdir / "before" / "checkpoint.pt").stat().st_size
 
     device = f"cpu: {platform.machine()}, {os.cpu_count()} cores" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     print(f"device: {device}; preset {args.preset}, K={cfg.iet.shards}, training.ema={cfg.training.ema}")

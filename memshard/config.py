@@ -506,7 +506,7 @@ def validate(cfg: Config) -> None:
     require(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment is empty: give an experiment name (--experiment)")
     require(cfg.mlflow.sample_grid_steps >= 1, "mlflow.sample_grid_steps must be >= 1")
     every = cfg.mlflow.checkpoint_every
-    require(every == "auto" or (every.isascii() and every.isdigit() and int(every) >= 1),
+    require(every == "auto" or (every.isascii() and every.isdigit() and len(every) < 19 and int(every) >= 1),
             f"mlflow.checkpoint_every = {shown(every)}: use auto or a whole number of rounds >= 1")
 
 

@@ -50,8 +50,8 @@ def check_checkpoint_root(root: str | Path) -> Path:
 
 
 def checkpoint_interval(cfg: Config, channels: int, num_shards: int) -> int:
-    """Rounds between checkpoints: `mlflow.checkpoint_every`, or for `auto` the size rule (README,
-    "Checkpoints"): one proxy's state is its parameters × 4 bytes × (weights + AdamW's two moments
+    """Rounds between checkpoints: `mlflow.checkpoint_every`, or for `auto` the size rule (README, "What
+    it does"): one proxy's state is its parameters × 4 bytes × (weights + AdamW's two moments
     [+ the EMA]); K of them are written per checkpoint; every round while that is at most
     AUTO_CHECKPOINT_BYTES_PER_ROUND, else every ⌈K·state / AUTO_CHECKPOINT_BYTES_PER_ROUND⌉ rounds."""
     if cfg.mlflow.checkpoint_every != "auto":
