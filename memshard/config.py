@@ -142,7 +142,7 @@ class MLflowConfig:
     sample_grid_images: int = 16
     sample_grid_steps: int = 100  # DDPM sampling steps for the progress grid (the final model uses 1000)
     checkpoint_dir: str = ".memshard/checkpoints"  # relative: under the workspace root
-    checkpoint_every: int = 1  # rounds
+    checkpoint_every: str = "auto"  # rounds between checkpoints, or "auto": by the state's size (orchestrator/checkpoint.py)
 
 
 @dataclass
@@ -530,7 +530,9 @@ def validate(cfg: Config) -> None:
             f"mlflow.register_as = {shown(cfg.mlflow.register_as)}: a model name cannot hold '/' or ':' (MLflow)")
     require(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment is empty: give an experiment name (--experiment)")
     require(cfg.mlflow.sample_grid_steps >= 1, "mlflow.sample_grid_steps must be >= 1")
-    require(cfg.mlflow.checkpoint_every >= 1, "mlflow.checkpoint_every must be >= 1")
+    every = cfg.mlflow.checkpoint_every
+    require(every == "auto" or (every.isascii() and every.isdigit() and len(every) < 19 and int(every) >= 1),
+            f"mlflow.checkpoint_every = {shown(every)}: use auto or a whole number of rounds >= 1")
 
 
 def _feature_map_sizes(resolution: int, levels: int) -> list[int]:

@@ -1,5 +1,5 @@
 """File-system helpers every layer shares: where memshard writes (the workspace root), a user's path
-checked where it comes in, a directory proved writable before work starts, and a directory replaced whole.
+checked where it comes in, a directory proved writable before work starts, and a file or a directory replaced whole.
 
 They know nothing of datasets, models or checkpoints; they fail in one line (a `MemshardError`)
 naming the setting or flag the path came from.
@@ -11,6 +11,7 @@ import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from memshard.errors import MemshardError, shown
@@ -63,6 +64,20 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
     except OSError as exc:
         raise MemshardError(f"{what}: {path} is not a writable directory ({_reason(exc)}): choose another") from None
     return path
+
+
+def replace_file(path: Path, write: Callable[[Path], None]) -> int:
+    """Write the file `path` with `write(partial)` into a sibling and move it into place: a reader (or
+    a crash mid-write) finds the previous file or the new one whole, never a torn one. Returns its size.
+    The partial's name holds the process id, so two processes never write the same partial."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path.stat().st_size
 
 
 def replace_directory(new: Path, target: Path) -> None:

@@ -1,24 +1,45 @@
-"""Per-round checkpoints: everything needed to continue a run exactly where it stopped.
+"""Checkpoints: everything needed to continue a run exactly where it stopped, and how often.
 
-One file per run, replaced atomically after each checkpointed round: the global weights, every
-proxy's state (weights, optimizer, AGC memory bank, TAA strengths, RNG), the shard assignment,
-the driver's per-sample tables, the server optimizer's moments and the round number. Only tensors,
-numpy arrays (of any shape, 0-d included) and plain Python values go in, so
-`torch.load(weights_only=True)` reads it back — never a pickle of arbitrary code.
+A checkpoint of run RUN_ID at round R is, under `mlflow.checkpoint_dir/RUN_ID/`:
+
+- `round_RRRR/shard_K.pt`, one per proxy, written by that proxy's actor itself (`ProxyTrainer.save_state`:
+  weights, optimizer, AGC memory bank, TAA strengths, RNG, EMA), whole or not at all — the proxies'
+  state never passes through the driver;
+- `checkpoint.pt`, the driver's file, replaced atomically: the configuration, the global weights, the
+  shard assignment, the driver's per-sample tables, the server optimizer's moments, the round number
+  and the manifest of the proxies' files (`worker_files`: round, names, sizes). The driver writes it
+  only once every proxy has reported its file written and the driver has found each file at its size
+  (`check_worker_files`), so a crash at any moment leaves a `checkpoint.pt` whose files are all there;
+  older `round_*` folders are removed only after the new `checkpoint.pt` is in place.
+
+The folder must be one the driver and every node see (shared storage on a multi-node cluster):
+the actors write there, the driver checks there, and a replacement actor reads its shard's file from
+there (`orchestrator.rounds`, replay). Only tensors, numpy arrays (of any shape, 0-d included) and
+plain Python values go in, so `torch.load(weights_only=True)` reads it back — never a pickle of code.
+
+How often (`mlflow.checkpoint_every`; the last round always): `checkpoint_interval` below.
 """
 
 from __future__ import annotations
 
-import os
+import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from memshard.config import Config
 from memshard.errors import MemshardError
-from memshard.files import checked_path, ensure_writable_dir, in_workspace
+from memshard.files import checked_path, ensure_writable_dir, in_workspace, replace_file
+from memshard.model import build_unet
 
 CHECKPOINT_FILE = "checkpoint.pt"
+ROUND_FOLDER = re.compile(r"round_\d{4,}")
+# `mlflow.checkpoint_every: auto` writes about this much proxy state per round at most, on average:
+# every round while the K proxies' state is this small, else every ⌈state / this⌉ rounds.
+AUTO_CHECKPOINT_BYTES_PER_ROUND = 2 << 30
 # What every checkpoint holds, and the type each entry must have for a resume to trust it.
 REQUIRED_ENTRIES = {"config": dict, "dataset_fingerprint": str, "driver": dict, "owners": np.ndarray}
 
@@ -28,13 +49,57 @@ def check_checkpoint_root(root: str | Path) -> Path:
     return ensure_writable_dir(in_workspace(root), "mlflow.checkpoint_dir")
 
 
-def save_checkpoint(directory: str | Path, state: dict) -> Path:
+def checkpoint_interval(cfg: Config, channels: int, num_shards: int) -> int:
+    """Rounds between checkpoints: `mlflow.checkpoint_every`, or for `auto` the size rule (README, "What
+    it does"): one proxy's state is its parameters × 4 bytes × (weights + AdamW's two moments
+    [+ the EMA]); K of them are written per checkpoint; every round while that is at most
+    AUTO_CHECKPOINT_BYTES_PER_ROUND, else every ⌈K·state / AUTO_CHECKPOINT_BYTES_PER_ROUND⌉ rounds."""
+    if cfg.mlflow.checkpoint_every != "auto":
+        return int(cfg.mlflow.checkpoint_every)
+    return max(1, math.ceil(proxy_state_bytes(cfg, channels) * num_shards / AUTO_CHECKPOINT_BYTES_PER_ROUND))
+
+
+def proxy_state_bytes(cfg: Config, channels: int) -> int:
+    """About the size of one proxy's state file: fp32 weights, two AdamW moments and, with training.ema,
+    the EMA (the AGC bank, TAA strengths and RNG states are small beside them)."""
+    with torch.device("meta"):  # counts the parameters without allocating them
+        parameters = sum(p.numel() for p in build_unet(cfg, channels, for_training=True).parameters())
+    return parameters * 4 * (3 + int(cfg.training.ema))
+
+
+def worker_state_file(round_index: int, shard: int) -> str:
+    """Where proxy `shard` writes its state after `round_index`, relative to the run's checkpoint folder
+    (relative, so a run whose folder moved — mlflow.checkpoint_dir may change on --resume — still resumes)."""
+    return f"round_{round_index:04d}/shard_{shard}.pt"
+
+
+def check_worker_files(directory: str | Path, manifest: dict) -> list[Path]:
+    """The proxies' files a manifest names, each found at the size its actor reported, or a one-line
+    error: before a manifest is written (an actor wrote where the driver cannot see) and on resume."""
+    paths = []
+    for name, size in zip(manifest["files"], manifest["bytes"], strict=True):
+        path = Path(directory) / name
+        found = path.stat().st_size if path.is_file() else None
+        if found != int(size):
+            raise MemshardError(
+                f"proxy state {path} is {'missing' if found is None else f'{found} bytes, not {int(size)}'}: "
+                f"mlflow.checkpoint_dir must be storage the driver and every node share; start the run again "
+                f"if it was damaged")
+        paths.append(path)
+    return paths
+
+
+def save_checkpoint(directory: str | Path, state: dict, keep_round: int) -> Path:
+    """Replace the driver's checkpoint file with `state` (whose manifest names the proxies' files of
+    round `keep_round`, already checked), then remove every other round's proxy files: a crash at any
+    point leaves the previous or the new checkpoint whole, with its files."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE
-    partial = directory / (CHECKPOINT_FILE + ".partial")
-    torch.save(_to_tensors(state), partial)
-    os.replace(partial, path)  # a crash mid-write leaves the previous checkpoint intact
+    replace_file(path, lambda partial: torch.save(_to_tensors(state), partial))
+    kept = Path(worker_state_file(keep_round, 0)).parent.name
+    for folder in directory.iterdir():
+        if folder.is_dir() and ROUND_FOLDER.fullmatch(folder.name) and folder.name != kept:
+            shutil.rmtree(folder, ignore_errors=True)
     return path
 
 

@@ -7,6 +7,16 @@ FedAvg weighted by the shard sizes the proxies trained on, then the server optim
 `training.ema` the proxies' EMAs are averaged the same way (no server step: an EMA is not a
 gradient) and the averaged EMA is the model that is sampled and registered → MSR moves
 memorization-prone samples between shards (on exchange rounds) → the shard assignment is checked.
+
+Where a proxy's state lives between rounds: in its actor, and on checkpoint rounds also in a file
+the actor writes itself (`save_worker_states`; layout in `orchestrator.checkpoint`). The driver never
+holds a proxy's state. A replacement for a proxy lost in round r resumes from that proxy's last file
+(round c, or the freshly built actor, which is the round-0 state, before the first checkpoint) and
+re-runs rounds c+1 … r with the inputs they had: the global weights broadcast in each (their
+object-store references, kept by the driver since the last checkpoint) and the shard's samples in each.
+Only round r's result counts; on the CPU it is bitwise what the lost actor would have returned. So
+the checkpoint interval trades the bytes written per round against the rounds a replay re-runs
+(at most `mlflow.checkpoint_every` − 1 extra) and the driver's references kept meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -23,6 +34,7 @@ from memshard.aggregation import ServerState, server_update, weighted_average
 from memshard.config import Config
 from memshard.errors import MemshardError
 from memshard.orchestrator.actor_pool import ActorPool, CallError, Lost
+from memshard.orchestrator.checkpoint import check_worker_files, worker_state_file
 from memshard.orchestrator.cluster import ActorResources, place_actors, release
 from memshard.orchestrator.settings import server_hyperparameters
 from memshard.orchestrator.sharding import (
@@ -65,6 +77,15 @@ class RoundReport:
         return float(sum(r.images_per_second for r in self.results))
 
 
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a proxy trained on in a round: the broadcast (global weights, global EMA or None), as
+    object-store references, and every shard's samples. A replay re-runs a round from these."""
+
+    weights_refs: tuple
+    shards: list[np.ndarray]
+
+
 class IETDriver:
     """Holds the global weights, the shard assignment and the per-sample tables; runs rounds."""
 
@@ -89,10 +110,12 @@ class IETDriver:
         self.last_loss = np.full(num_samples, np.nan)
         self.rounds_done = 0
         self.failure_events: list[dict] = []
-        # Each proxy's state as of the start of the coming round (object-store references): what a
-        # replacement actor resumes from, so a re-run round gives what the lost one would have.
-        self.worker_states = [actor.state_dict.remote() for actor in actors]
-        self._weights_refs: tuple = ()
+        # Where a replacement resumes from (module docstring): the proxies' files of round `saved_round`
+        # (none before the first checkpoint: a fresh actor is the round-0 state), then every round since
+        # (kept until the next `save_worker_states`; a caller that never saves keeps every round's).
+        self.saved_round = 0
+        self.saved_files: list[Path] = []
+        self.rounds_since_saved: list[RoundInputs] = []
 
     @property
     def actors(self) -> list:
@@ -113,8 +136,9 @@ class IETDriver:
     def run_round(self, round_index: int, is_last: bool) -> RoundReport:
         cfg, seconds = self.cfg, {}
         with _timed(seconds, "broadcast"):
-            self._weights_refs = (ray.put(self.weights), None if self.ema_weights is None else ray.put(self.ema_weights))
-            ray.get([actor.set_weights.remote(*self._weights_refs) for actor in self.actors])
+            weights_refs = (ray.put(self.weights), None if self.ema_weights is None else ray.put(self.ema_weights))
+            self.rounds_since_saved.append(RoundInputs(weights_refs, list(self.shards)))
+            ray.get([actor.set_weights.remote(*weights_refs) for actor in self.actors])
         with _timed(seconds, "train"):
             results = self._train_all_shards(round_index)
         for result in results:
@@ -137,17 +161,27 @@ class IETDriver:
             with _timed(seconds, "redistribute"):
                 moves = self.redistribute_memorized_samples(round_index)
         check_partition(self.shards, self.num_samples)
-        self.worker_states = [actor.state_dict.remote() for actor in self.actors]
         self.rounds_done = round_index
         return RoundReport(round_index, results, moves, seconds)
 
     def _train_all_shards(self, round_index: int) -> list[RoundResult]:
         """Every shard's local steps, concurrently; a shard whose actor dies or stalls is re-run on a
-        replacement (`ActorPool`) that resumes it from the start of the round."""
+        replacement (`ActorPool`) that resumes it from its last saved state and re-runs the rounds since
+        (module docstring); only the result tagged with the shard counts."""
         self.round_index = round_index
+        steps = self.cfg.iet.local_steps
 
         def launch(k: int) -> None:
-            self.pool.submit(k, "train_round", self.shards[k], self.cfg.iet.local_steps, tag=k)
+            self.pool.submit(k, "train_round", self.shards[k], steps, tag=k)
+
+        def replay(k: int) -> None:
+            """Shard k's replacement (restored by `_restore`) re-runs every round since its saved state."""
+            *earlier, current = self.rounds_since_saved
+            for past in earlier:
+                self.pool.submit(k, "set_weights", *past.weights_refs)
+                self.pool.submit(k, "train_round", past.shards[k], steps)  # untagged: its result was used then
+            self.pool.submit(k, "set_weights", *current.weights_refs)
+            launch(k)
 
         for k in range(len(self.actors)):
             launch(k)
@@ -157,8 +191,8 @@ class IETDriver:
                 if isinstance(outcome, Lost):
                     self.failure_events.append({"round": round_index, "shard": outcome.actor, "reason": outcome.reason,
                                                 "restart": outcome.restart})
-                    launch(outcome.actor)
-                else:
+                    replay(outcome.actor)
+                elif outcome.tag is not None:
                     results[outcome.actor] = outcome.value
         except CallError as failed:
             if not isinstance(failed.error, NonFiniteLossError):
@@ -172,9 +206,10 @@ class IETDriver:
         return [results[k] for k in range(len(self.actors))]
 
     def _restore(self, k: int, actor) -> None:
-        """A replacement for shard k takes the state shard k had at the start of this round, and its weights."""
-        ray.get(actor.load_state_dict.remote(self.worker_states[k]))
-        ray.get(actor.set_weights.remote(*self._weights_refs))
+        """A replacement for shard k takes shard k's last saved state (a fresh actor already is the
+        round-0 state); `replay` then brings it to this round."""
+        if self.saved_files:
+            ray.get(actor.load_state_file.remote(str(self.saved_files[k])))
 
     def _out_of_restarts(self, lost: Lost) -> MemshardError:
         return MemshardError(
@@ -198,8 +233,23 @@ class IETDriver:
         self.skips_since_move[moves.indices] = 0  # counts reset after a move
         return moves
 
-    def state(self) -> dict:
-        """The driver's part of a checkpoint plus every proxy's state."""
+    def save_worker_states(self, directory: str | Path) -> dict:
+        """Every proxy writes its state to its file for this round under `directory` (the run's
+        checkpoint folder), concurrently; once all are found there this is what a replacement resumes
+        from. Returns the manifest: the round, the files' names (relative to `directory`) and sizes."""
+        directory = Path(directory).absolute()  # the actors may run in other folders, on other nodes
+        names = [worker_state_file(self.rounds_done, k) for k in range(len(self.actors))]
+        sizes = ray.get([actor.save_state.remote(str(directory / name))
+                         for actor, name in zip(self.actors, names, strict=True)])
+        manifest = {"round": self.rounds_done, "files": names, "bytes": [int(size) for size in sizes]}
+        self.saved_files = check_worker_files(directory, manifest)
+        self.saved_round, self.rounds_since_saved = self.rounds_done, []
+        return manifest
+
+    def state(self, directory: str | Path) -> dict:
+        """The driver's part of a checkpoint, after every proxy has written its own state under
+        `directory` (`save_worker_states`): the manifest of those files, not their contents."""
+        worker_files = self.save_worker_states(directory)
         return {
             "rounds_done": self.rounds_done,
             "weights": self.weights,
@@ -210,11 +260,12 @@ class IETDriver:
             "last_loss": self.last_loss,
             "restarts": self.restarts,
             "server_state": self.server_state.to_checkpoint(),
-            "workers": ray.get(self.worker_states),
+            "worker_files": worker_files,
         }
 
-    def load_state(self, state: dict) -> None:
-        """Continue from a checkpoint: driver tables, assignment, weights and every proxy's state."""
+    def load_state(self, state: dict, directory: str | Path) -> None:
+        """Continue from a checkpoint in `directory`: driver tables, assignment, weights, and every
+        proxy's state from the file its manifest names."""
         self.rounds_done = int(state["rounds_done"])
         self.weights = state["weights"]
         if self.ema_weights is not None:  # the checkpoint's config is the run's, so it has them
@@ -228,8 +279,13 @@ class IETDriver:
         # Checkpoints from before the server optimizers were plain FedAvg, whose state is a round count.
         saved = state.get("server_state")
         self.server_state = ServerState(rounds=self.rounds_done) if saved is None else ServerState.from_checkpoint(saved)
-        ray.get([actor.load_state_dict.remote(ws) for actor, ws in zip(self.actors, state["workers"], strict=True)])
-        self.worker_states = [actor.state_dict.remote() for actor in self.actors]
+        if "workers" in state:  # written before the proxies wrote their own files: their states inline
+            ray.get([actor.load_state_dict.remote(ws) for actor, ws in zip(self.actors, state["workers"], strict=True)])
+            self.save_worker_states(directory)  # from here on, the files are what a replacement resumes from
+            return
+        self.saved_files = check_worker_files(Path(directory).absolute(), state["worker_files"])
+        ray.get([actor.load_state_file.remote(str(path)) for actor, path in zip(self.actors, self.saved_files, strict=True)])
+        self.saved_round, self.rounds_since_saved = self.rounds_done, []
 
     def placement(self) -> list[dict]:
         """Where each proxy runs: shard, node and device."""

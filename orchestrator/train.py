@@ -34,7 +34,12 @@ from memshard.config import (
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.files import in_workspace
-from memshard.orchestrator.checkpoint import check_checkpoint_root, load_checkpoint, save_checkpoint
+from memshard.orchestrator.checkpoint import (
+    check_checkpoint_root,
+    checkpoint_interval,
+    load_checkpoint,
+    save_checkpoint,
+)
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
 from memshard.orchestrator.settings import check, server_hyperparameters
@@ -133,8 +138,9 @@ def _check_cluster_has_gpu(cfg: Config) -> None:
 
 
 # Settings a resumed run may change: where things are and how patient to be, never what is trained.
-RESUMABLE_SETTINGS = {"mlflow.tracking_uri", *PLACE_SETTINGS, "ray.address", "ray.round_timeout_s",
-                      "ray.max_actor_restarts", "ray.placement_timeout_s", "ray.placement_strategy"}
+RESUMABLE_SETTINGS = {"mlflow.tracking_uri", *PLACE_SETTINGS, "mlflow.checkpoint_every", "ray.address",
+                      "ray.round_timeout_s", "ray.max_actor_restarts", "ray.placement_timeout_s",
+                      "ray.placement_strategy"}
 
 
 def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
@@ -186,12 +192,14 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                   tracking_uri: str, show_progress: bool, checkpoint: dict | None,
                   faults: FaultPlan | None, hooks: RunHooks) -> TrainResult:
     num_shards = cfg.iet.shards
+    checkpoint_every = checkpoint_interval(cfg, dataset.channels, len(shards))
     if checkpoint is None:
         params = {**flatten(cfg), "dataset.path": dataset.path, "dataset.fingerprint": dataset.fingerprint,
                   "dataset.count": len(dataset), "shards": num_shards, "method": cfg.iet.method}
         params["mlflow.tracking_uri"] = redact_uri(tracking_uri)
         # What the server optimizer ran with, its defaults included (the config keeps None for a default).
         params.update({f"aggregation.{key}": value for key, value in server_hyperparameters(cfg).items()})
+        params["checkpoint_interval_rounds"] = checkpoint_every  # what mlflow.checkpoint_every (auto) came to
         tracker.log_params(params)
         tracker.log_dict(to_dict(cfg), "config.json")  # lineage: evaluate/unlearn/retrain read it
     tracker.set_tags({"memshard.version": version("memshard"), "ray.address": ray.get_runtime_context().gcs_address})
@@ -206,7 +214,7 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
         owners = [_owners(driver.shards, len(dataset))]
         if checkpoint is not None:
             try:
-                driver.load_state(checkpoint["driver"])
+                driver.load_state(checkpoint["driver"], checkpoint_dir(cfg, run_id))
             except KeyError as error:  # an entry missing: a damaged file (any other error is a bug, with its traceback)
                 raise MemshardError(f"damaged checkpoint for run {run_id} (its driver state has no {error}): "
                                     "start the run again") from None
@@ -227,11 +235,15 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
             tqdm.write(_round_line(report, cfg.iet.rounds), file=sys.stderr)
             if cfg.mlflow.sample_grid_every and round_index % cfg.mlflow.sample_grid_every == 0:
                 _log_sample_grid(cfg, dataset, driver.model_weights, round_index)
-            if round_index % cfg.mlflow.checkpoint_every == 0 or round_index == cfg.iet.rounds:
-                save_checkpoint(checkpoint_dir(cfg, run_id), {
+            if round_index % checkpoint_every == 0 or round_index == cfg.iet.rounds:
+                directory = checkpoint_dir(cfg, run_id)
+                driver_state = driver.state(directory)  # the proxies' files are written and checked first
+                if faults is not None:
+                    faults.before_manifest(round_index)
+                save_checkpoint(directory, {
                     "config": to_dict(cfg), "dataset_fingerprint": dataset.fingerprint,
-                    "driver": driver.state(), "owners": np.stack(owners),
-                })
+                    "driver": driver_state, "owners": np.stack(owners),
+                }, keep_round=round_index)
             if faults is not None:
                 faults.after_checkpoint(round_index)
             if hooks.after_round is not None:

@@ -30,6 +30,7 @@ class FaultPlan:
     stall_at_steps: tuple[int, ...] = ()  # it sleeps for an hour at these global steps, once each
     nan_at_step: int = -1  # its loss becomes NaN at this global step
     driver_exit_after_round: int = 0  # the driver process exits right after checkpointing this round
+    driver_exit_before_manifest: int = 0  # it exits once this round's proxy files are written, before checkpoint.pt
     stall_at_batches: tuple[int, ...] = ()  # a generation worker sleeps for an hour on these batches, once each
     marker_dir: str = ".memshard/faults"  # remembers which faults fired, so a replacement actor goes on
 
@@ -75,6 +76,11 @@ class FaultPlan:
         if shard == self.shard and step == self.nan_at_step:
             return losses * float("nan")
         return losses
+
+    def before_manifest(self, round_index: int) -> None:
+        """The driver process dies between the proxies' writing their files and its checkpoint naming them."""
+        if round_index == self.driver_exit_before_manifest:
+            os._exit(3)
 
     def after_checkpoint(self, round_index: int) -> None:
         """The driver process dies right after checkpointing the chosen round."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
 from memshard.config import Config
+from memshard.files import replace_file
 from memshard.model import (
     ambient_setting,
     build_scheduler,
@@ -235,6 +237,17 @@ class ProxyTrainer:
             "global_step": self.global_step,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         })
+
+    def save_state(self, path: str) -> int:
+        """Write this proxy's state to `path` itself (whole or not at all; the driver names the file, on
+        storage the driver and every node see) and return the file's size: the state never passes
+        through the driver."""
+        state = self.state_dict()
+        return replace_file(Path(path), lambda partial: torch.save(state, partial))
+
+    def load_state_file(self, path: str) -> None:
+        """Continue from a state `save_state` wrote (read with weights_only: tensors and plain values only)."""
+        self.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

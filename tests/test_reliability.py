@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from memshard.commands.cli import main
 from memshard.config import build_config
 from memshard.errors import MemshardError
-from memshard.orchestrator.checkpoint import load_checkpoint
+from memshard.orchestrator.checkpoint import CHECKPOINT_FILE, checkpoint_interval, load_checkpoint
 from memshard.orchestrator.tracking import redact_uri
 from memshard.orchestrator.train import checkpoint_dir, resume_config, train
 from memshard.shard_worker.faults import FAULTS_ENV
@@ -119,10 +119,13 @@ def test_a_nan_loss_names_the_shard_and_step_and_rolls_the_round_back(ray_cluste
     assert state["rounds_done"] == 1 and all(np.isfinite(w).all() for w in state["weights"].values())
 
 
-def train_until_the_driver_dies_after_round_one(ray_cluster, store: str, cwd, *sets: str) -> None:
+def train_until_the_driver_dies_after_round_one(ray_cluster, store: str, cwd, *sets: str,
+                                                plan: dict | None = None) -> None:
     """`memshard train --preset tiny --rounds 3` in a process whose driver exits right after round 1's
-    checkpoint (the test fault plan), its run left RUNNING for a resume; `sets` are extra --set items."""
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, FAULTS_ENV: json.dumps({"driver_exit_after_round": 1})}
+    checkpoint (the test fault plan; `plan` replaces it), its run left RUNNING for a resume; `sets` are
+    extra --set items."""
+    plan = {"driver_exit_after_round": 1} if plan is None else plan
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, FAULTS_ENV: json.dumps(plan)}
     completed = subprocess.run(
         [sys.executable, "-m", "memshard.commands.cli", "train", "--preset", "tiny", "--no-progress", "--rounds", "3",
          "--set", f"mlflow.tracking_uri={store}", *(arg for item in sets for arg in ("--set", item))],
@@ -161,10 +164,70 @@ def test_resume_rejects_changed_settings_and_missing_or_damaged_checkpoints(ray_
     assert code == 2 and "is damaged" in err and "Traceback" not in err
 
 
-def test_checkpoints_hold_no_pickled_code(ray_cluster, mlflow_store):
-    cfg = tiny(mlflow_store)
+def test_checkpoints_hold_no_pickled_code_and_the_driver_file_names_the_proxies_files(ray_cluster, mlflow_store):
+    cfg = tiny(mlflow_store, "mlflow.checkpoint_every=1")
     result = train(cfg, show_progress=False)
-    torch.load(checkpoint_dir(cfg, result.run_id) / "checkpoint.pt", weights_only=True)  # raises on pickled objects
+    directory = checkpoint_dir(cfg, result.run_id)
+    torch.load(directory / CHECKPOINT_FILE, weights_only=True)  # raises on pickled objects
+    for shard_file in directory.glob("round_*/shard_*.pt"):
+        torch.load(shard_file, weights_only=True)
+    driver = load_checkpoint(directory)["driver"]
+    assert "workers" not in driver  # no proxy's state went through the driver
+    manifest = driver["worker_files"]
+    assert manifest["round"] == 2 and manifest["files"] == ["round_0002/shard_0.pt", "round_0002/shard_1.pt"]
+    sizes = [(directory / name).stat().st_size for name in manifest["files"]]
+    assert sizes == manifest["bytes"]
+    # Each proxy file holds weights and two AdamW moments; the driver's file one copy of the weights.
+    assert (directory / CHECKPOINT_FILE).stat().st_size < min(sizes)
+    assert sorted(p.name for p in directory.glob("round_*")) == ["round_0002"]  # round 1's files went once 2's were in
+
+
+def test_a_replacement_replays_the_rounds_since_the_last_checkpoint_exactly(
+    ray_cluster, mlflow_store, tmp_path, reference_weights, monkeypatch
+):
+    # Checkpoints every 3 rounds: shard 1 dies in round 3 (global step 7) with no proxy file written yet,
+    # so its replacement starts fresh (the round-0 state) and re-runs rounds 1 and 2 before round 3.
+    inject(monkeypatch, shard=1, exit_at_steps=[7])
+    cfg = tiny(mlflow_store, "iet.rounds=3", "mlflow.checkpoint_every=3")
+    result = train(cfg, show_progress=False)
+    assert (tmp_path / ".memshard" / "faults" / "exit-shard1-step7").exists()
+    run = MlflowClient(mlflow_store).get_run(result.run_id)
+    assert run.data.params["checkpoint_interval_rounds"] == "3"
+    assert [(m.step, m.value) for m in MlflowClient(mlflow_store).get_metric_history(result.run_id, "actor_restarts")] \
+        == [(3, 1.0)]
+    assert_same_weights(final_weights(result), reference_weights)
+
+
+def test_a_crash_before_the_manifest_keeps_the_previous_checkpoint_and_replay_reads_its_files(
+    ray_cluster, mlflow_store, tmp_path, reference_weights, monkeypatch
+):
+    # The driver dies after the proxies wrote round 2's files, before checkpoint.pt named them.
+    train_until_the_driver_dies_after_round_one(ray_cluster, mlflow_store, tmp_path,
+                                                "mlflow.checkpoint_every=1", plan={"driver_exit_before_manifest": 2})
+    run_id = only_run(mlflow_store).info.run_id
+    directory = Path(".memshard/checkpoints") / run_id
+    assert (directory / "round_0002" / "shard_1.pt").is_file()  # written, but not yet named
+    assert load_checkpoint(directory)["driver"]["worker_files"]["round"] == 1
+
+    # Resumed from round 1, checkpointing every 3 rounds: shard 0 dies in round 3 (global step 7), and
+    # its replacement reads round 1's file and re-runs round 2 before round 3.
+    inject(monkeypatch, shard=0, exit_at_steps=[7])
+    cfg = resume_config(run_id, {}, ["mlflow.checkpoint_every=3"])
+    result = train(cfg, show_progress=False, resume_run_id=run_id)
+    assert (tmp_path / ".memshard" / "faults" / "exit-shard0-step7").exists()
+    assert_same_weights(final_weights(result), reference_weights)  # bitwise on CPU
+    assert sorted(p.name for p in directory.glob("round_*")) == ["round_0003"]
+
+
+def test_the_auto_checkpoint_interval_follows_the_state_size():
+    tiny_cfg = build_config("tiny")
+    assert checkpoint_interval(tiny_cfg, 1, tiny_cfg.iet.shards) == 1  # about 2 MB per proxy
+    published = build_config("cifar32", sets=["training.ema=true"])  # 35.7M parameters: 5.7 GB over 10 proxies
+    assert checkpoint_interval(published, 3, 10) == 3
+    assert checkpoint_interval(published, 3, 1) == 1
+    assert checkpoint_interval(build_config("cifar32", sets=["mlflow.checkpoint_every=5"]), 3, 10) == 5
+    with pytest.raises(MemshardError, match="mlflow.checkpoint_every = '0': use auto or a whole number"):
+        build_config("tiny", sets=["mlflow.checkpoint_every=0"])
 
 
 @pytest.mark.parametrize(
