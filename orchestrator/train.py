@@ -157,14 +157,15 @@ def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
     except MemshardError as error:
         raise MemshardError(f"damaged checkpoint in {directory} (its config: {error}): start the run again") from None
     with_default_places(saved)
-    if is_redacted(saved.mlflow.tracking_uri) and "mlflow.tracking_uri" not in requested:
-        if not os.environ.get("MLFLOW_TRACKING_URI"):  # credentials are never saved: the user gives them again
-            raise MemshardError(
-                f"run {run_id} was trained against {saved.mlflow.tracking_uri}, whose credentials are not saved: "
-                f"give the URI again (--set mlflow.tracking_uri=URI or MLFLOW_TRACKING_URI)"
-            )
-        saved.mlflow.tracking_uri = None
-    saved.ray.address = None  # a where-setting (README "Which cluster"): given again, else RAY_ADDRESS or local
+    asked_where = "mlflow.tracking_uri" in requested or os.environ.get("MLFLOW_TRACKING_URI")
+    if is_redacted(saved.mlflow.tracking_uri) and not asked_where:  # say why the default store will not do
+        raise MemshardError(
+            f"run {run_id} was trained against {saved.mlflow.tracking_uri}, whose credentials are not saved: "
+            f"give the URI again (--set mlflow.tracking_uri=URI or MLFLOW_TRACKING_URI)"
+        )
+    # Where-settings are asked for again, never taken from the saved run (README "Where-settings").
+    saved.mlflow.tracking_uri = None
+    saved.ray.address = None
     for key, value in requested.items():
         section, name = key.split(".", 1)
         current = getattr(getattr(saved, section), name)

@@ -416,13 +416,16 @@ def test_resuming_a_run_the_store_does_not_hold_is_one_line(mlflow_store, tmp_pa
                 "is not in the MLflow tracking store")
 
 
-def test_a_resume_asks_again_where_to_run_and_never_takes_the_saved_ray_address(tmp_path):
-    cfg = build_config("tiny", sets=["ray.address=10.1.2.3:6379"])  # the cluster the run was trained on
+def test_a_resume_asks_again_where_to_run_and_never_takes_the_saved_ray_address_or_store(tmp_path):
+    # The cluster and the store the run was trained with.
+    cfg = build_config("tiny", sets=["ray.address=10.1.2.3:6379", f"mlflow.tracking_uri=sqlite:///{tmp_path}/old.db"])
     root = tmp_path / "checkpoints"
     write_checkpoint(root, "0123456789abcdef", _to_tensors({**valid_state(), "config": to_dict(cfg)}))
     where = f"mlflow.checkpoint_dir={root}"
-    assert resume_config("0123456789abcdef", {}, [where]).ray.address is None  # RAY_ADDRESS, else local
-    assert resume_config("0123456789abcdef", {}, [where, "ray.address=auto"]).ray.address == "auto"
+    resumed = resume_config("0123456789abcdef", {}, [where])
+    assert resumed.ray.address is None and resumed.mlflow.tracking_uri is None  # the environment, else local
+    given = resume_config("0123456789abcdef", {}, [where, "ray.address=auto", "mlflow.tracking_uri=sqlite:///x.db"])
+    assert given.ray.address == "auto" and given.mlflow.tracking_uri == "sqlite:///x.db"
 
 
 def test_a_resume_asks_again_for_credentials_it_never_saved(tmp_path, rejects, monkeypatch):
