@@ -90,6 +90,7 @@ from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
+from memshard.files import in_workspace
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
@@ -138,7 +139,7 @@ def load_data(cfg: Config, subset: int | None) -> Data:
         return Data(full, full, "full")
     if not 2 <= subset < len(full):
         raise MemshardError(f"--subset {subset}: give 2 to {len(full) - 1} (the data holds {len(full)} images)")
-    where = Path(cfg.data.cache_dir) / f"first-{subset}-of-{full.fingerprint[:12]}"
+    where = in_workspace(cfg.data.cache_dir) / f"first-{subset}-of-{full.fingerprint[:12]}"  # a setting: under the root
     return Data(load_dataset(write_subset(full, np.arange(subset), where)), full, f"first-{subset}")
 
 
