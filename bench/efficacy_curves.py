@@ -97,6 +97,7 @@ from memshard.orchestrator.train import RoundEnd, RunHooks, train
 from memshard.pipeline import SAMPLERS
 from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS
 from memshard.tuning.curves import (
+    AGC_KEPT,
     BASELINE,
     Method,
     mean_curve,
@@ -116,6 +117,7 @@ from memshard.tuning.measure import (
     Data,
     copying_figures,
     evaluation_rounds,
+    interval_keys,
     measure,
 )
 from memshard.unlearning.runner import write_subset
@@ -124,9 +126,10 @@ EXPERIMENT = "memshard-efficacy"
 OUTPUTS = ("results.json", "points.csv", "curves.png", "summary.md")
 RAW_SUFFIX = "-raw"  # a method with training.ema is also measured on its raw weights, as LABEL-raw
 CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "optimizer_steps_sequential",
-              "train_seconds", "eval_seconds", "wall_seconds", "loss", *COPYING, "mq_0.5_count",
-              *STRICT_COPYING, *NEAR_COPYING, "near_copy_sq_distance", "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", "real_r_below_0.15", *QUALITY, "real_frechet", "real_mean_confidence",
-              "real_coverage")
+              "train_seconds", "eval_seconds", "wall_seconds", "loss", AGC_KEPT, *COPYING, "mq_0.5_count",
+              *STRICT_COPYING, *NEAR_COPYING, *interval_keys(NEAR_COPYING[0]), "near_copy_sq_distance",
+              "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", "real_r_below_0.15", *QUALITY,
+              *interval_keys("frechet"), "real_frechet", "real_mean_confidence", "real_coverage")
 
 
 # ---------------------------------------------------------------- data
@@ -176,7 +179,8 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
             record({"regime": data.regime, "method": label, "seed": seed, "round": end.round_index,
                     "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
                     "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
-                    "wall_seconds": time.perf_counter() - started, "loss": end.report.mean_loss, **measured.figures,
+                    "wall_seconds": time.perf_counter() - started, "loss": end.report.mean_loss,
+                    AGC_KEPT: end.report.kept_fraction, **measured.figures,
                     "eval_phase_seconds": measured.seconds})
 
     run_cfg = copy.deepcopy(cfg)
