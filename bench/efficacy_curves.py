@@ -49,6 +49,9 @@ at most 10% above it and class coverage no worse — each method's copying, inte
 Fréchet where its mean curve first reaches that bar, and the reduction against ddpm's final model and
 against ddpm stopped early at the same bar. `--baseline LABEL` compares with another ddpm curve instead
 (a variant such as `ddpm+ema:training.ema=true`; every ddpm variant trains `--baseline-rounds`).
+Each point keeps its round's AGC kept fraction and bootstrap intervals over its generations (near-copy
+fraction, Fréchet); the summary adds, per method, its near copies against the baseline's at matched
+Fréchet levels, "below" only where the 95% t-intervals over seeds separate (run 3 seeds or more).
 
 Full size on a quiet 2-core CPU (estimated from BENCHMARKS.md's throughput, 540-680 training img/s,
 and about 20 s per evaluation of 500 DDIM-50 generations; not measured end to end):

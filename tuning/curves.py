@@ -9,6 +9,11 @@ the reference model and against the baseline stopped early at the same bar. Unli
 (the best point within the budget, over every trial's points), a curve is read where it *first* reaches
 the bar: the copying a method has when its training is stopped there.
 
+The statistics (issue 24): each mean curve carries a t-interval over its seeds (`mean_curve`;
+`evaluation.intervals`), read at the bar as the copying is, and `compare_curves` calls a method "below"
+the baseline in near copies at a Fréchet level only where its interval lies wholly under the
+baseline's; the summary holds that comparison at COMPARISON_LEVELS and the AGC kept fraction.
+
 The efficacy bench (bench/efficacy_curves.py) trains the curves, measures their points
 (`measure.measure`) and writes what this module computes.
 """
