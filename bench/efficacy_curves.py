@@ -49,6 +49,9 @@ at most 10% above it and class coverage no worse — each method's copying, inte
 Fréchet where its mean curve first reaches that bar, and the reduction against ddpm's final model and
 against ddpm stopped early at the same bar. `--baseline LABEL` compares with another ddpm curve instead
 (a variant such as `ddpm+ema:training.ema=true`; every ddpm variant trains `--baseline-rounds`).
+Each point keeps its round's AGC kept fraction and bootstrap intervals over its generations (near-copy
+fraction, Fréchet); the summary adds, per method, its near copies against the baseline's at matched
+Fréchet levels, "below" only where the 95% t-intervals over seeds separate (run 3 seeds or more).
 
 Full size on a quiet 2-core CPU (estimated from BENCHMARKS.md's throughput, 540-680 training img/s,
 and about 20 s per evaluation of 500 DDIM-50 generations; not measured end to end):
@@ -98,6 +101,7 @@ from memshard.orchestrator.train import RoundEnd, RunHooks, train
 from memshard.pipeline import SAMPLERS
 from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS
 from memshard.tuning.curves import (
+    AGC_KEPT,
     BASELINE,
     Method,
     mean_curve,
@@ -117,6 +121,7 @@ from memshard.tuning.measure import (
     Data,
     copying_figures,
     evaluation_rounds,
+    interval_keys,
     measure,
 )
 from memshard.unlearning.runner import write_subset
@@ -125,9 +130,10 @@ EXPERIMENT = "memshard-efficacy"
 OUTPUTS = ("results.json", "points.csv", "curves.png", "summary.md")
 RAW_SUFFIX = "-raw"  # a method with training.ema is also measured on its raw weights, as LABEL-raw
 CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "optimizer_steps_sequential",
-              "train_seconds", "eval_seconds", "wall_seconds", "loss", *COPYING, "mq_0.5_count",
-              *STRICT_COPYING, *NEAR_COPYING, "near_copy_sq_distance", "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", "real_r_below_0.15", *QUALITY, "real_frechet", "real_mean_confidence",
-              "real_coverage")
+              "train_seconds", "eval_seconds", "wall_seconds", "loss", AGC_KEPT, *COPYING, "mq_0.5_count",
+              *STRICT_COPYING, *NEAR_COPYING, *interval_keys(NEAR_COPYING[0]), "near_copy_sq_distance",
+              "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", "real_r_below_0.15", *QUALITY,
+              *interval_keys("frechet"), "real_frechet", "real_mean_confidence", "real_coverage")
 
 
 # ---------------------------------------------------------------- data
@@ -177,7 +183,8 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
             record({"regime": data.regime, "method": label, "seed": seed, "round": end.round_index,
                     "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
                     "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
-                    "wall_seconds": time.perf_counter() - started, "loss": end.report.mean_loss, **measured.figures,
+                    "wall_seconds": time.perf_counter() - started, "loss": end.report.mean_loss,
+                    AGC_KEPT: end.report.kept_fraction, **measured.figures,
                     "eval_phase_seconds": measured.seconds})
 
     run_cfg = copy.deepcopy(cfg)

@@ -44,6 +44,7 @@ from memshard.evaluation.fid import (
     gaussian_stats,
     inception_weights_path,
 )
+from memshard.evaluation.intervals import frechet_interval
 from memshard.model import resolve_device
 
 # ---------------------------------------------------------------- choosing the space by name
@@ -95,6 +96,7 @@ class QualityReport:
     real_reference: str  # what `real` was measured on, in words
     classes: int | None = None  # classes in the training labels
     classifier_held_out_accuracy: float | None = None
+    frechet_interval: tuple[float, float] | None = None  # the generations' Fréchet, bootstrapped (intervals.py)
 
     @property
     def frechet_ratio(self) -> float:
@@ -116,7 +118,7 @@ class QualityReport:
 
 
 def quality_report(generated: np.ndarray, dataset: ImageDataset, space: FeatureSpace,
-                   seed: int = 0, rows: np.ndarray | None = None) -> QualityReport:
+                   seed: int = 0, rows: np.ndarray | None = None, frechet_resamples: int = 0) -> QualityReport:
     """Quality of (M, C, H, W) uint8 `generated` images against `dataset` in `space`, with its real reference.
 
     In a ClassifierSpace the real reference is the held-out images (which the classifier never saw)
@@ -126,6 +128,9 @@ def quality_report(generated: np.ndarray, dataset: ImageDataset, space: FeatureS
     `rows` (None: all) restricts every reference to those training rows: the Fréchet reference, the
     label histogram, the classes counted by coverage and the real reference's images. An unlearning
     audit passes the kept rows X \\ A, the distribution the model should still produce.
+
+    `frechet_resamples` > 0: also the generations' Fréchet interval, bootstrapped over the generations
+    against the fixed reference statistics with `seed` (`intervals.frechet_interval`).
     """
     restricted = rows is not None
     rows = np.arange(len(dataset)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
@@ -144,8 +149,9 @@ def quality_report(generated: np.ndarray, dataset: ImageDataset, space: FeatureS
         train_probabilities = generated_probabilities = None
     rest = np.setdiff1d(rows, real_rows)
     labels = dataset.labels[rows]
-    generated_figures = _figures(generated_features, gaussian_stats(train_features[rows]), generated_probabilities,
-                                 labels)
+    reference_stats = gaussian_stats(train_features[rows])
+    generated_figures = _figures(generated_features, reference_stats, generated_probabilities, labels)
+    interval = frechet_interval(generated_features, reference_stats, seed, frechet_resamples) if frechet_resamples else None
     real_figures = _figures(train_features[real_rows], gaussian_stats(train_features[rest]),
                             None if train_probabilities is None else train_probabilities[real_rows], labels)
     which = f"the {len(real_rows)} held-out labelled images" if classifier else f"{len(real_rows)} training images (seed {seed})"
@@ -153,7 +159,8 @@ def quality_report(generated: np.ndarray, dataset: ImageDataset, space: FeatureS
     return QualityReport(space=space.name, generated=generated_figures, real=real_figures,
                          real_reference=f"{which} vs the other {len(rest)} {others}",
                          classes=len(np.unique(labels[labels >= 0])) if classifier else None,
-                         classifier_held_out_accuracy=space.held_out_accuracy if classifier else None)
+                         classifier_held_out_accuracy=space.held_out_accuracy if classifier else None,
+                         frechet_interval=interval)
 
 
 def _figures(features: np.ndarray, reference_stats: tuple[np.ndarray, np.ndarray],

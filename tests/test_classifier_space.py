@@ -117,6 +117,11 @@ def test_other_spaces_get_a_real_reference_and_no_classifier_figures(digits):
     assert report.space == PIXEL_PROJECTION and report.real.images == 300
     assert report.generated.mean_confidence is None and report.generated.coverage is None
     assert set(report.metrics()) == {"quality.images", "quality.frechet", "quality.real.images", "quality.real.frechet"}
+    assert report.frechet_interval is None  # bootstrapped only when asked
+    bootstrapped = quality_report(generated, digits, feature_space(PIXEL_PROJECTION), seed=2, frechet_resamples=30)
+    low, high = bootstrapped.frechet_interval
+    assert low < bootstrapped.generated.frechet == report.generated.frechet < high
+    assert bootstrapped.metrics() == report.metrics()
 
 
 def test_report_metrics_are_flat_numbers(digits, space):

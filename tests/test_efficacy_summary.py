@@ -86,7 +86,8 @@ def test_the_strict_threshold_is_summarized_beside_the_loose_one_when_every_poin
     assert iet["target_met_by"] == {"r < 0.15": True} and not iet["target_met"]  # 25% / 33% fewer at r < 0.5
     text = curves.summary_markdown(summary)
     assert "80.0% below r = 0.5, 4.0% below r = 0.15" in text  # the real reference beside the reference model
-    assert "| iet | 1.0% | 5.0 | 95% (95% to 95%) | 92% (92% to 92%) | 94% / 90% | yes |" in text
+    # one seed and points without intervals or AGC figures (older results): "-" in their places
+    assert "| iet | 1.0% | - | 5.0 | 95% (95% to 95%) | 92% (92% to 92%) | 94% / 90% | yes | - |" in text
     assert "The same in r < 0.15 (the reference model: 20.0% of generations, 60.0 images; real images: 4.0%)" in text
     # points measured before the strict figures existed: the summary keeps to r < 0.5
     old = curves.summarize([point("ddpm", 0, 4, 2.0, 0.4, 180), point("iet", 0, 4, 2.0, 0.1, 20)], reference_round=4)
@@ -113,3 +114,63 @@ def test_results_of_one_regime_merge_and_of_another_are_refused():
     assert [p["method"] for p in kept["points"]] == ["iet+fast"] and set(kept["settings"]["methods"]) == {"iet+fast"}
     with pytest.raises(MemshardError, match="--only iet: no such method"):
         curves.merge_results([baseline, variant], only=["iet"])
+
+
+def near(p, fraction, kept=1.0):
+    """A point with near copies and the round's AGC kept fraction, as the bench records them now."""
+    return {**p, "generations_near_copies": fraction, "copied_near": 100 * fraction, "agc_kept_fraction": kept}
+
+
+def three_seeds(method, near_by_round, spread, kept=1.0):
+    """Three seeds of a curve whose Fréchet goes 6, 3, 2 over rounds 2, 4, 6; near copies at each round
+    its value -spread, +0, +spread over the seeds."""
+    return [near(point(method, seed, round_index, frechet + 0.1 * (seed - 1), 0.1, 10), value + spread * (seed - 1), kept)
+            for seed in range(3) for round_index, frechet, value in zip((2, 4, 6), (6.0, 3.0, 2.0), near_by_round, strict=True)]
+
+
+def test_the_mean_curve_carries_a_t_interval_over_seeds():
+    mean = curves.mean_curve(three_seeds("iet", (0.1, 0.2, 0.3), 0.05, kept=0.9), "iet")
+    half = 4.303 * 0.05 / 3 ** 0.5  # t(2) x s / sqrt(3), s = 0.05
+    low, high = (mean[1][key] for key in curves.seed_interval_keys("generations_near_copies"))
+    assert mean[1]["seeds"] == 3 and mean[1]["generations_near_copies"] == pytest.approx(0.2)
+    assert low == pytest.approx(0.2 - half, abs=1e-4) and high == pytest.approx(0.2 + half, abs=1e-4)
+    assert mean[1]["agc_kept_fraction"] == pytest.approx(0.9)
+    one = curves.mean_curve([{**p, "generations_near_copies_ci_low": 0.15, "generations_near_copies_ci_high": 0.25}
+                             for p in three_seeds("iet", (0.1, 0.2, 0.3), 0.05)], "iet", seed=0)
+    assert "generations_near_copies_seed_low" not in one[1]  # one seed: no interval over seeds,
+    assert one[1]["generations_near_copies_ci_low"] == 0.15  # but its generations' bootstrap interval
+
+
+def test_a_curve_is_below_another_only_where_the_intervals_separate():
+    ddpm = three_seeds("ddpm", (0.10, 0.30, 0.40), 0.01)
+    apart = three_seeds("iet-agc", (0.02, 0.05, 0.08), 0.01, kept=0.85)  # far under ddpm, little spread
+    close = three_seeds("iet", (0.08, 0.26, 0.36), 0.05)  # lower means, but the intervals overlap
+    worse = three_seeds("slow", (0.30, 0.50, 0.60), 0.01)
+    points = ddpm + apart + close + worse
+    levels = [6.0, 4.0, 2.5, 2.0, 1.0]  # 6.0: every curve's first point; 1.0: reached by none
+    rows = curves.compare_curves(points, "iet-agc", "ddpm", levels, min_coverage=None)
+    assert [row["frechet"] for row in rows] == [6.0, 4.0, 2.5, 2.0] and {row["verdict"] for row in rows} == {"below"}
+    at_4 = rows[1]  # two thirds of the way from round 2 (Fréchet 6.0) to round 4 (3.0)
+    assert at_4["method_round"] == pytest.approx(2 + 4 / 3) and at_4["method_value"] == pytest.approx(0.04)
+    assert at_4["method_agc_kept"] == pytest.approx(0.85) and at_4["other_agc_kept"] == pytest.approx(1.0)
+    assert at_4["method_high"] < at_4["other_low"]
+    assert {row["verdict"] for row in curves.compare_curves(points, "iet", "ddpm", levels, None)} == {"not separated"}
+    assert {row["verdict"] for row in curves.compare_curves(points, "slow", "ddpm", levels, None)} == {"above"}
+    one_seed = [p for p in points if p["seed"] == 0]
+    assert {row["verdict"] for row in curves.compare_curves(one_seed, "iet-agc", "ddpm", levels, None)} == {"no interval"}
+
+    summary = curves.summarize(points, reference_round=6)  # ddpm's round 6: Fréchet 2.0
+    assert [row["verdict"] for row in summary["methods"]["iet-agc"]["versus_baseline"]] == ["below"] * 6  # 1x to 3x
+    assert summary["methods"]["ddpm"]["versus_baseline"] == []
+    text = curves.summary_markdown(summary)
+    assert "| iet-agc | 2.000 (1.00) | 8.0% (5.5 to 10.5%) at round 6.0 | 40.0% (37.5 to 42.5%) at round 6.0 | below " \
+           "| 0.850 |" in text
+    assert "| iet | 2.000 (1.00) |" in text and "| not separated |" in text and "| above |" in text
+    assert "| iet-agc | 7.4% | 4.9% to 9.9% |" in text  # the near-copy table at the bar: the interval over seeds
+    # older points (no near copies, no intervals, no AGC figure): no comparison, "-" where the intervals go
+    old = [{key: value for key, value in p.items() if key not in ("generations_near_copies", "copied_near",
+                                                                   "agc_kept_fraction")} for p in points]
+    old_summary = curves.summarize(old, reference_round=6)
+    assert old_summary["comparison"] is None and "Near copies against" not in curves.summary_markdown(old_summary)
+    assert "| iet-agc | 5.6 (2,240; sequential 560) | 10.0% | 10.0 | 0% (0% to 0%) | 0% (0% to 0%) | 0% / 0% | no | - |" \
+        in curves.summary_markdown(old_summary)

@@ -9,6 +9,11 @@ the reference model and against the baseline stopped early at the same bar. Unli
 (the best point within the budget, over every trial's points), a curve is read where it *first* reaches
 the bar: the copying a method has when its training is stopped there.
 
+The statistics (issue 24): each mean curve carries a t-interval over its seeds (`mean_curve`;
+`evaluation.intervals`), read at the bar as the copying is, and `compare_curves` calls a method "below"
+the baseline in near copies at a Fréchet level only where its interval lies wholly under the
+baseline's; the summary holds that comparison at COMPARISON_LEVELS and the AGC kept fraction.
+
 The efficacy bench (bench/efficacy_curves.py) trains the curves, measures their points
 (`measure.measure`) and writes what this module computes.
 """
@@ -22,10 +27,11 @@ import numpy as np
 
 from memshard.config import METHODS, Config, build_config
 from memshard.errors import MemshardError
+from memshard.evaluation.intervals import CONFIDENCE, t_interval
 from memshard.evaluation.memorization import NEAR_COPY_QUANTILE
 from memshard.orchestrator.settings import check
 from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS, meets_quality, quality_bar
-from memshard.tuning.measure import COPYING, NEAR_COPYING, QUALITY, STRICT_COPYING
+from memshard.tuning.measure import BOOTSTRAPPED, COPYING, NEAR_COPYING, QUALITY, STRICT_COPYING, interval_keys
 from memshard.tuning.space import REFERENCE_METHOD
 
 BASELINE = REFERENCE_METHOD  # the curve whose model at the reference round sets the quality bar
@@ -35,6 +41,11 @@ TARGET_REDUCTION = 0.80  # the issue's target: >= 80% less copying on both measu
 MORE_COPYING = {"r < 0.15": STRICT_COPYING, "near copies": NEAR_COPYING}
 # The real held-out images' value of a copying fraction, as the points carry it; near copies have
 # none: real images score NEAR_COPY_QUANTILE by construction.
+# The round's share of drawn samples AGC kept, as points carry it (the RoundReport's; 1.0 without AGC).
+AGC_KEPT = "agc_kept_fraction"
+# The Fréchet levels, as multiples of the reference model's, at which every method's near copies are
+# compared with the baseline's (`compare_curves`); 1.1 is the quality bar.
+COMPARISON_LEVELS = (1.0, 1 + DEFAULT_MAX_QUALITY_LOSS, 1.25, 1.5, 2.0, 3.0)
 REAL_REFERENCE = {"generations_r_below_0.5": "real_r_below_0.5", "generations_r_below_0.15": "real_r_below_0.15"}
 
 
@@ -98,8 +109,15 @@ def copying_keys(points: list[dict]) -> tuple[str, ...]:
     return COPYING + tuple(key for keys in more_copying(points).values() for key in keys)
 
 
+def seed_interval_keys(key: str) -> tuple[str, str]:
+    """Where a mean curve keeps the interval of `key` over seeds (`intervals.t_interval`)."""
+    return f"{key}_seed_low", f"{key}_seed_high"
+
+
 def mean_curve(points: list[dict], method: str, seed: int | None = None) -> list[dict]:
-    """A method's points by round, the mean over seeds (or one seed's), with each measure's range."""
+    """A method's points by round, the mean over seeds (or one seed's), with each measure's range and,
+    from 2 seeds on, its CONFIDENCE t-interval over seeds (n - 1 degrees of freedom; `seed_interval_keys`).
+    A round of one seed keeps that point's bootstrap intervals over its generations (`interval_keys`)."""
     rows = [p for p in points if p["method"] == method and (seed is None or p["seed"] == seed)]
     out = []
     for round_index in sorted({p["round"] for p in rows}):
@@ -107,29 +125,73 @@ def mean_curve(points: list[dict], method: str, seed: int | None = None) -> list
         point = {"round": round_index, "seeds": len(at),
                  "optimizer_steps_total": float(np.mean([p["optimizer_steps_total"] for p in at])),
                  "optimizer_steps_sequential": float(np.mean([p["optimizer_steps_sequential"] for p in at]))}
-        for key in copying_keys(at) + (*QUALITY, "real_frechet", "real_r_below_0.5", "real_r_below_0.15"):
+        for key in copying_keys(at) + (*QUALITY, "real_frechet", "real_r_below_0.5", "real_r_below_0.15", AGC_KEPT):
             values = [p[key] for p in at if p.get(key) is not None]
             if not values:
                 continue
             point[key], point[f"{key}_min"], point[f"{key}_max"] = float(np.mean(values)), min(values), max(values)
+            interval = t_interval(values)
+            if interval is not None:
+                point.update(zip(seed_interval_keys(key), interval, strict=True))
+        if len(at) == 1:
+            point.update({k: at[0][k] for key in BOOTSTRAPPED for k in interval_keys(key) if at[0].get(k) is not None})
         out.append(point)
     return out
+
+
+def _intervals_of(point: dict) -> tuple[str, ...]:
+    """The interval and AGC keys a mean-curve point carries (older points lack them)."""
+    keys = [AGC_KEPT, *(k for key in BOOTSTRAPPED for k in interval_keys(key)),
+            *(k for key in copying_keys([point]) + ("frechet", AGC_KEPT) for k in seed_interval_keys(key))]
+    return tuple(key for key in keys if point.get(key) is not None)
 
 
 def at_quality_bar(curve_points: list[dict], max_frechet: float, min_coverage: float | None) -> dict | None:
     """Copying where the curve (ascending rounds) first reaches Fréchet <= max_frechet with coverage
     >= min_coverage: linear in Fréchet between that point and the one before it when the one before
-    lies above the bar; None when no point reaches it."""
+    lies above the bar; None when no point reaches it. The intervals and the AGC kept fraction the
+    points carry are read the same way (an interval's bounds, each linear in Fréchet)."""
     previous = None
     for point in curve_points:
         if meets_quality(point["frechet"], point["coverage"], max_frechet, min_coverage):
-            keys = (*copying_keys([point]), "frechet", "round", "optimizer_steps_total", "optimizer_steps_sequential")
+            keys = (*copying_keys([point]), "frechet", "round", "optimizer_steps_total", "optimizer_steps_sequential",
+                    *_intervals_of(point))
             if previous is None or previous["frechet"] <= max_frechet:
                 return {**{key: point[key] for key in keys}, "interpolated": False}
+            keys = tuple(key for key in keys if previous.get(key) is not None)
             w = (previous["frechet"] - max_frechet) / (previous["frechet"] - point["frechet"])
             return {**{key: previous[key] + w * (point[key] - previous[key]) for key in keys}, "interpolated": True}
         previous = point
     return None
+
+
+def compare_curves(points: list[dict], method: str, other: str, levels: list[float], min_coverage: float | None,
+                   key: str = NEAR_COPYING[0]) -> list[dict]:
+    """`method` against `other` in `key` at each Fréchet level that both mean curves cross (their first
+    evaluated round lies at or above it and a later one reaches it, coverage >= min_coverage), read
+    where each first reaches it (`at_quality_bar`). `method` is "below" `other` where its interval's
+    upper bound over seeds lies under the other's lower bound, "above" the other way round, and "not
+    separated" where the intervals overlap; "no interval" where a curve has fewer than 2 seeds there."""
+    curves = {name: mean_curve(points, name) for name in (method, other)}
+    low, high = seed_interval_keys(key)
+    out = []
+    for level in levels:
+        found = {name: at_quality_bar(curve, level, min_coverage) for name, curve in curves.items()}
+        if any(found[name] is None or not curves[name][0]["frechet"] >= level for name in found):
+            continue
+        mine, theirs = found[method], found[other]
+        if any(f.get(low) is None for f in (mine, theirs)):
+            verdict = "no interval"
+        elif mine[high] < theirs[low]:
+            verdict = "below"
+        elif mine[low] > theirs[high]:
+            verdict = "above"
+        else:
+            verdict = "not separated"
+        out.append({"frechet": level, "verdict": verdict, **{
+            f"{side}_{field}": found[name].get(k) for side, name in (("method", method), ("other", other))
+            for field, k in (("round", "round"), ("value", key), ("low", low), ("high", high), ("agc_kept", AGC_KEPT))}})
+    return out
 
 
 def _reduction(value: float, reference: float) -> float | None:
@@ -152,6 +214,8 @@ def summarize(points: list[dict], reference_round: int | None, baseline: str = B
     max_frechet, min_coverage = quality_bar(reference["frechet"], reference["coverage"], DEFAULT_MAX_QUALITY_LOSS)
     bar = {"frechet_max": max_frechet, "coverage_min": min_coverage}
     baseline_at_bar = at_quality_bar(base, bar["frechet_max"], bar["coverage_min"])
+    compared = all(p.get(NEAR_COPYING[0]) is not None for p in points)  # older points lack near copies
+    levels = [ratio * reference["frechet"] for ratio in COMPARISON_LEVELS]
     methods = {}
     for method in dict.fromkeys(p["method"] for p in points):
         found = at_quality_bar(mean_curve(points, method), bar["frechet_max"], bar["coverage_min"])
@@ -164,7 +228,9 @@ def summarize(points: list[dict], reference_round: int | None, baseline: str = B
         good_enough = [p["coverage"] for p in mine if p["frechet"] <= bar["frechet_max"]]
         entry = {"reached": found is not None, "at_bar": found, "per_seed": per_seed,
                  "best_frechet_ratio": min(p["frechet"] for p in mine) / reference["frechet"],
-                 "best_coverage_within_frechet_bar": max(good_enough) if good_enough else None}
+                 "best_coverage_within_frechet_bar": max(good_enough) if good_enough else None,
+                 "versus_baseline": compare_curves(points, method, baseline, levels, min_coverage)
+                 if compared and method != baseline else []}
         if found is not None:
             entry["reduction_vs_final"] = {key: _reduction(found[key], reference[key]) for key in measures}
             entry["reduction_vs_early_stopped"] = None if baseline_at_bar is None else {
@@ -183,6 +249,10 @@ def summarize(points: list[dict], reference_round: int | None, baseline: str = B
             "target": (f"at Fréchet <= {1 + DEFAULT_MAX_QUALITY_LOSS:.2f} x and coverage >= {baseline}'s model at round "
                        f"{reference_round}: >= {TARGET_REDUCTION:.0%} fewer copied training images and "
                        f">= {TARGET_REDUCTION:.0%} fewer generations below r = 0.5"),
+            "comparison": {"measure": NEAR_COPYING[0], "levels": levels, "confidence": CONFIDENCE,
+                           "interval": "t-interval over seeds (n - 1 degrees of freedom), read where each mean "
+                                       "curve first reaches the Fréchet level, as the copying at the quality bar"}
+            if compared else None,
             "methods": methods}
 
 
@@ -197,11 +267,11 @@ def summary_markdown(summary: dict) -> str:
              + ("" if ref.get("real_r_below_0.5") is None else
                 f" Real held-out training images (never generated): {100 * ref['real_r_below_0.5']:.1f}% below r = 0.5, "
                 f"{100 * ref.get('real_r_below_0.15', float('nan')):.1f}% below r = 0.15."),
-             f"Quality bar: Fréchet <= {bar['frechet_max']:.3f}, coverage >= {bar['coverage_min']:.2f}. "
-             f"Target: {summary['target']}.", "",
+             f"Quality bar: Fréchet <= {bar['frechet_max']:.3f}, coverage >= {bar['coverage_min']:.2f}; the reference's "
+             f"Fréchet over seeds: {_interval_text(ref, 'frechet', 1.0, '', 3)}. Target: {summary['target']}.", "",
              "| method | reaches the bar at round (steps) | r < 0.5 | copied images | fewer r < 0.5 vs final ddpm "
-             "| fewer copied vs final ddpm | same vs ddpm stopped at the bar | target |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| fewer copied vs final ddpm | same vs ddpm stopped at the bar | target | AGC kept |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.0f}%"
@@ -212,7 +282,7 @@ def summary_markdown(summary: dict) -> str:
             coverage = entry["best_coverage_within_frechet_bar"]
             why = (f"best Fréchet {entry['best_frechet_ratio']:.2f} x the reference" if coverage is None
                    else f"Fréchet within the bar, but coverage at most {coverage:.2f} there")
-            lines.append(f"| {method} | not reached ({why}) | | | | | | no |")
+            lines.append(f"| {method} | not reached ({why}) | | | | | | no | |")
             continue
         final, early = entry["reduction_vs_final"], entry.get("reduction_vs_early_stopped") or {}
         spread = entry.get("reduction_vs_final_range", {})
@@ -223,7 +293,7 @@ def summary_markdown(summary: dict) -> str:
             f"{found['copied_training_images']:.1f} | {pct(final['generations_r_below_0.5'])}{span['generations_r_below_0.5']} | "
             f"{pct(final['copied_training_images'])}{span['copied_training_images']} | "
             f"{pct(early.get('generations_r_below_0.5'))} / {pct(early.get('copied_training_images'))} | "
-            f"{'yes' if entry['target_met'] else 'no'} |")
+            f"{'yes' if entry['target_met'] else 'no'} | {_kept_text(found)} |")
     for name, (fraction, images) in MORE_COPYING.items():
         rows = [(method, entry) for method, entry in summary["methods"].items()
                 if entry["at_bar"] is not None and name in entry.get("target_met_by", {})]
@@ -233,17 +303,54 @@ def summary_markdown(summary: dict) -> str:
         reference_real = f"{NEAR_COPY_QUANTILE:.0%} by construction" if real is None else f"{100 * ref[real]:.1f}%"
         lines += ["", f"The same in {name} (the reference model: {100 * ref[fraction]:.1f}% of generations, "
                       f"{ref[images]:.1f} images; real images: {reference_real}):", "",
-                  f"| method | {name} | images | fewer vs final ddpm | fewer images vs final ddpm "
-                  f"| same vs ddpm stopped at the bar | target in {name} |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                  f"| method | {name} | {CONFIDENCE:.0%} over seeds | images | fewer vs final ddpm | fewer images vs final "
+                  f"ddpm | same vs ddpm stopped at the bar | target in {name} | AGC kept |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for method, entry in rows:
             found, final = entry["at_bar"], entry["reduction_vs_final"]
             early, spread = entry.get("reduction_vs_early_stopped") or {}, entry.get("reduction_vs_final_range", {})
             span = {key: f" ({pct(spread[key][0])} to {pct(spread[key][1])})" if key in spread else "" for key in (fraction, images)}
             lines.append(
-                f"| {method} | {100 * found[fraction]:.1f}% | {found[images]:.1f} | {pct(final[fraction])}{span[fraction]} | "
-                f"{pct(final[images])}{span[images]} | {pct(early.get(fraction))} / {pct(early.get(images))} | "
-                f"{'yes' if entry['target_met_by'][name] else 'no'} |")
-    return "\n".join(lines) + "\n"
+                f"| {method} | {100 * found[fraction]:.1f}% | {_interval_text(found, fraction)} | {found[images]:.1f} | "
+                f"{pct(final[fraction])}{span[fraction]} | {pct(final[images])}{span[images]} | "
+                f"{pct(early.get(fraction))} / {pct(early.get(images))} | "
+                f"{'yes' if entry['target_met_by'][name] else 'no'} | {_kept_text(found)} |")
+    return "\n".join(lines + _comparison_lines(summary)) + "\n"
+
+
+def _interval_text(point: dict, key: str, scale: float = 100.0, unit: str = "%", digits: int = 1) -> str:
+    """`key`'s interval over seeds, or "-" where the point has none (one seed, or an older result)."""
+    low, high = (point.get(k) for k in seed_interval_keys(key))
+    return "-" if low is None else f"{scale * low:.{digits}f}{unit} to {scale * high:.{digits}f}{unit}"
+
+
+def _kept_text(point: dict) -> str:
+    return "-" if point.get(AGC_KEPT) is None else f"{point[AGC_KEPT]:.3f}"
+
+
+def _comparison_lines(summary: dict) -> list[str]:
+    """The table of `compare_curves` against the baseline, per method and Fréchet level."""
+    comparison, baseline = summary.get("comparison"), summary["baseline"]
+    rows = [(method, row) for method, entry in summary["methods"].items() for row in entry.get("versus_baseline", [])]
+    if comparison is None or not rows:
+        return []
+
+    def value(row, side):
+        interval = "-" if row[f"{side}_low"] is None else \
+            f"{100 * row[f'{side}_low']:.1f} to {100 * row[f'{side}_high']:.1f}%"
+        return f"{100 * row[f'{side}_value']:.1f}% ({interval}) at round {row[f'{side}_round']:.1f}"
+
+    lines = ["", f"Near copies against {baseline} at the same quality: each curve read where it first reaches the Fréchet "
+                 f"level, with its {comparison['confidence']:.0%} {comparison['interval'].split(',')[0]}; a method is "
+                 f"below {baseline} only where its interval lies wholly under {baseline}'s:", "",
+             f"| method | Fréchet level (x reference) | method's near copies | {baseline}'s near copies | verdict "
+             "| AGC kept (method) |", "| --- | --- | --- | --- | --- | --- |"]
+    reference = summary["reference"]["frechet"]
+    for method, row in rows:
+        kept = "-" if row["method_agc_kept"] is None else f"{row['method_agc_kept']:.3f}"
+        lines.append(f"| {method} | {row['frechet']:.3f} ({row['frechet'] / reference:.2f}) | {value(row, 'method')} | "
+                     f"{value(row, 'other')} | {row['verdict']} | {kept} |")
+    return lines
 
 
 

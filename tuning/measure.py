@@ -17,6 +17,7 @@ from memshard.config import Config
 from memshard.data import ImageDataset
 from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import REAL_PREFIX, EvaluateSettings, Generation, evaluate, sampling_plan
+from memshard.evaluation.intervals import FRECHET_RESAMPLES, fraction_interval
 from memshard.evaluation.memorization import MemorizationReport, near_copies
 from memshard.evaluation.quality import QualitySpaceChoice, quality_report
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
@@ -32,6 +33,14 @@ STRICT_COPYING = ("generations_r_below_0.15", "copied_r_below_0.15")
 # of real images are to their nearest other one; a model drawing fresh real-like images scores ~5%.
 NEAR_COPYING = ("generations_near_copies", "copied_near")
 QUALITY = ("frechet", "mean_confidence", "coverage", "tv_distance")
+# The figures each point also carries a bootstrap interval of (evaluation.intervals: over its
+# generations, no retraining), as KEY_ci_low and KEY_ci_high.
+BOOTSTRAPPED = (NEAR_COPYING[0], "frechet")
+
+
+def interval_keys(key: str) -> tuple[str, str]:
+    """Where a point keeps the bootstrap interval of `key`."""
+    return f"{key}_ci_low", f"{key}_ci_high"
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,8 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
     report = evaluate(choice, data.train, generate_here(pipeline), settings,
                       QualitySpaceChoice(None, "measured below, against the whole dataset"), device=device)
     start = time.perf_counter()
-    quality = quality_report(report.generated, data.quality, space, seed=settings.seed)
+    quality = quality_report(report.generated, data.quality, space, seed=settings.seed,
+                             frechet_resamples=FRECHET_RESAMPLES)
     seconds = {**report.seconds, "quality": time.perf_counter() - start}
     memorization = report.metrics()  # r-copies counted at settings.r_copy_threshold = 0.5; near copies
     figures = {
@@ -78,7 +88,7 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
         "real_r_below_0.15": memorization.get(f"{REAL_PREFIX}.mq_0.15_fraction"),
         **{key: getattr(quality.generated, key) for key in QUALITY},
         "real_frechet": quality.real.frechet, "real_mean_confidence": quality.real.mean_confidence,
-        "real_coverage": quality.real.coverage,
+        "real_coverage": quality.real.coverage, **dict(zip(interval_keys("frechet"), quality.frechet_interval, strict=True)),
     }
     metrics = {**memorization, f"fid.{quality.space}": quality.generated.frechet,
                **quality.metrics(prefix=f"quality.{quality.space}")}
@@ -87,16 +97,20 @@ def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, 
 
 
 def copying_figures(memorization: MemorizationReport, near_copy_threshold: float | None) -> dict:
-    """COPYING, STRICT_COPYING and NEAR_COPYING of one scan (r-copies counted at its r-copy threshold, 0.5)."""
+    """COPYING, STRICT_COPYING and NEAR_COPYING of one scan (r-copies counted at its r-copy threshold, 0.5),
+    with the near-copy fraction's bootstrap interval over the generations (seed 0)."""
     m = memorization.metrics()
     near = near_copies(memorization, near_copy_threshold) if near_copy_threshold is not None else {}
+    near_interval = (None, None) if near_copy_threshold is None else \
+        fraction_interval(memorization.nearest_sq_distance < near_copy_threshold)
     return {"generations_r_below_0.5": m["mq_0.5_fraction"],
             "copied_training_images": m["r_copied_training_samples"],  # distinct images with r-copies (r < 0.5)
             "mq_0.5_count": m["mq_0.5_count"], "nn_ratio_copy_fraction": m["nn_ratio_copy_fraction"],
             "r_median": m["r_median"], "generations_r_below_0.15": m["mq_0.15_fraction"],
             "copied_r_below_0.15": int((memorization.min_r < 0.15).sum()),
             "generations_near_copies": near.get("near_copy_fraction"), "copied_near": near.get("near_copied_training_samples"),
-            "near_copy_sq_distance": near.get("near_copy_sq_distance")}
+            "near_copy_sq_distance": near.get("near_copy_sq_distance"),
+            **dict(zip(interval_keys(NEAR_COPYING[0]), near_interval, strict=True))}
 
 
 def evaluation_rounds(rounds: int, eval_every: int, also: int | None = None) -> set[int]:
