@@ -26,6 +26,7 @@ from memshard.errors import MemshardError, shown
 METHODS = ("ddpm", "iet", "iet-agc", "iet-agc-plus")
 AMBIENT_WEIGHTINGS = ("epsilon", "x0")  # what memshard.model.ambient_loss computes for each
 MSR_SCHEDULES = ("every", "alternate")
+MSR_RESETS = ("sender", "moved")  # whose skip counts an exchange resets (orchestrator.rounds, redistribute)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # DDPMScheduler's
 MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is a few hundred bytes; past this it is not one
 _INT64 = 1 << 63
@@ -95,6 +96,10 @@ class MSRConfig:
     fraction: float = 0.25  # published prototype
     rule: str = "ring"  # a destination rule registered in orchestrator.sharding, checked by orchestrator.settings.check
     schedule: str = "alternate"  # published prototype alternates exchange and averaging rounds
+    # Published prototype: an exchange round moves samples and does not average (each proxy keeps its own
+    # weights); true averages after an exchange too (memshard before issue 24).
+    exchange_averages: bool = False
+    reset: str = "sender"  # published: a shard that sent samples resets all its counts; moved: the moved samples'
 
 
 @dataclass
@@ -506,6 +511,8 @@ def validate(cfg: Config) -> None:
     require(0.0 < cfg.msr.fraction <= 1.0, f"msr.fraction = {cfg.msr.fraction}: must be in (0, 1] (published: 0.25)")
     require(cfg.msr.schedule in MSR_SCHEDULES,
             f"msr.schedule = {cfg.msr.schedule!r}: choose one of {', '.join(MSR_SCHEDULES)}")
+    require(cfg.msr.reset in MSR_RESETS,
+            f"msr.reset = {shown(cfg.msr.reset)}: choose one of {', '.join(MSR_RESETS)} (published: sender)")
     for name in ("max_translate", "max_brightness", "max_contrast"):
         value = getattr(cfg.taa, name)
         require(0.0 <= value <= 1.0, f"taa.{name} = {value}: must be in [0, 1]")

@@ -8,12 +8,20 @@ FedAvg weighted by the shard sizes the proxies trained on, then the server optim
 gradient) and the averaged EMA is the model that is sampled and registered → MSR moves
 memorization-prone samples between shards (on exchange rounds) → the shard assignment is checked.
 
+An exchange round does not average (method.md §3, the published prototype; `msr.exchange_averages`
+false, the default): the proxies keep their own weights, EMAs and optimizers into the next round, which
+starts without a broadcast, and the global weights and the server optimizer stay as they were. The
+FedAvg of the proxies is still computed, for what the round reports (sample grids, `after_round`
+hooks), and never loaded back. The last round always averages: it has no exchange, and the run
+delivers the average.
+
 Where a proxy's state lives between rounds: in its actor, and on checkpoint rounds also in a file
 the actor writes itself (`save_worker_states`; layout in `orchestrator.checkpoint`). The driver never
 holds a proxy's state. A replacement for a proxy lost in round r resumes from that proxy's last file
 (round c, or the freshly built actor, which is the round-0 state, before the first checkpoint) and
 re-runs rounds c+1 … r with the inputs they had: the global weights broadcast in each (their
-object-store references, kept by the driver since the last checkpoint) and the shard's samples in each.
+object-store references, kept by the driver since the last checkpoint; none after a round that did not
+average, where the proxy continued from its own weights) and the shard's samples in each.
 Only round r's result counts; on the CPU it is bitwise what the lost actor would have returned. So
 the checkpoint interval trades the bytes written per round against the rounds a replay re-runs
 (at most `mlflow.checkpoint_every` − 1 extra) and the driver's references kept meanwhile.
@@ -43,6 +51,7 @@ from memshard.orchestrator.sharding import (
     check_partition,
     destination_rule,
     is_exchange_round,
+    reset_skip_counts,
     select_memorized_samples,
 )
 from memshard.shard_worker.actor import ShardWorker
@@ -56,6 +65,7 @@ class RoundReport:
     results: list[RoundResult]
     moves: Moves | None
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
+    averaged: bool = True  # False: an exchange round that left each proxy its own weights (msr.exchange_averages)
 
     @property
     def mean_loss(self) -> float:
@@ -66,6 +76,16 @@ class RoundReport:
     def kept_fraction(self) -> float:
         seen = np.array([r.seen_counts.sum() for r in self.results], dtype=np.float64)
         return float(np.dot(seen, [r.kept_fraction for r in self.results]) / max(seen.sum(), 1))
+
+    @property
+    def skips_stale(self) -> int:
+        """AGC skips against a bank entry written long ago, all shards (shard_worker.agc)."""
+        return sum(r.skips_stale for r in self.results)
+
+    @property
+    def skips_low_loss(self) -> int:
+        """AGC skips against a recent bank entry, all shards."""
+        return sum(r.skips_low_loss for r in self.results)
 
     @property
     def samples_moved(self) -> int:
@@ -80,9 +100,10 @@ class RoundReport:
 @dataclass(frozen=True)
 class RoundInputs:
     """What a proxy trained on in a round: the broadcast (global weights, global EMA or None), as
-    object-store references, and every shard's samples. A replay re-runs a round from these."""
+    object-store references, or None where the round started from the proxies' own weights; and every
+    shard's samples. A replay re-runs a round from these."""
 
-    weights_refs: tuple
+    weights_refs: tuple | None
     shards: list[np.ndarray]
 
 
@@ -102,10 +123,15 @@ class IETDriver:
         self.weights = weights
         # With training.ema: the averaged EMA, which starts at the initial weights (as each proxy's does).
         self.ema_weights = dict(weights) if cfg.training.ema else None
+        # After a round that did not average: the FedAvg of the proxies (and of their EMAs), reported, never
+        # loaded back; None after a round that averaged.
+        self.proxy_average: dict[str, np.ndarray] | None = None
+        self.proxy_average_ema: dict[str, np.ndarray] | None = None
         self.destination_rule = destination_rule(cfg.msr.rule)
         self.server_hyperparameters = server_hyperparameters(cfg)
         self.server_state = ServerState()  # the server optimizer's moments: checkpointed with the driver
-        self.skips_since_move = np.zeros(num_samples, dtype=np.int64)  # MSR's memorization score
+        # MSR's memorization score: skips since the sample's count was last reset (msr.reset, on an exchange).
+        self.skips_since_move = np.zeros(num_samples, dtype=np.int64)
         self.skips_total = np.zeros(num_samples, dtype=np.int64)  # over the whole run, for the report
         self.last_loss = np.full(num_samples, np.nan)
         self.rounds_done = 0
@@ -128,17 +154,41 @@ class IETDriver:
         return self.pool.restarts
 
     @property
+    def averaged_weights(self) -> dict[str, np.ndarray]:
+        """The proxies' average after the last round: the global weights, or after a round that did not
+        average, the FedAvg computed for reporting (module docstring)."""
+        return self.weights if self.proxy_average is None else self.proxy_average
+
+    @property
     def model_weights(self) -> dict[str, np.ndarray]:
         """The weights of the model this run delivers (sampled, evaluated, registered): the averaged
-        EMA with `training.ema`, else the global weights."""
-        return self.weights if self.ema_weights is None else self.ema_weights
+        EMA with `training.ema`, else the averaged weights."""
+        if self.ema_weights is None:
+            return self.averaged_weights
+        return self.ema_weights if self.proxy_average_ema is None else self.proxy_average_ema
+
+    def exchanges_after(self, round_index: int, is_last: bool) -> bool:
+        """MSR moves samples after this round: IET-AGC+ with shards, on its schedule, never after the last."""
+        return self.cfg.uses_msr and not is_last and is_exchange_round(round_index, self.cfg.msr.schedule)
+
+    def averages_after(self, round_index: int, is_last: bool) -> bool:
+        """The driver averages the proxies after this round unless it is an exchange round that does
+        not average (`msr.exchange_averages` false, the published prototype)."""
+        return self.cfg.msr.exchange_averages or not self.exchanges_after(round_index, is_last)
+
+    def broadcasts_before(self, round_index: int) -> bool:
+        """The proxies start this round from the global weights, unless the round before did not average
+        (then each continues from its own). A round before another is never the last."""
+        return round_index == 1 or self.averages_after(round_index - 1, is_last=False)
 
     def run_round(self, round_index: int, is_last: bool) -> RoundReport:
         cfg, seconds = self.cfg, {}
         with _timed(seconds, "broadcast"):
-            weights_refs = (ray.put(self.weights), None if self.ema_weights is None else ray.put(self.ema_weights))
+            weights_refs = None
+            if self.broadcasts_before(round_index):
+                weights_refs = (ray.put(self.weights), None if self.ema_weights is None else ray.put(self.ema_weights))
+                ray.get([actor.set_weights.remote(*weights_refs) for actor in self.actors])
             self.rounds_since_saved.append(RoundInputs(weights_refs, list(self.shards)))
-            ray.get([actor.set_weights.remote(*weights_refs) for actor in self.actors])
         with _timed(seconds, "train"):
             results = self._train_all_shards(round_index)
         for result in results:
@@ -149,20 +199,27 @@ class IETDriver:
         with _timed(seconds, "gather"):
             local = ray.get([actor.get_weights.remote() for actor in self.actors])
             local_ema = None if self.ema_weights is None else ray.get([actor.get_ema_weights.remote() for actor in self.actors])
+        averages = self.averages_after(round_index, is_last)
         with _timed(seconds, "aggregate"):
             sizes = [len(shard) for shard in self.shards]  # the sizes each proxy trained on this round
-            self.weights, self.server_state = server_update(
-                cfg.aggregation.server_optimizer, self.weights, list(zip(local, sizes, strict=True)),
-                self.server_state, self.server_hyperparameters)
-            if local_ema is not None:
-                self.ema_weights = weighted_average(list(zip(local_ema, sizes, strict=True)))
+            ema_average = None if local_ema is None else weighted_average(list(zip(local_ema, sizes, strict=True)))
+            if averages:
+                self.weights, self.server_state = server_update(
+                    cfg.aggregation.server_optimizer, self.weights, list(zip(local, sizes, strict=True)),
+                    self.server_state, self.server_hyperparameters)
+                if ema_average is not None:
+                    self.ema_weights = ema_average
+                self.proxy_average = self.proxy_average_ema = None
+            else:  # reported only; the global weights and the server optimizer wait for the next average
+                self.proxy_average = weighted_average(list(zip(local, sizes, strict=True)))
+                self.proxy_average_ema = ema_average
         moves = None
-        if cfg.uses_msr and not is_last and is_exchange_round(round_index, cfg.msr.schedule):
+        if self.exchanges_after(round_index, is_last):
             with _timed(seconds, "redistribute"):
                 moves = self.redistribute_memorized_samples(round_index)
         check_partition(self.shards, self.num_samples)
         self.rounds_done = round_index
-        return RoundReport(round_index, results, moves, seconds)
+        return RoundReport(round_index, results, moves, seconds, averaged=averages)
 
     def _train_all_shards(self, round_index: int) -> list[RoundResult]:
         """Every shard's local steps, concurrently; a shard whose actor dies or stalls is re-run on a
@@ -178,9 +235,11 @@ class IETDriver:
             """Shard k's replacement (restored by `_restore`) re-runs every round since its saved state."""
             *earlier, current = self.rounds_since_saved
             for past in earlier:
-                self.pool.submit(k, "set_weights", *past.weights_refs)
+                if past.weights_refs is not None:
+                    self.pool.submit(k, "set_weights", *past.weights_refs)
                 self.pool.submit(k, "train_round", past.shards[k], steps)  # untagged: its result was used then
-            self.pool.submit(k, "set_weights", *current.weights_refs)
+            if current.weights_refs is not None:
+                self.pool.submit(k, "set_weights", *current.weights_refs)
             launch(k)
 
         for k in range(len(self.actors)):
@@ -229,8 +288,8 @@ class IETDriver:
             return np.stack(ray.get([actor.score.remote(candidates, seed) for actor in self.actors]))
 
         moves = self.destination_rule(selected, proxy_losses)
+        self.skips_since_move = reset_skip_counts(self.skips_since_move, self.shards, moves, cfg.msr.reset)
         self.shards = apply_moves(self.shards, moves, self.num_samples)
-        self.skips_since_move[moves.indices] = 0  # counts reset after a move
         return moves
 
     def save_worker_states(self, directory: str | Path) -> dict:

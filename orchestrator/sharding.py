@@ -144,6 +144,18 @@ def apply_moves(shards: list[np.ndarray], moves: Moves, num_samples: int) -> lis
     return new_shards
 
 
+def reset_skip_counts(skip_counts: np.ndarray, shards: list[np.ndarray], moves: Moves, reset: str) -> np.ndarray:
+    """The counts after an exchange from `shards` (the assignment before it), as `msr.reset` says:
+    `sender` (published prototype) zeroes every sample of each shard that sent one, `moved` the moved samples only."""
+    counts = skip_counts.copy()
+    if reset == "sender":
+        for k in np.unique(moves.sources):
+            counts[shards[k]] = 0
+    else:
+        counts[moves.indices] = 0
+    return counts
+
+
 def is_exchange_round(round_index: int, schedule: str) -> bool:
     """`every` round, or `alternate`: exchange after rounds 1, 3, 5, ... (1-based), average after all."""
     return schedule == "every" or round_index % 2 == 1

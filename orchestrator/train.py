@@ -65,6 +65,7 @@ class RoundEnd:
 
     report: RoundReport  # the round's losses, steps and phase timings, per shard
     model_weights: dict  # the model the run delivers: the EMA with training.ema, else the averaged weights
+    # (after an exchange round that did not average: the proxies' FedAvg, computed for this report only)
     raw_weights: dict | None  # with training.ema, the averaged weights under the EMA; else None
     train_seconds: float  # the wall time of driver.run_round: broadcast, training, aggregation, exchange
 
@@ -249,7 +250,8 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
                 faults.after_checkpoint(round_index)
             if hooks.after_round is not None:
                 hooks.after_round(RoundEnd(report, driver.model_weights,
-                                           None if driver.ema_weights is None else driver.weights, train_seconds))
+                                           None if driver.ema_weights is None else driver.averaged_weights,
+                                           train_seconds))
         rounds.close()
 
         # The final model is written locally first, then logged and registered.
@@ -282,6 +284,9 @@ def _log_round(report: RoundReport, num_shards: int) -> None:
     metrics = {
         "loss": report.mean_loss,
         "agc_kept_fraction": report.kept_fraction,
+        "agc_skips_stale": report.skips_stale,
+        "agc_skips_low_loss": report.skips_low_loss,
+        "averaged": int(report.averaged),
         "samples_moved": report.samples_moved,
         "images_per_second": report.images_per_second,
         **{f"time_{phase}_s": seconds for phase, seconds in report.seconds.items()},
@@ -298,8 +303,10 @@ def _log_round(report: RoundReport, num_shards: int) -> None:
 
 def _round_line(report: RoundReport, total_rounds: int) -> str:
     phases = " ".join(f"{phase} {seconds:.2f}s" for phase, seconds in report.seconds.items())
-    return (f"round {report.round_index}/{total_rounds}: loss {report.mean_loss:.4f}, kept {report.kept_fraction:.3f}, "
-            f"moved {report.samples_moved}, {report.images_per_second:.0f} img/s ({phases})")
+    averaged = "" if report.averaged else ", not averaged"
+    return (f"round {report.round_index}/{total_rounds}: loss {report.mean_loss:.4f}, kept {report.kept_fraction:.3f} "
+            f"(skips: {report.skips_stale} stale, {report.skips_low_loss} low-loss), moved {report.samples_moved}"
+            f"{averaged}, {report.images_per_second:.0f} img/s ({phases})")
 
 
 def _log_sample_grid(cfg: Config, dataset: ImageDataset, weights: dict, round_index: int) -> None:

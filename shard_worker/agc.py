@@ -7,9 +7,17 @@ every sample updates its timestep's entry in batch order, m[t] ← d·m[t] + (1�
 When k samples share a timestep, applying those k updates one after another gives
     m[t] ← d^k·m[t] + (1−d)·Σ_j d^(k−1−r_j)·ℓ_j      (r_j: the sample's rank among them, in batch order)
 which `update_memory_bank` computes for the whole batch at once.
+
+A skip is STALE when its entry m[t_i] was last written more than `stale_after_steps` optimizer steps
+before, else LOW-LOSS. A batch of B samples writes about B of the T entries, so an entry is refreshed
+about every T/B steps; one older than three such intervals holds losses of a model that many steps
+behind, and a loss below it says more about how far the loss has fallen since than about the sample.
+Only the count changes with this: what is skipped does not.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -38,3 +46,8 @@ def threshold_distance(bank: torch.Tensor, timesteps: torch.Tensor, losses: torc
     """d_i = |λ·ℓ_i − m[t_i]| / |m[t_i]|: how far a sample sits from the skip threshold (TAA, §4)."""
     threshold = bank[timesteps]
     return (lam * losses - threshold).abs() / threshold.abs().clamp_min(1e-12)
+
+
+def stale_after_steps(num_timesteps: int, batch: int) -> int:
+    """A bank entry older than this many optimizer steps is stale: three expected refresh intervals (module docstring)."""
+    return 3 * math.ceil(num_timesteps / batch)

@@ -28,7 +28,7 @@ from memshard.model import (
     state_to_numpy,
     to_model_range,
 )
-from memshard.shard_worker.agc import agc_keep_mask, threshold_distance, update_memory_bank
+from memshard.shard_worker.agc import agc_keep_mask, stale_after_steps, threshold_distance, update_memory_bank
 from memshard.shard_worker.faults import FaultPlan
 from memshard.shard_worker.taa import augment, augmentation_strength
 
@@ -55,6 +55,8 @@ class RoundResult:
     seen_counts: np.ndarray
     mean_loss_all: float  # mean per-sample loss over every sample drawn
     kept_fraction: float  # share of drawn samples AGC kept (1.0 without AGC)
+    skips_stale: int  # skips against a bank entry written long ago (shard_worker.agc, stale_after_steps)
+    skips_low_loss: int  # the other skips: the loss fell below a recent running loss
     steps: int
     images_per_second: float
     seconds: float
@@ -96,6 +98,8 @@ class ProxyTrainer:
         self.generator = torch.Generator(self.device).manual_seed(seed * 7919 + 104729 * (shard + 1))
         torch.manual_seed(seed * 7919 + shard + 1)
         self.memory_bank = torch.zeros(cfg.model.num_train_timesteps, device=self.device)
+        # The global step that last wrote each bank entry (-1: never), to tell stale skips from low-loss ones.
+        self.bank_written_at = torch.full((cfg.model.num_train_timesteps,), -1, dtype=torch.long, device=self.device)
         self.taa_strength = torch.zeros(len(images), device=self.device)
         self.global_step = 0
         self._permutation = torch.empty(0, dtype=torch.long, device=self.device)
@@ -138,6 +142,8 @@ class ProxyTrainer:
         skip_counts = torch.zeros(n, device=device)
         loss_sums = torch.zeros(n, device=device)
         seen_counts = torch.zeros(n, device=device)
+        stale_skips = torch.zeros((), dtype=torch.long, device=device)
+        stale_after = stale_after_steps(cfg.model.num_train_timesteps, batch)
         self._permutation = torch.empty(0, dtype=torch.long, device=device)  # the shard changed
         autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                   enabled=cfg.training.mixed_precision == "bf16" and device.type == "cuda")
@@ -172,7 +178,10 @@ class ProxyTrainer:
                     strength = augmentation_strength(threshold_distance(self.memory_bank, timesteps, detached, cfg.agc.lam))
                     current = self.taa_strength[global_index[rows]]
                     self.taa_strength[global_index[rows]] = torch.where(keep, strength, current)
+                age = self.global_step - self.bank_written_at[timesteps]  # before this batch's writes
+                stale_skips += (~keep & (age > stale_after)).sum()
                 self.memory_bank = update_memory_bank(self.memory_bank, timesteps, detached, cfg.agc.decay)
+                self.bank_written_at[timesteps] = self.global_step
                 skip_counts.index_add_(0, rows, (~keep).float())
             else:
                 loss = losses.mean()
@@ -194,6 +203,7 @@ class ProxyTrainer:
         skip_np, sums_np, seen_np = (x.cpu().numpy() for x in (skip_counts, loss_sums, seen_counts))
         seconds = time.perf_counter() - start
         drawn = seen_np.sum()
+        skips, stale = int(skip_np.sum()), int(stale_skips.item())
         mean_loss = np.divide(sums_np, seen_np, out=np.full(n, np.nan), where=seen_np > 0)
         mean_loss_all = float(sums_np.sum() / max(drawn, 1))
         return RoundResult(
@@ -203,7 +213,9 @@ class ProxyTrainer:
             mean_loss=mean_loss,
             seen_counts=seen_np.astype(np.int64),
             mean_loss_all=mean_loss_all,
-            kept_fraction=float(1.0 - skip_np.sum() / max(drawn, 1)),
+            kept_fraction=float(1.0 - skips / max(drawn, 1)),
+            skips_stale=stale,
+            skips_low_loss=skips - stale,
             steps=steps,
             images_per_second=steps * batch / max(seconds, 1e-9),
             seconds=seconds,
@@ -230,6 +242,7 @@ class ProxyTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "memory_bank": self.memory_bank,
+            "bank_written_at": self.bank_written_at,
             "taa_strength": self.taa_strength,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -260,6 +273,9 @@ class ProxyTrainer:
         if self.device.type == "cuda" and state["cuda_rng"].numel():
             torch.cuda.set_rng_state(state["cuda_rng"])
         self.global_step = int(state["global_step"])
+        # Checkpoints from before the stale/low-loss split: every entry counts as written now (counts only).
+        self.bank_written_at = state.get("bank_written_at", torch.full_like(self.bank_written_at, self.global_step))
+        self.bank_written_at = self.bank_written_at.to(self.device)
         if self.ema is not None:
             if "ema" not in state:
                 raise ValueError("the checkpoint was trained without training.ema: resume it without the EMA")

@@ -19,6 +19,16 @@ def test_defaults_and_presets():
     assert tiny.data.resolution == 8 and tiny.iet.local_steps <= 5
 
 
+def test_iet_agc_plus_defaults_to_the_published_msr():
+    """method.md §3: exchange and averaging rounds alternate, an exchange round does not average, and a
+    sender resets all its counts; every preset keeps that."""
+    for preset in ("tiny", "digits", "cifar32"):
+        msr = build_config(preset).msr
+        assert (msr.schedule, msr.exchange_averages, msr.reset, msr.rule) == ("alternate", False, "sender", "ring")
+    today = build_config("tiny", sets=["msr.exchange_averages=true", "msr.reset=moved"]).msr
+    assert today.exchange_averages is True and today.reset == "moved"
+
+
 def test_file_then_flags_then_set(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("iet:\n  shards: 3\n  rounds: 7\nagc:\n  lam: 1.25\nmodel:\n  block_out_channels: [16, 32]\n")
@@ -79,6 +89,8 @@ def test_a_float_without_a_dot_reads_as_a_number():
         (["iet.method=magic"], "unknown method"),
         (["agc.decay=1.5"], "agc.decay"),
         (["msr.fraction=0"], "msr.fraction"),
+        (["msr.reset=everyone"], "msr.reset = 'everyone': choose one of sender, moved (published: sender)"),
+        (["msr.exchange_averages=sometimes"], "wrong type"),
         (["data.resolution=12"], "data.resolution = 12 cannot be used"),
         (["model.block_out_channels=12,24"], "multiples of 8"),
         (["model.attention_resolutions=5"], "feature maps"),

@@ -53,6 +53,24 @@ def test_round_result_is_aligned_with_the_shard_and_counts_agc_skips(digits_8x8)
     assert np.all(np.isfinite(result.mean_loss[drawn])) and np.all(np.isnan(result.mean_loss[~drawn]))
 
 
+def test_skips_split_into_stale_and_low_loss_by_the_age_of_the_bank_entry(digits_8x8):
+    """A skip is stale when its bank entry was written more than stale_after_steps (3 × ⌈1000/16⌉ = 189 in
+    tiny) steps before; the split is counted only, so both copies skip the same samples."""
+    trainer = make_trainer(digits_8x8, **{"training.learning_rate": 1e-3})
+    shard = np.arange(100, 148)
+    trainer.train_round(shard, 20)  # fill the memory bank
+    state = trainer.state_dict()
+    recent, old = make_trainer(digits_8x8), make_trainer(digits_8x8)
+    recent.load_state_dict(copy.deepcopy(state))
+    aged = copy.deepcopy(state)
+    aged["bank_written_at"] = torch.full_like(state["bank_written_at"], state["global_step"] - 1000)
+    old.load_state_dict(aged)
+    fresh, stale = recent.train_round(shard, 30), old.train_round(shard, 30)
+    np.testing.assert_array_equal(fresh.skip_counts, stale.skip_counts)
+    assert fresh.skip_counts.sum() > 0 and fresh.skips_stale == 0 and fresh.skips_low_loss == fresh.skip_counts.sum()
+    assert stale.skips_stale > 0 and stale.skips_stale + stale.skips_low_loss == stale.skip_counts.sum()
+
+
 def test_plain_iet_never_skips(digits_8x8):
     trainer = make_trainer(digits_8x8, **{"iet.method": "iet"})
     shard = np.arange(32)

@@ -13,6 +13,7 @@ from memshard.orchestrator.sharding import (
     destination_rule,
     is_exchange_round,
     least_familiar_destinations,
+    reset_skip_counts,
     ring_destinations,
     select_memorized_samples,
     split_into_shards,
@@ -107,6 +108,16 @@ def test_apply_moves_rejects_a_move_from_the_wrong_shard():
     bad = ring_destinations([np.array([2]), np.array([])], no_losses)  # claims shard 0 holds sample 2
     with pytest.raises(AssertionError, match="source shard"):
         apply_moves(shards, bad, 4)
+
+
+def test_a_sender_resets_all_its_counts_and_moved_resets_the_moved_only():
+    shards = [np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([6, 7])]
+    counts = np.array([5, 4, 3, 9, 8, 7, 6, 1])
+    moves = Moves(np.array([0, 3]), np.array([0, 1]), np.array([1, 2]))  # shards 0 and 1 send, shard 2 does not
+    sender = reset_skip_counts(counts, shards, moves, "sender")
+    assert sender.tolist() == [0, 0, 0, 0, 0, 0, 6, 1]
+    assert reset_skip_counts(counts, shards, moves, "moved").tolist() == [0, 4, 3, 0, 8, 7, 6, 1]
+    assert counts.tolist() == [5, 4, 3, 9, 8, 7, 6, 1]  # the input is left as it was
 
 
 def test_exchange_schedule():

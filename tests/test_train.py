@@ -100,7 +100,7 @@ def test_least_familiar_rule_and_every_round_schedule(ray_cluster, mlflow_store)
 
 def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
-    cfg = build_config("tiny", sets=["iet.shards=3", "msr.schedule=every"])
+    cfg = build_config("tiny", sets=["iet.shards=3", "msr.schedule=every", "msr.exchange_averages=true"])
     dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
     shards = split_into_shards(len(dataset), 3, seed=0)
     shards[0] = shards[0][:200]  # unequal sizes make the weighting visible
@@ -115,6 +115,40 @@ def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster,
         unweighted = weighted_average([(w, 1) for w in held])
         assert any(not np.allclose(unweighted[n], expected[n]) for n in expected)
         assert report.samples_moved > 0 and sum(len(s) for s in driver.shards) == len(dataset)
+
+
+def test_an_msr_exchange_round_does_not_average(ray_cluster, tmp_path, monkeypatch):
+    """The published default (msr.exchange_averages false, schedule alternate): round 1 moves samples and
+    leaves each proxy its own weights; round 2 averages; round 3 starts from that average."""
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
+    cfg = build_config("tiny", sets=["iet.rounds=3"])
+    dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
+    with start_shard_driver(cfg, dataset.images, split_into_shards(len(dataset), 2, seed=0)) as (driver, _):
+        initial = dict(driver.weights)
+        sizes = [len(s) for s in driver.shards]
+        exchange = driver.run_round(1, is_last=False)
+        held = ray.get([actor.get_weights.remote() for actor in driver.actors])
+        average = weighted_average(list(zip(held, sizes, strict=True)))
+        assert not exchange.averaged and exchange.samples_moved > 0
+        assert any(not np.array_equal(held[0][n], held[1][n]) for n in held[0])  # the proxies differ
+        assert any(not np.array_equal(held[0][n], average[n]) for n in average)  # and differ from their average
+        assert all(np.array_equal(driver.weights[n], initial[n]) for n in initial)  # nothing aggregated
+        assert all(np.array_equal(driver.model_weights[n], average[n]) for n in average)  # reported only
+
+        sizes = [len(s) for s in driver.shards]
+        averaging = driver.run_round(2, is_last=False)
+        assert driver.rounds_since_saved[-1].weights_refs is None  # round 2 started from the proxies' own weights
+        held = ray.get([actor.get_weights.remote() for actor in driver.actors])
+        average = weighted_average(list(zip(held, sizes, strict=True)))
+        assert averaging.averaged and averaging.samples_moved == 0
+        for name, value in average.items():
+            np.testing.assert_allclose(driver.weights[name], value, rtol=1e-6, atol=1e-7)
+        assert driver.model_weights is driver.weights
+
+        driver.run_round(3, is_last=True)
+        broadcast = ray.get(driver.rounds_since_saved[-1].weights_refs[0])  # every proxy started round 3 from it
+        for name, value in average.items():
+            np.testing.assert_allclose(broadcast[name], value, rtol=1e-6, atol=1e-7)
 
 
 def test_non_leaky_augmentation_trains_its_map_and_ships_a_plain_unet(ray_cluster, mlflow_store):
