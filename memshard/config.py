@@ -96,10 +96,12 @@ class MSRConfig:
     fraction: float = 0.25  # published prototype
     rule: str = "ring"  # a destination rule registered in orchestrator.sharding, checked by orchestrator.settings.check
     schedule: str = "alternate"  # published prototype alternates exchange and averaging rounds
-    # Published prototype: an exchange round moves samples and does not average (each proxy keeps its own
-    # weights); true averages after an exchange too (memshard before issue 24).
-    exchange_averages: bool = False
-    reset: str = "sender"  # published: a shard that sent samples resets all its counts; moved: the moved samples'
+    # The published prototype (method.md §3): an exchange round moves samples and does not average (each
+    # proxy keeps its own weights; false), and a shard that sent samples resets all its counts (sender).
+    # The defaults stay memshard's measured variant (average after every round; reset the moved samples)
+    # until the published one is measured against it (issue 24): a default changes with numbers only.
+    exchange_averages: bool = True
+    reset: str = "moved"
 
 
 @dataclass

@@ -19,14 +19,15 @@ def test_defaults_and_presets():
     assert tiny.data.resolution == 8 and tiny.iet.local_steps <= 5
 
 
-def test_iet_agc_plus_defaults_to_the_published_msr():
-    """method.md §3: exchange and averaging rounds alternate, an exchange round does not average, and a
-    sender resets all its counts; every preset keeps that."""
+def test_msr_defaults_alternate_on_the_ring_and_the_published_exchange_is_a_setting():
+    """method.md §3: exchange and averaging rounds alternate, on the ring; the prototype's exchange round
+    without averaging and its sender-wide reset are settings until measured (the defaults keep averaging
+    after every round and resetting the moved samples); every preset keeps that."""
     for preset in ("tiny", "digits", "cifar32"):
         msr = build_config(preset).msr
-        assert (msr.schedule, msr.exchange_averages, msr.reset, msr.rule) == ("alternate", False, "sender", "ring")
-    today = build_config("tiny", sets=["msr.exchange_averages=true", "msr.reset=moved"]).msr
-    assert today.exchange_averages is True and today.reset == "moved"
+        assert (msr.schedule, msr.exchange_averages, msr.reset, msr.rule) == ("alternate", True, "moved", "ring")
+    published = build_config("tiny", sets=["msr.exchange_averages=false", "msr.reset=sender"]).msr
+    assert published.exchange_averages is False and published.reset == "sender"
 
 
 def test_file_then_flags_then_set(tmp_path):

@@ -118,10 +118,10 @@ def test_fedavg_equals_the_size_weighted_mean_of_the_actors_weights(ray_cluster,
 
 
 def test_an_msr_exchange_round_does_not_average(ray_cluster, tmp_path, monkeypatch):
-    """The published default (msr.exchange_averages false, schedule alternate): round 1 moves samples and
+    """The published prototype (msr.exchange_averages false, schedule alternate): round 1 moves samples and
     leaves each proxy its own weights; round 2 averages; round 3 starts from that average."""
     monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
-    cfg = build_config("tiny", sets=["iet.rounds=3"])
+    cfg = build_config("tiny", sets=["iet.rounds=3", "msr.exchange_averages=false"])
     dataset = load_dataset(resolve_dataset("digits", 8, None, tmp_path / "cache"))
     with start_shard_driver(cfg, dataset.images, split_into_shards(len(dataset), 2, seed=0)) as (driver, _):
         initial = dict(driver.weights)
