@@ -266,7 +266,9 @@ class IETDriver:
 
     def _restore(self, k: int, actor) -> None:
         """A replacement for shard k takes shard k's last saved state (a fresh actor already is the
-        round-0 state); `replay` then brings it to this round."""
+        round-0 state); `replay` then brings it to this round. Waited for first, so the round's timeout
+        counts its work and not a process start (seconds on a loaded node; the generation workers alike)."""
+        ray.get(actor.describe.remote())
         if self.saved_files:
             ray.get(actor.load_state_file.remote(str(self.saved_files[k])))
 

@@ -513,9 +513,10 @@ def test_forget_evaluation_takes_near_copies_by_default_and_r_copies_when_asked(
                       settings, QualitySpaceChoice(None, "none"))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
-    with mlflow.start_run(tags={SOURCE_RUN_TAG: "source"}) as run:
+    experiment_id = mlflow.create_experiment("forget-measure", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment_id, tags={SOURCE_RUN_TAG: "source"}) as run:
         tracker.log_table(report.copies_table(dataset), COPIES_TABLE)
-    with mlflow.start_run(tags={SOURCE_RUN_TAG: "source"}) as old:  # the table as evaluations wrote it before
+    with mlflow.start_run(experiment_id=experiment_id, tags={SOURCE_RUN_TAG: "source"}) as old:  # the table as evaluations wrote it before
         tracker.log_table(pa.table({"sample_id": dataset.sample_ids.astype(str), "copies": report.memorization.r_copies}),
                           COPIES_TABLE)
     client = MlflowClient(store)

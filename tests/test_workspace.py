@@ -96,7 +96,7 @@ def test_a_saved_run_keeps_relative_defaults_and_a_resume_uses_this_machines_pla
     foreign = to_dict(build_config("tiny", sets=["mlflow.checkpoint_dir=/other-machine/ckpt",
                                                  "data.cache_dir=/other-machine/data"]))
     save_checkpoint(checkpoint_dir(Config(), "run1"), {"config": foreign, "dataset_fingerprint": "f",
-                                                       "driver": {}, "owners": np.zeros(2, np.int64)})
+                                                       "driver": {}, "owners": np.zeros(2, np.int64)}, keep_round=1)
     resumed = resume_config("run1", {}, [])
     assert (resumed.mlflow.checkpoint_dir, resumed.data.cache_dir) == (".memshard/checkpoints", ".memshard/data")
     assert checkpoint_dir(resumed, "run1") == tmp_path / ".memshard" / "checkpoints" / "run1"
