@@ -534,9 +534,7 @@ def validate(cfg: Config) -> None:
     require(cfg.ray.max_actor_restarts >= 0, f"ray.max_actor_restarts = {cfg.ray.max_actor_restarts}: must be >= 0")
     require(cfg.mlflow.sample_grid_every >= 0, "mlflow.sample_grid_every must be >= 0 (0 turns it off)")
     require(cfg.mlflow.sample_grid_images >= 1, "mlflow.sample_grid_images must be >= 1")
-    require(bool(cfg.mlflow.register_as.strip()), "mlflow.register_as is empty: give a model name")
-    require(not any(c in cfg.mlflow.register_as for c in "/:"),
-            f"mlflow.register_as = {shown(cfg.mlflow.register_as)}: a model name cannot hold '/' or ':' (MLflow)")
+    check_model_name(cfg.mlflow.register_as, "mlflow.register_as")
     require(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment is empty: give an experiment name (--experiment)")
     require(cfg.mlflow.sample_grid_steps >= 1, "mlflow.sample_grid_steps must be >= 1")
     every = cfg.mlflow.checkpoint_every
@@ -567,6 +565,17 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     if tree["mlflow"]["tracking_uri"] is not None:
         tree["mlflow"]["tracking_uri"] = redact_uri(tree["mlflow"]["tracking_uri"])
     return tree
+
+
+def check_model_name(name: str, what: str) -> None:
+    """A registered model name MLflow's registry takes (its rule: not empty, no '/' or ':', not '.' and
+    not starting with '..', which it reads as a path), checked where the name comes in: the registry
+    would refuse it only after training, once per retried attempt."""
+    if not name.strip():
+        raise MemshardError(f"{what} is empty: give a model name")
+    if any(c in name for c in "/:") or name == "." or name.startswith(".."):
+        raise MemshardError(f"{what} = {shown(name)}: MLflow refuses a model name that holds '/' or ':', is '.' "
+                            "or starts with '..': choose another name")
 
 
 REDACTED = "***"

@@ -1,5 +1,6 @@
 """File-system helpers every layer shares: where memshard writes (the workspace root), a user's path
-checked where it comes in, a directory proved writable before work starts, and a file or a directory replaced whole.
+checked where it comes in (a FIFO or a device refused before it is opened), a directory or a file
+proved writable before work starts, and a file or a directory replaced whole.
 
 They know nothing of datasets, models or checkpoints; they fail in one line (a `MemshardError`)
 naming the setting or flag the path came from.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,11 +46,39 @@ def checked_path(text: str | Path, what: str) -> Path:
     system is a one-line error here instead of an OSError wherever the path is first used."""
     path = Path(text)
     try:
-        path.stat()
+        mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
-        pass  # a missing path is the caller's to name
+        return path  # a missing path is the caller's to name
     except (OSError, ValueError) as exc:
         raise MemshardError(f"{what} {shown(str(text))} cannot be used as a path ({_reason(exc)}): fix it") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a FIFO blocks for ever, a device reads without end
+        raise MemshardError(f"{what} {shown(str(text))} is a {_special_kind(mode)}, not a file or a directory: "
+                            "give a regular file or a directory")
+    return path
+
+
+def check_writable_target(path: str | Path, what: str, kind: str = "file") -> Path:
+    """A file or directory (`kind`) memshard will create or write, checked before work starts: what is
+    there already is of that kind and writable, and the folder it lies in (or the nearest existing
+    one, for folders still to be made) accepts a new file. Proved by a temporary file, removed at once:
+    nothing is left behind. Returns `path` made absolute."""
+    path = checked_path(path, what).absolute()
+    if path.exists() and path.is_dir() != (kind == "directory"):
+        raise MemshardError(f"{what}: {path} is {'not ' if kind == 'directory' else ''}a directory: "
+                            f"give a {kind} path")
+    folder = path if kind == "directory" else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise MemshardError(f"{what}: {folder} is not a directory, so {path} cannot be created: choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise MemshardError(f"{what}: {folder} is not writable ({_reason(exc)}), so {path} cannot be written: "
+                            "choose another path") from None
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise MemshardError(f"{what}: {path} is read-only: make it writable or choose another path")
     return path
 
 
@@ -96,6 +126,13 @@ def replace_directory(new: Path, target: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _special_kind(mode: int) -> str:
+    """What a file that is neither a regular file nor a directory is, in a word or two."""
+    kinds = {stat.S_ISFIFO: "named pipe (FIFO)", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+             stat.S_ISSOCK: "socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
 def _reason(exc: OSError | ValueError) -> str:

@@ -16,12 +16,18 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
+from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from memshard.config import REDACTED, redact_uri
 from memshard.errors import MemshardError
-from memshard.files import in_workspace
+from memshard.files import check_writable_target, in_workspace
 from memshard.orchestrator.pipeline_model import log_pipeline_model
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the file lies in the workspace root: see resolve_tracking_uri
@@ -75,16 +81,106 @@ def check_tracking_store(tracking_uri: str) -> MlflowClient:
 
     A URI with credentials also turns off MLflow's own "View run at" lines, which print the URI as given.
     """
+    check_store_location(tracking_uri)
     if redact_uri(tracking_uri) != tracking_uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(tracking_uri)
     _check_server_listens(tracking_uri)
-    client = MlflowClient(tracking_uri)
     try:
+        client = MlflowClient(tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as error:  # connection refused, bad URI, locked database, auth: all user-fixable
         raise _store_error(tracking_uri, error) from None
     return client
+
+
+# The stores memshard checks before MLflow opens them: a tracking server, a database MLflow's SQL store
+# speaks (`mlflow.store.db.db_types.DATABASE_ENGINES`, each through its SQLAlchemy driver), a local
+# folder (MLflow's file store). MLflow's hosted schemes are MLflow's to check.
+SERVER_SCHEMES = ("http", "https")
+FOLDER_SCHEMES = ("", "file")
+HOSTED_SCHEMES = ("databricks", "databricks-uc", "uc")
+STORE_FORMS = "http(s)://HOST:PORT, sqlite:///FILE, postgresql://HOST/DB, mysql://HOST/DB or mssql://HOST/DB"
+
+
+def check_store_location(tracking_uri: str) -> None:
+    """The store's address checked before MLflow opens it, without changing the store: the URI parses
+    (a port in range), its scheme is one MLflow serves and its database driver is installed, an sqlite
+    file is a database (or can be created) and takes a write, a file store's folder is writable.
+
+    Each of these would otherwise surface mid-command as a traceback, after minutes of MLflow's
+    retries, or -- a read-only store -- only once the command has done its work and logs it.
+    """
+    shown_uri = redact_uri(tracking_uri)
+    try:
+        parts = urlsplit(tracking_uri)
+        parts.port  # noqa: B018  parsed on access: a port out of range or not a number raises here
+    except ValueError as error:
+        raise MemshardError(f"MLflow tracking URI {shown_uri} cannot be parsed ({scrub(str(error), tracking_uri)}): "
+                            f"write it as {STORE_FORMS}") from None
+    scheme = parts.scheme.lower()
+    if scheme in SERVER_SCHEMES + HOSTED_SCHEMES:
+        return  # a server answers for itself: `_check_server_listens`, then a read
+    if scheme.partition("+")[0] in DATABASE_ENGINES:
+        _check_database_store(tracking_uri)
+    elif scheme in FOLDER_SCHEMES:
+        _check_folder_store(parts.path if scheme else tracking_uri, shown_uri)
+    else:
+        raise MemshardError(f"MLflow tracking URI {shown_uri}: MLflow has no store for the scheme {scheme[:40]!r}: "
+                            f"use {STORE_FORMS}")
+
+
+def _check_database_store(tracking_uri: str) -> None:
+    """A SQL store: its SQLAlchemy driver importable; for sqlite, the file a database that takes a write."""
+    shown_uri = redact_uri(tracking_uri)
+    try:
+        url = make_url(tracking_uri)
+        url.get_dialect().import_dbapi()
+    except ImportError as error:
+        raise MemshardError(f"MLflow tracking store {shown_uri} needs a database driver that is not installed "
+                            f"({error}): install it (pip install ...) or use sqlite:///FILE") from None
+    except (SQLAlchemyError, ValueError) as error:  # unknown driver name, unparsable URL
+        raise MemshardError(f"MLflow tracking URI {shown_uri} cannot be used ({_reason(error, tracking_uri)}): "
+                            f"write it as {STORE_FORMS}") from None
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    if not url.database.startswith("file:"):  # SQLite's own URI form (file:...?mode=ro) has no plain path
+        database = check_writable_target(url.database, f"the MLflow store {shown_uri}")
+        if not database.exists():
+            return  # MLflow creates it, and its folders: their nearest existing one takes a file
+    try:
+        tracker.call(_write_and_roll_back, tracking_uri)
+    except Exception as error:  # read-only file or folder, not a database
+        raise MemshardError(f"MLflow tracking store {shown_uri} cannot be written ({_reason(error, tracking_uri)}): "
+                            f"give a writable SQLite database file (or a new file's path)") from None
+
+
+def _write_and_roll_back(tracking_uri: str) -> None:
+    """Prove an sqlite store takes a write, and leave it as it was: a table created inside a transaction
+    that is rolled back (the journal, or the write-ahead log, must be writable too)."""
+    engine = create_engine(tracking_uri, poolclass=NullPool)
+    try:
+        connection = engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                cursor.execute("CREATE TABLE memshard_write_probe (x)")
+            finally:
+                cursor.execute("ROLLBACK")
+        finally:
+            connection.close()
+    finally:
+        engine.dispose()
+
+
+def _check_folder_store(path: str, shown_uri: str) -> None:
+    """MLflow's file store: allowed by MLFLOW_ALLOW_FILE_STORE (MLflow 3 refuses it otherwise), and a
+    folder memshard can write in, or create."""
+    if not MLFLOW_ALLOW_FILE_STORE.get():
+        raise MemshardError(f"MLflow tracking store {shown_uri} is a file store, which MLflow refuses unless "
+                            f"MLFLOW_ALLOW_FILE_STORE=true: set that, or use sqlite:///FILE")
+    check_writable_target(unquote(path), f"the MLflow store {shown_uri}", kind="directory")
 
 
 def require_run(tracking_uri: str, run_id: str) -> None:

@@ -47,6 +47,7 @@ from memshard.evaluation.evaluate import (
 )
 from memshard.evaluation.figures import most_r_copied, r_histogram
 from memshard.evaluation.memorization import NEAR_COPY_QUANTILE, THRESHOLDS
+from memshard.files import check_writable_target, replace_file
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.generation import cluster_has_gpu, generate_on_ray, plan_workers
 from memshard.orchestrator.registry import (
@@ -232,10 +233,11 @@ def quality_lines(report: EvaluationReport) -> list[str]:
 def run_evaluation_command(args: argparse.Namespace) -> int:
     """`memshard evaluate` / `memshard compare` (parsed by memshard.commands.cli)."""
     if args.command == "compare":
+        out = check_writable_target(args.out, "--out") if args.out else None  # before the compare run is logged
         result = compare_runs(args.runs, args.tracking_uri)
         print(result.table.text())
-        if args.out:
-            Path(args.out).write_text(result.table.markdown())
+        if out is not None:
+            replace_file(out, lambda partial: partial.write_text(result.table.markdown()))
             print(f"markdown: {args.out}")
         print(f"compare run id: {result.run_id} (compare.md, compare.json)")
         return 0

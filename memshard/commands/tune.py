@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from memshard.config import DEFAULT_PRESET
+from memshard.config import DEFAULT_PRESET, check_model_name
 from memshard.errors import MemshardError
 from memshard.orchestrator.tracking import redact_uri, ui_command
 from memshard.tuning.space import sweep_space
@@ -31,8 +31,8 @@ def run_tune_command(args: argparse.Namespace) -> int:
     settings.evaluate_settings()  # checked before the trials are built
     if args.eval_every is not None and args.eval_every < 1:
         raise MemshardError(f"--eval-every {args.eval_every}: need at least 1 round")
-    if args.register_as is not None and (not args.register_as.strip() or any(c in args.register_as for c in "/:")):
-        raise MemshardError(f"--register-as {args.register_as[:80]!r}: give a model name without '/' or ':'")
+    if args.register_as is not None:
+        check_model_name(args.register_as, "--register-as")
     preset = args.preset or DEFAULT_PRESET
     space = sweep_space(preset, args.data, args.set, grid_file=args.grid, trials=args.trials, seed=args.seed,
                         experiment=args.experiment)
