@@ -278,3 +278,156 @@ def test_corrupted_sources_prepare_or_fail_in_one_line(valid_sources, suffix, mu
         target = source if suffix != ".png" else source.parent
         cli(["data", "prepare", str(target), "--out", str(Path(tmp) / "out")])
         shutil.rmtree(Path(tmp) / "out", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- tracking URIs, paths and register names (issue 29)
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, Path]:
+    """Paths of every kind a user could give: a folder, a text file, a FIFO, devices, unwritable places."""
+    root = tmp_path_factory.mktemp("places")
+    (root / "dir").mkdir()
+    (root / "file.txt").write_text("text")
+    os.mkfifo(root / "fifo")
+    return {"root": root, "dir": root / "dir", "file": root / "file.txt", "fifo": root / "fifo",
+            "missing": root / "missing" / "deeper" / "x", "proc": Path("/proc/memshard-x"), "null": Path("/dev/null"),
+            "under_null": Path("/dev/null/x"), "zero": Path("/dev/zero")}
+
+
+PLACES = ["dir", "file", "fifo", "missing", "proc", "null", "under_null", "zero"]
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@FAST
+@given(scheme=st.sampled_from(["sqlite", "SQLite", "postgresql", "postgresql+psycopg2", "mysql", "mssql", "file", "http",
+                               "https", "databricks", "foo", "", "sqlite+nodriver"]),
+       host=st.sampled_from(["", "localhost", "user:pw@host", "[::1", "h"]) | st.text(max_size=8),
+       port=st.none() | st.integers(-5, 10**6).map(str) | st.sampled_from(["", "x", "65535", "65536"]),
+       place=st.sampled_from(PLACES) | st.text(max_size=20), allow_file_store=st.booleans())
+def test_generated_tracking_uris_pass_or_fail_in_one_line_and_change_nothing(places, scheme, host, port, place,
+                                                                              allow_file_store):
+    from memshard.orchestrator.tracking import check_store_location
+
+    path = str(places[place]) if place in places else place
+    uri = f"{scheme}://{host}{'' if port is None else ':' + port}/{path}" if scheme else path
+    before = listing(places["root"])
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = str(allow_file_store).lower()
+    try:
+        outcome(lambda: check_store_location(uri))
+    finally:
+        del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+    assert listing(places["root"]) == before
+
+
+@FAST
+@given(place=st.sampled_from(PLACES), kind=st.sampled_from(["file", "directory"]))
+def test_a_place_to_write_is_accepted_or_refused_in_one_line_and_nothing_is_left(places, place, kind):
+    from memshard.files import check_writable_target
+
+    before = listing(places["root"])
+    accepted = outcome(lambda: check_writable_target(places[place], "--out", kind))
+    assert listing(places["root"]) == before
+    assert (accepted is not None) == ((place, kind) in {("dir", "directory"), ("file", "file"), ("missing", "file"),
+                                                         ("missing", "directory")})
+
+
+@FAST
+@given(source=st.sampled_from(["dir", "file", "fifo", "proc", "null", "under_null", "zero"]),
+       out=st.sampled_from([*PLACES, "fresh"]))
+def test_hostile_paths_to_data_prepare_fail_in_one_line_and_leave_no_temporary_folder(places, source, out):
+    root = places["root"]
+    before = listing(root)
+    target = root / "fresh" if out == "fresh" else places[out]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(["data", "prepare", str(places[source]), "--out", str(target)])
+    assert code == 2 and "Traceback" not in err.getvalue() and len(err.getvalue().splitlines()) == 1, err.getvalue()
+    made = set(listing(root)) - set(before)  # at most the output's folders, made before the source is read
+    assert made <= {str(folder.relative_to(root)) for folder in target.parents if root in folder.parents}, made
+
+
+model_names = st.text(max_size=12) | st.sampled_from([".", "..", "..a", "a..", ".a", " ", "a:b", "./a", "a/", "\t"])
+
+
+@FAST
+@given(name=model_names)
+def test_register_names_are_refused_exactly_when_mlflow_would_refuse_them(name):
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name  # the registry's own rule: the oracle
+
+    from memshard.config import check_model_name
+
+    try:
+        _validate_model_name(name)
+        mlflow_takes_it = True
+    except MlflowException:
+        mlflow_takes_it = False
+    assert (outcome(lambda: check_model_name(name, "--register-as") or True) is not None) == mlflow_takes_it
+
+
+@pytest.fixture(scope="module")
+def populated_store(tmp_path_factory):
+    """A store holding a finished and a failed run, a logged model and a registered version; the
+    workspace is its folder (checkpoints), restored afterwards."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("populated")
+    previous = {name: os.environ.get(name) for name in ("MEMSHARD_WORKSPACE", "MLFLOW_TRACKING_URI")}
+    os.environ["MEMSHARD_WORKSPACE"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("kept", artifact_location=(root / "artifacts").as_uri())
+    finished = client.create_run(experiment_id)
+    client.set_terminated(finished.info.run_id, "FINISHED")
+    client.set_terminated(client.create_run(experiment_id).info.run_id, "FAILED")
+    model = client.create_logged_model(experiment_id, name="model", source_run_id=finished.info.run_id)
+    client.create_registered_model("kept-model")
+    client.create_model_version("kept-model", model.artifact_location, run_id=finished.info.run_id)
+    yield {"uri": uri, "run_id": finished.info.run_id, "root": root}
+    mlflow.set_tracking_uri(None)
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def store_state(uri: str) -> tuple:
+    """What a rejected command must leave as it was: run statuses, model versions, logged models."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return (sorted((r.info.run_id, r.info.status) for r in client.search_runs(experiments)),
+            sorted((v.name, v.version, v.status) for v in client.search_model_versions()),
+            sorted((m.model_id, m.status) for m in client.search_logged_models(experiments)))
+
+
+@pytest.mark.integration  # a real MLflow store
+@settings(max_examples=_DEEP or 25, deadline=None, derandomize=not _DEEP, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(command=st.sampled_from(["train-name", "tune-name", "compare-out", "train-data"]),
+       name=model_names, place=st.sampled_from(PLACES))
+def test_a_rejected_command_leaves_the_store_exactly_as_it_was(populated_store, places, command, name, place):
+    from memshard.config import check_model_name
+
+    uri, run_id = populated_store["uri"], populated_store["run_id"]
+    if command.endswith("-name"):
+        assume(outcome(lambda: check_model_name(name, "--register-as") or True) is None)  # refused names only
+    where = ["--set", f"mlflow.tracking_uri={uri}", "--experiment", "kept"]
+    argv = {"train-name": ["train", "--preset", "tiny", "--no-progress", "--register-as", name, *where],
+            "tune-name": ["tune", "--preset", "tiny", "--trials", "1", "--register-as", name, *where],
+            "compare-out": ["compare", run_id, "--tracking-uri", uri, "--out", str(places[place])],
+            "train-data": ["train", "--preset", "tiny", "--no-progress", "--data", str(places[place]), *where]}[command]
+    if command == "train-data":
+        assume(place not in ("dir", "missing"))  # a folder of no images is refused by the data layer, later
+    before = store_state(uri)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(argv)
+    assert code == 2 and "Traceback" not in err.getvalue(), err.getvalue()
+    assert store_state(uri) == before

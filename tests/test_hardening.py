@@ -436,3 +436,131 @@ def test_a_resume_asks_again_for_credentials_it_never_saved(tmp_path, rejects, m
     line = rejects(["train", "--resume", "0123456789abcdef", "--set", f"mlflow.checkpoint_dir={root}"],
                    "whose credentials are not saved: give the URI again")
     assert PASSWORD not in line and "http://***@127.0.0.1:9" in line
+
+
+# ---------------------------------------------------------------- issue 29 item 3: the tracking store, checked before any work
+
+
+def read_only(path: Path) -> None:
+    """Make `path` unwritable, for root too (root ignores permission bits: the immutable attribute)."""
+    if os.geteuid() != 0:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i: no way to make a file read-only here")
+
+
+def writable_again(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("postgresql://user@localhost/db", "needs a database driver that is not installed (No module named"),
+    ("mysql://user@localhost/db", "needs a database driver that is not installed"),
+    ("foo://bar", "MLflow has no store for the scheme 'foo'"),
+    ("file:///proc/x", "MLFLOW_ALLOW_FILE_STORE"),
+    ("http://localhost:99999", "cannot be parsed (Port out of range"),
+    ("postgresql://user:pw@localhost:70000/db", "cannot be parsed (Port out of range"),
+    ("http://[::1", "cannot be parsed (Invalid IPv6 URL)"),
+    ("sqlite:////proc/memshard.db", "/proc is not writable"),
+])
+def test_a_store_that_cannot_be_used_is_one_line_before_any_work(rejects, tmp_path, monkeypatch, uri, message):
+    monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for argv in (["compare", "0123456789abcdef", "--tracking-uri", uri],
+                 ["evaluate", "nomodel", "--tracking-uri", uri],
+                 ["train", "--preset", "tiny", "--no-progress", "--set", f"mlflow.tracking_uri={uri}"]):
+        started = time.monotonic()
+        line = rejects(argv, message)
+        assert time.monotonic() - started < 30 and "pw" not in line  # imports included: not minutes of retries
+
+
+def test_an_sqlite_store_that_is_a_directory_or_not_a_database_is_refused_without_retries(rejects, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a database")
+    os.mkfifo(tmp_path / "pipe.db")
+    for target, message in ((tmp_path, "is a directory: give a file path"),
+                            (tmp_path / "notes.txt", "cannot be written (file is not a database)"),
+                            (tmp_path / "pipe.db", "is a named pipe (FIFO)")):
+        started = time.monotonic()
+        rejects(["compare", "0123456789abcdef", "--tracking-uri", f"sqlite:///{target}"], message)
+        assert time.monotonic() - started < 30  # MLflow's own engine retries took 112 s on a directory
+    assert (tmp_path / "notes.txt").read_text() == "not a database"
+
+
+def test_a_store_file_check_creates_nothing(tmp_path):
+    from memshard.orchestrator.tracking import check_store_location
+
+    check_store_location(f"sqlite:///{tmp_path}/new/deeper/mlflow.db")  # MLflow makes it; the check does not
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("how", ["file", "folder"])
+def test_a_read_only_store_is_refused_by_every_command_before_any_work(mlflow_store, tmp_path, cli_rejects, how):
+    from memshard.orchestrator.tracking import check_tracking_store
+
+    database = tmp_path / "store" / "mlflow.db"  # its own folder: the workspace (checkpoints) stays writable
+    check_tracking_store(f"sqlite:///{database}")  # the store exists, with its tables: reads work, writes would not
+    locked = {"file": database, "folder": database.parent}[how]
+    uri = f"sqlite:///{database}"
+    message = {"file": "is read-only", "folder": "is not writable"}[how]
+    where = ["--set", f"mlflow.tracking_uri={uri}"]
+    commands = [["train", "--preset", "tiny", "--no-progress", *where],
+                ["evaluate", "nomodel", "--tracking-uri", uri],
+                ["compare", "0123456789abcdef", "--tracking-uri", uri],
+                ["unlearn", "nomodel", "--forget", "1", *where],
+                ["tune", "--preset", "tiny", "--trials", "1", *where]]
+    read_only(locked)
+    try:
+        for argv in commands:
+            started = time.monotonic()
+            cli_rejects(argv, message)
+            assert time.monotonic() - started < 30, argv
+        assert not all_runs(f"sqlite:///{database}")
+    finally:
+        writable_again(locked)
+
+
+# ---------------------------------------------------------------- issue 29 item 4: paths and names, checked up front
+
+
+def test_a_fifo_or_a_device_as_data_is_refused_before_it_is_opened(rejects, tmp_path):
+    os.mkfifo(tmp_path / "pipe.npz")
+    for source, kind in ((tmp_path / "pipe.npz", "named pipe (FIFO)"), ("/dev/zero", "character device")):
+        started = time.monotonic()
+        rejects(["data", "prepare", str(source), "--out", str(tmp_path / "out")], kind)
+        assert time.monotonic() - started < 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.npz"]  # no temporary folder left
+
+
+def test_train_refuses_a_fifo_as_data_and_leaves_no_temporary_folder(mlflow_store, tmp_path, cli_rejects):
+    os.mkfifo(tmp_path / "pipe.npy")
+    cli_rejects(["train", "--preset", "tiny", "--no-progress", "--data", str(tmp_path / "pipe.npy"),
+                 "--set", f"mlflow.tracking_uri={mlflow_store}"], "is a named pipe (FIFO), not a file or a directory")
+    assert not list((tmp_path / ".memshard").rglob("*tmp*")) if (tmp_path / ".memshard").exists() else True
+    assert not all_runs(mlflow_store)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{tmp}", "is a directory: give a file path"),
+    ("/proc/x.md", "/proc is not writable"),
+    ("/dev/null/x.md", "/dev/null is not a directory"),
+])
+def test_compare_checks_its_out_before_the_run_is_logged(mlflow_store, tmp_path, cli_rejects, out, message):
+    cli_rejects(["compare", "0123456789abcdef", "--tracking-uri", mlflow_store, "--out", out.format(tmp=tmp_path)],
+                message)
+
+
+def test_compare_out_into_a_missing_folder_is_accepted_and_creates_nothing_until_written(tmp_path):
+    from memshard.files import check_writable_target, replace_file
+
+    target = check_writable_target(tmp_path / "new" / "deeper" / "table.md", "--out")
+    assert not (tmp_path / "new").exists()
+    replace_file(target, lambda partial: partial.write_text("| a |"))
+    assert target.read_text() == "| a |"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "..hidden", "a/b", "a:b", " "])
+def test_a_register_name_mlflow_refuses_is_refused_before_training(rejects, name):
+    rejects(["train", "--preset", "tiny", "--register-as", name], "mlflow.register_as")
+    rejects(["tune", "--preset", "tiny", "--register-as", name], "--register-as")
