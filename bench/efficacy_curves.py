@@ -79,6 +79,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -89,10 +90,11 @@ import torch
 
 from memshard.commands.cli import quiet_terminal
 from memshard.config import Config, build_config
-from memshard.data import load_dataset, resolve_dataset
+from memshard.data import ImageDataset, load_dataset, prepare_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
+from memshard.evaluation.nearest_neighbors import nearest_neighbors
 from memshard.files import in_workspace
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import ray_session
@@ -126,6 +128,28 @@ from memshard.tuning.measure import (
 )
 from memshard.unlearning.runner import write_subset
 
+# Regime (b) of issue 24, duplicated images: duplicates cause most of the copying found in deployed
+# models (Carlini et al., "Extracting Training Data from Diffusion Models", 2023). The whole data plus,
+# for each planted row, copies until it appears `times` times: exact copies, or copies shifted by one
+# pixel (near-duplicates that no content hash deduplicates). Rows 10-13 are one image each of 0, 1, 2, 3.
+DUPLICATED = "duplicated"
+
+
+@dataclass(frozen=True)
+class Plant:
+    row: int  # in the whole data
+    times: int  # how often the image appears in the training set, the original included
+    shifted: bool  # copies shifted by one pixel (cycling down, right, up, left) instead of exact
+
+    @property
+    def name(self) -> str:
+        return f"{'shifted' if self.shifted else 'exact'}_{self.times}x"
+
+
+PLANTS = (Plant(10, 10, False), Plant(11, 100, False), Plant(12, 10, True), Plant(13, 100, True))
+SHIFTS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # (rows, columns)
+PLANTED_FIELDS = tuple(f"reproduced_{plant.name}" for plant in PLANTS)
+
 EXPERIMENT = "memshard-efficacy"
 OUTPUTS = ("results.json", "points.csv", "curves.png", "summary.md")
 RAW_SUFFIX = "-raw"  # a method with training.ema is also measured on its raw weights, as LABEL-raw
@@ -133,20 +157,77 @@ CSV_FIELDS = ("regime", "method", "seed", "round", "optimizer_steps_total", "opt
               "train_seconds", "eval_seconds", "wall_seconds", "loss", AGC_KEPT, *COPYING, "mq_0.5_count",
               *STRICT_COPYING, *NEAR_COPYING, *interval_keys(NEAR_COPYING[0]), "near_copy_sq_distance",
               "nn_ratio_copy_fraction", "r_median", "real_r_below_0.5", "real_r_below_0.15", *QUALITY,
-              *interval_keys("frechet"), "real_frechet", "real_mean_confidence", "real_coverage")
+              *interval_keys("frechet"), "real_frechet", "real_mean_confidence", "real_coverage", *PLANTED_FIELDS)
 
 
 # ---------------------------------------------------------------- data
 
 
-def load_data(cfg: Config, subset: int | None) -> Data:
+def load_data(cfg: Config, subset: int | None, duplicates: bool = False) -> Data:
     full = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
+    if duplicates:
+        return Data(load_dataset(write_duplicated(full, in_workspace(cfg.data.cache_dir))), full, DUPLICATED)
     if subset is None:
         return Data(full, full, "full")
     if not 2 <= subset < len(full):
         raise MemshardError(f"--subset {subset}: give 2 to {len(full) - 1} (the data holds {len(full)} images)")
     where = in_workspace(cfg.data.cache_dir) / f"first-{subset}-of-{full.fingerprint[:12]}"  # a setting: under the root
     return Data(load_dataset(write_subset(full, np.arange(subset), where)), full, f"first-{subset}")
+
+
+def shift_one_pixel(image: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """A C×H×W image moved by (rows, columns) pixels, the uncovered edge filled with 0 (the digits' background)."""
+    moved = np.zeros_like(image)
+    h, w = image.shape[1:]
+    moved[:, max(rows, 0):h + min(rows, 0), max(columns, 0):w + min(columns, 0)] = \
+        image[:, max(-rows, 0):h + min(-rows, 0), max(-columns, 0):w + min(-columns, 0)]
+    return moved
+
+
+def plant_variants(plant: Plant, full: ImageDataset) -> list[np.ndarray]:
+    """The planted image and its copies, in training-set order."""
+    original = full.images[plant.row]
+    copies = [shift_one_pixel(original, *SHIFTS[k % len(SHIFTS)]) if plant.shifted else original
+              for k in range(plant.times - 1)]
+    return [original, *copies]
+
+
+def write_duplicated(full: ImageDataset, cache: Path) -> Path:
+    """The whole data followed by the planted copies, as a prepared dataset (`memshard data prepare` of an
+    .npz: ids from content hashes, a repeat of the same content gets "-k")."""
+    where = cache / f"{DUPLICATED}-of-{full.fingerprint[:12]}"
+    if (where / "images.parquet").exists():
+        return where
+    extra = [(image, full.labels[p.row]) for p in PLANTS for image in plant_variants(p, full)[1:]]
+    images = np.concatenate([full.images, np.stack([image for image, _ in extra])])
+    labels = np.concatenate([full.labels, np.array([label for _, label in extra])])
+    channels = images.shape[1]
+    arrays = cache / f".{DUPLICATED}-{full.fingerprint[:12]}.npz"
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(arrays, images=images[:, 0] if channels == 1 else images.transpose(0, 2, 3, 1), labels=labels)
+    prepare_dataset(str(arrays), where, resolution=full.resolution, channels=channels)
+    arrays.unlink()
+    return where
+
+
+def planted_rows(train: ImageDataset, full: ImageDataset) -> dict[str, np.ndarray]:
+    """Per plant, the training rows that hold it or one of its copies."""
+    flat = train.images.reshape(len(train), -1)
+    groups = {}
+    for plant in PLANTS:
+        variants = np.stack([v.reshape(-1) for v in plant_variants(plant, full)])
+        groups[plant.name] = np.nonzero((flat[:, None, :] == variants[None]).all(axis=2).any(axis=1))[0]
+    return groups
+
+
+def planted_reproductions(generated: np.ndarray, train: ImageDataset, groups: dict[str, np.ndarray],
+                          threshold: float, device: str) -> dict[str, int]:
+    """Per plant, the generations that are near copies (squared distance to the nearest training image
+    below the calibrated threshold, the same test as every near copy) of the plant or one of its copies."""
+    nearest = nearest_neighbors(generated, train.images, 1, scale=1 / 255, device=device)
+    near = nearest.sq_distances[:, 0] < threshold
+    return {f"reproduced_{name}": int((near & np.isin(nearest.indices[:, 0], rows)).sum())
+            for name, rows in groups.items()}
 
 
 # ---------------------------------------------------------------- one curve
@@ -162,6 +243,7 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
     total_steps = sequential_steps = 0
     train_seconds = 0.0
     started = time.perf_counter()
+    planted = planted_rows(data.train, data.quality) if data.regime == DUPLICATED else None
 
     def after_round(end: RoundEnd) -> None:
         nonlocal total_steps, sequential_steps, train_seconds
@@ -176,6 +258,8 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
         for label, weights in models:
             start = time.perf_counter()
             measured = measure(cfg, weights, data, settings, space, device)
+            reproduced = {} if planted is None else planted_reproductions(
+                measured.generated, data.train, planted, measured.figures["near_copy_sq_distance"], device)
             if keep_generations is not None:  # to measure them again later, in another way, without training
                 keep_generations.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(generations_file(keep_generations, label, seed, end.round_index),
@@ -184,7 +268,7 @@ def curve(cfg: Config, method: Method, seed: int, data: Data, eval_rounds: set[i
                     "optimizer_steps_total": total_steps, "optimizer_steps_sequential": sequential_steps,
                     "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
                     "wall_seconds": time.perf_counter() - started, "loss": end.report.mean_loss,
-                    AGC_KEPT: end.report.kept_fraction, **measured.figures,
+                    AGC_KEPT: end.report.kept_fraction, **measured.figures, **reproduced,
                     "eval_phase_seconds": measured.seconds})
 
     run_cfg = copy.deepcopy(cfg)
@@ -329,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-rounds", type=int, default=None, help="rounds of the ddpm curves (default: --rounds / 2)")
     parser.add_argument("--eval-every", type=int, default=2, help="evaluate every E rounds (and after the last)")
     parser.add_argument("--subset", type=int, default=None, help="small-data regime: the first N images")
+    parser.add_argument("--duplicates", action="store_true",
+                        help="duplicated-image regime: the whole data with four images repeated 10x and 100x, "
+                             "exactly and shifted by a pixel; each point counts their reproductions")
     parser.add_argument("--reference-round", type=int, default=None,
                         help="ddpm's 'final model' for the target check (default: the preset's rounds; the last with --subset)")
     parser.add_argument("--baseline", default=BASELINE,
@@ -362,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.remeasure:
             s = results["settings"]
             subset = int(s["regime"].split("-")[1]) if s["regime"].startswith("first-") else None
-            data = load_data(build_config(s["preset"], sets=s.get("common_sets", [])), subset)
+            data = load_data(build_config(s["preset"], sets=s.get("common_sets", [])), subset, s["regime"] == DUPLICATED)
             folders = [Path(path).parent / "generations" for path in args.from_results]
             found = remeasure_copying(results["points"], folders, data, s["eval_seed"], str(resolve_device(args.device)))
             print(f"measured again: {found} of {len(results['points'])} points (generations in {', '.join(map(str, folders))})")
@@ -377,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or 4 * preset_rounds
     baseline_rounds = args.baseline_rounds or max(1, rounds // 2)
     reference_round = args.reference_round or (baseline_rounds if args.subset else preset_rounds)
+    if args.subset and args.duplicates:
+        raise MemshardError("--subset and --duplicates are two regimes: run them one at a time")
     if args.eval_every < 1 or not 1 <= reference_round <= baseline_rounds:
         raise MemshardError(f"--eval-every {args.eval_every} / --reference-round {reference_round}: need an eval "
                             f"interval >= 1 and a reference round within ddpm's {baseline_rounds} (--baseline-rounds)")
@@ -388,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                                 feature_space=None, r_copy_threshold=0.5, device=args.device)
     settings.check()
     device = str(resolve_device(args.device))
-    data = load_data(next(iter(configs.values())), args.subset)
+    data = load_data(next(iter(configs.values())), args.subset, args.duplicates)
     space = ClassifierSpace(data.quality)
     args.tracking_uri = resolve_tracking_uri(args.tracking_uri)
     experiment_id = connect_mlflow(args.tracking_uri, args.experiment)  # the store answers before any training

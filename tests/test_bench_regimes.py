@@ -1,0 +1,71 @@
+"""The efficacy bench's duplicated-image regime (issue 24 regime b): the training set it writes and the
+count of each planted image's reproductions. The curves are a benchmark; what builds and reads them is tested."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memshard.config import build_config
+from memshard.evaluation.evaluate import near_copy_threshold
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "efficacy_curves.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("efficacy_curves", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def duplicated(bench, tmp_path_factory):
+    root = tmp_path_factory.mktemp("workspace")
+    cfg = build_config("digits", sets=[f"data.cache_dir={root / 'cache'}"])
+    return bench.load_data(cfg, None, duplicates=True)
+
+
+def test_one_pixel_shift_moves_the_image_and_fills_the_edge_with_background(bench):
+    image = np.arange(1, 10, dtype=np.uint8).reshape(1, 3, 3)
+    assert bench.shift_one_pixel(image, 1, 0).tolist() == [[[0, 0, 0], [1, 2, 3], [4, 5, 6]]]
+    assert bench.shift_one_pixel(image, 0, -1).tolist() == [[[2, 3, 0], [5, 6, 0], [8, 9, 0]]]
+
+
+def test_each_planted_image_appears_as_often_as_planned_and_nothing_else_changes(bench, duplicated):
+    full, train = duplicated.quality, duplicated.train
+    assert duplicated.regime == "duplicated"
+    assert len(train) == len(full) + sum(p.times - 1 for p in bench.PLANTS)
+    np.testing.assert_array_equal(train.images[:len(full)], full.images)  # the whole data first, unchanged
+    groups = bench.planted_rows(train, full)
+    for plant in bench.PLANTS:
+        rows = groups[plant.name]
+        assert len(rows) == plant.times and plant.row in rows
+        assert (train.labels[rows] == full.labels[plant.row]).all()
+        exact = (train.images[rows] == full.images[plant.row]).all(axis=(1, 2, 3))
+        assert exact.sum() == (1 if plant.shifted else plant.times)  # shifted copies differ from the original
+    assert len(set(train.sample_ids)) == len(train)
+
+
+def test_a_reproduction_is_a_near_copy_of_the_plant_or_of_one_of_its_copies(bench, duplicated):
+    full, train = duplicated.quality, duplicated.train
+    groups = bench.planted_rows(train, full)
+    threshold = near_copy_threshold(train, seed=0)
+    exact_100, shifted_100 = (groups[name] for name in ("exact_100x", "shifted_100x"))
+    generated = np.stack([
+        train.images[exact_100[-1]],  # a copy of the 100x image
+        train.images[shifted_100[-1]],  # one of the shifted copies of the other
+        train.images[shifted_100[-2]],
+        full.images[500],  # an ordinary training image: a near copy, of no plant
+        np.zeros_like(full.images[0]),  # nothing like any digit
+    ])
+    counts = bench.planted_reproductions(generated, train, groups, threshold, "cpu")
+    assert counts == {"reproduced_exact_10x": 0, "reproduced_exact_100x": 1, "reproduced_shifted_10x": 0,
+                      "reproduced_shifted_100x": 2}
+    assert set(counts) == set(bench.PLANTED_FIELDS) and set(bench.PLANTED_FIELDS) <= set(bench.CSV_FIELDS)
