@@ -89,10 +89,21 @@ import numpy as np
 import torch
 
 from memshard.commands.cli import quiet_terminal
-from memshard.config import Config, build_config
+from memshard.config import DEFAULT_MAX_QUALITY_LOSS, Config, build_config
 from memshard.data import ImageDataset, load_dataset, prepare_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.classifier_space import ClassifierSpace
+from memshard.evaluation.curve_point import (
+    COPYING,
+    NEAR_COPYING,
+    QUALITY,
+    STRICT_COPYING,
+    Data,
+    copying_figures,
+    evaluation_rounds,
+    interval_keys,
+    measure,
+)
 from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
 from memshard.evaluation.nearest_neighbors import nearest_neighbors
 from memshard.files import in_workspace
@@ -101,7 +112,6 @@ from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, train
 from memshard.pipeline import SAMPLERS
-from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS
 from memshard.tuning.curves import (
     AGC_KEPT,
     BASELINE,
@@ -114,17 +124,6 @@ from memshard.tuning.curves import (
     real_reference_of,
     summarize,
     summary_markdown,
-)
-from memshard.tuning.measure import (
-    COPYING,
-    NEAR_COPYING,
-    QUALITY,
-    STRICT_COPYING,
-    Data,
-    copying_figures,
-    evaluation_rounds,
-    interval_keys,
-    measure,
 )
 from memshard.unlearning.runner import write_subset
 

@@ -28,6 +28,9 @@ AMBIENT_WEIGHTINGS = ("epsilon", "x0")  # what memshard.model.ambient_loss compu
 MSR_SCHEDULES = ("every", "alternate")
 MSR_RESETS = ("sender", "moved")  # whose skip counts an exchange resets (orchestrator.rounds, redistribute)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # DDPMScheduler's
+REGISTERED_ROUNDS = ("least-copying", "last")  # selection.register: which round `memshard train` registers
+DEFAULT_MAX_QUALITY_LOSS = 0.10  # a quality budget unless asked otherwise: Fréchet within +10% of its reference's
+MAX_QUALITY_LOSS_LIMIT = 10.0  # a budget past 11x the reference's Fréchet admits models that have learnt nothing
 MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is a few hundred bytes; past this it is not one
 _INT64 = 1 << 63
 
@@ -153,6 +156,22 @@ class MLflowConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which round `memshard train` registers (memshard.commands.checkpoint_choice): every `every` rounds and
+    at the last, the delivered weights' near copies and quality are measured on the shard actors, and the
+    round that copies least within `max_quality_loss` of the run's best Fréchet is registered."""
+
+    every: int = 2  # rounds between measurements (the last round always); 0: none, the last round is registered
+    max_quality_loss: float = DEFAULT_MAX_QUALITY_LOSS  # Fréchet at most the run's best x (1 + this)
+    register: str = "least-copying"  # or "last" (--register-last-round): the curve is measured, the last registered
+    # Cheap on a CPU: a few hundred DDIM generations per point, compared along one run (not a full evaluation).
+    num_images: int = 200
+    sampler: str = "ddim"
+    sampling_steps: int = 50
+    batch_size: int = 50
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,6 +183,7 @@ class Config:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     @property
     def uses_agc(self) -> bool:
@@ -206,6 +226,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "training": {"batch_size": 16, "warmup_steps": 2},
         "iet": {"shards": 2, "rounds": 2, "local_steps": 3},
         "mlflow": {"sample_grid_every": 0, "register_as": "memshard-tiny"},
+        "selection": {"every": 0},  # a test that asks for the checkpoint choice sets it
     },
     # The default: the bundled digits at 16x16 with a small UNet, a CPU finishes it in minutes. The EMA
     # measured better there for ddpm and IET-AGC+ (BENCHMARKS.md, issue 12): steadier, better quality per
@@ -537,6 +558,17 @@ def validate(cfg: Config) -> None:
     check_model_name(cfg.mlflow.register_as, "mlflow.register_as")
     require(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment is empty: give an experiment name (--experiment)")
     require(cfg.mlflow.sample_grid_steps >= 1, "mlflow.sample_grid_steps must be >= 1")
+    sel = cfg.selection
+    require(sel.every >= 0, f"selection.every = {sel.every}: give rounds >= 1, or 0 to register the last round unmeasured")
+    require(0.0 <= sel.max_quality_loss <= MAX_QUALITY_LOSS_LIMIT,
+            f"selection.max_quality_loss = {sel.max_quality_loss}: give a fraction in [0, {MAX_QUALITY_LOSS_LIMIT:g}], "
+            "e.g. 0.1 for 10%")
+    require(sel.register in REGISTERED_ROUNDS,
+            f"selection.register = {shown(sel.register)}: choose one of {', '.join(REGISTERED_ROUNDS)}")
+    require(sel.num_images >= 2, f"selection.num_images = {sel.num_images}: need at least 2 (Fréchet needs two)")
+    require(sel.batch_size >= 1, f"selection.batch_size = {sel.batch_size}: need at least 1")
+    require(1 <= sel.sampling_steps <= m.num_train_timesteps,
+            f"selection.sampling_steps = {sel.sampling_steps}: choose 1 to {m.num_train_timesteps} (the training timesteps)")
     every = cfg.mlflow.checkpoint_every
     require(every == "auto" or (every.isascii() and every.isdigit() and len(every) < 19 and int(every) >= 1),
             f"mlflow.checkpoint_every = {shown(every)}: use auto or a whole number of rounds >= 1")

@@ -54,6 +54,7 @@ from memshard.orchestrator.sharding import (
     reset_skip_counts,
     select_memorized_samples,
 )
+from memshard.pipeline import SamplingPlan
 from memshard.shard_worker.actor import ShardWorker
 from memshard.shard_worker.faults import FaultPlan
 from memshard.shard_worker.trainer import NonFiniteLossError, RoundResult
@@ -347,6 +348,22 @@ class IETDriver:
         self.saved_files = check_worker_files(Path(directory).absolute(), state["worker_files"])
         ray.get([actor.load_state_file.remote(str(path)) for actor, path in zip(self.actors, self.saved_files, strict=True)])
         self.saved_round, self.rounds_since_saved = self.rounds_done, []
+
+    def generate(self, weights: dict[str, np.ndarray], plan: SamplingPlan) -> np.ndarray:
+        """The plan's images from a pipeline of `weights`, made by the proxies between rounds (batch b on
+        proxy b mod K), in batch order: (M, C, H, W) uint8, the images `pipeline.generate_plan` makes in one
+        process (on CPUs bitwise). Not retried: a proxy lost here fails the run, which resumes from its
+        last checkpoint (a replacement would first have to replay its shard's rounds)."""
+        weights_ref = ray.put(weights)
+        count, proxies = len(plan.batches()), len(self.actors)
+        assigned = [list(range(k, count, proxies)) for k in range(proxies)]
+        parts = ray.get([actor.generate.remote(weights_ref, plan, batches)
+                         for actor, batches in zip(self.actors, assigned, strict=True) if batches])
+        images: list[np.ndarray] = [None] * count
+        for batches, made in zip([b for b in assigned if b], parts, strict=True):
+            for b, batch_images in zip(batches, made, strict=True):
+                images[b] = batch_images
+        return np.concatenate(images)
 
     def placement(self) -> list[dict]:
         """Where each proxy runs: shard, node and device."""

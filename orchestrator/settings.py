@@ -1,10 +1,11 @@
 """The one check of a training configuration, made before any work: `check(cfg)`.
 
-`config.validate` checks every value the config layer can judge on its own. Three settings need things
+`config.validate` checks every value the config layer can judge on its own. Four settings need things
 defined in lower layers that the config layer may not import, so they are checked here, where both
 are in reach: `msr.rule` (a rule of `orchestrator.sharding`'s registry), the server optimizer with
-its hyperparameters (`aggregation`, which decides which ones each optimizer takes and their ranges)
-and `training.ambient_alpha_bar` (a level inside the noise schedule, `model.ambient_setting`).
+its hyperparameters (`aggregation`, which decides which ones each optimizer takes and their ranges),
+`training.ambient_alpha_bar` (a level inside the noise schedule, `model.ambient_setting`) and
+`selection.sampler` (one of `pipeline.SAMPLERS`).
 Every entry point that trains calls `check`: `memshard train` (a new run or a resume), each
 `memshard tune` trial, the efficacy bench.
 """
@@ -16,6 +17,7 @@ from memshard.config import Config, validate
 from memshard.errors import MemshardError
 from memshard.model import ambient_setting, build_scheduler
 from memshard.orchestrator.sharding import destination_rule
+from memshard.pipeline import SAMPLERS
 
 
 def check(cfg: Config) -> None:
@@ -24,6 +26,8 @@ def check(cfg: Config) -> None:
     destination_rule(cfg.msr.rule)
     server_hyperparameters(cfg)
     ambient_setting(cfg, build_scheduler(cfg))
+    if cfg.selection.sampler not in SAMPLERS:
+        raise MemshardError(f"selection.sampler = {cfg.selection.sampler!r}: choose one of {', '.join(SAMPLERS)}")
 
 
 def server_hyperparameters(cfg: Config) -> dict[str, float]:

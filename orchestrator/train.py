@@ -68,6 +68,10 @@ class RoundEnd:
     # (after an exchange round that did not average: the proxies' FedAvg, computed for this report only)
     raw_weights: dict | None  # with training.ema, the averaged weights under the EMA; else None
     train_seconds: float  # the wall time of driver.run_round: broadcast, training, aggregation, exchange
+    # generate(weights, plan): the plan's images (M, C, H, W) uint8 from a pipeline of `weights`, made by the
+    # shard actors while they wait (IETDriver.generate); generation_device: where (cpu or cuda)
+    generate: Callable[[dict, SamplingPlan], np.ndarray]
+    generation_device: str
 
     @property
     def round_index(self) -> int:
@@ -93,6 +97,9 @@ class RunHooks:
     tags: dict[str, str] = field(default_factory=dict)
     register: bool = True
     after_round: Callable[[RoundEnd], None] | None = None  # inside the run, while the shard actors wait
+    # The weights to log (and register) instead of the last round's model, given that model's weights; inside
+    # the run, after the last round (also on a resume that had no round left to run).
+    final_model: Callable[[dict], dict] | None = None
 
 
 def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = None,
@@ -138,10 +145,11 @@ def _check_cluster_has_gpu(cfg: Config) -> None:
                             "(or cpu), or add GPU nodes")
 
 
-# Settings a resumed run may change: where things are and how patient to be, never what is trained.
+# Settings a resumed run may change: where things are and how patient to be, and whether the last round
+# is registered; never what is trained or measured.
 RESUMABLE_SETTINGS = {"mlflow.tracking_uri", *PLACE_SETTINGS, "mlflow.checkpoint_every", "ray.address",
                       "ray.round_timeout_s", "ray.max_actor_restarts", "ray.placement_timeout_s",
-                      "ray.placement_strategy"}
+                      "ray.placement_strategy", "selection.register"}
 
 
 def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
@@ -208,6 +216,7 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
 
     with start_shard_driver(cfg, dataset.images, shards, faults) as (driver, resources):
         placement = driver.placement()
+        generation_device = "cpu" if all(p["device"] == "cpu" for p in placement) else "cuda"
         tracker.set_tags({
             "devices": ",".join(sorted({p["device"] for p in placement})),
             "nodes": len({p["node_id"] for p in placement}),
@@ -251,11 +260,12 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
             if hooks.after_round is not None:
                 hooks.after_round(RoundEnd(report, driver.model_weights,
                                            None if driver.ema_weights is None else driver.averaged_weights,
-                                           train_seconds))
+                                           train_seconds, driver.generate, generation_device))
         rounds.close()
 
         # The final model is written locally first, then logged and registered.
-        pipeline = build_pipeline(cfg, dataset.channels, driver.model_weights)
+        final_weights = driver.model_weights if hooks.final_model is None else hooks.final_model(driver.model_weights)
+        pipeline = build_pipeline(cfg, dataset.channels, final_weights)
         local_pipeline = save_pipeline(pipeline, checkpoint_dir(cfg, run_id) / "pipeline")
         tracker.log_table(_assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
         tracker.log_table(_memorization_scores(dataset, driver), "memorization_scores.parquet")

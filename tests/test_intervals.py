@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from memshard.errors import MemshardError
+from memshard.evaluation.curve_point import copying_figures, interval_keys
 from memshard.evaluation.fid import frechet_distance, gaussian_stats
 from memshard.evaluation.intervals import fraction_interval, frechet_interval, t_interval, t_quantile
 from memshard.evaluation.memorization import memorization_report
-from memshard.tuning.measure import copying_figures, interval_keys
 
 
 def test_the_near_copy_interval_holds_the_fraction_and_narrows_with_more_generations():

@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 COVERAGE_SLACK = 1e-9  # coverage is a share of classes: equal within rounding counts as no worse
-DEFAULT_MAX_QUALITY_LOSS = 0.10  # the budget unless asked otherwise: Fréchet within +10% of the reference's
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,15 @@ def meets_quality(frechet: float, coverage: float | None, max_frechet: float, mi
 
 def quality_budget(reference: Point, max_quality_loss: float) -> Budget:
     return Budget(*quality_bar(reference.frechet, reference.coverage, max_quality_loss), reference, max_quality_loss)
+
+
+def best_quality_budget(points: Iterable[Point], max_quality_loss: float) -> Budget | None:
+    """The budget of one run's own curve (`memshard train`'s checkpoint choice): the reference is its
+    best point, the lowest finite Fréchet (the earlier round on a tie). None: no point has one."""
+    measured = [p for p in points if math.isfinite(p.frechet)]
+    if not measured:
+        return None
+    return quality_budget(min(measured, key=lambda p: (p.frechet, p.round)), max_quality_loss)
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memshard.config import METHODS, Config, build_config
+from memshard.config import DEFAULT_MAX_QUALITY_LOSS, METHODS, Config, build_config
 from memshard.errors import MemshardError
+from memshard.evaluation.curve_point import BOOTSTRAPPED, COPYING, NEAR_COPYING, QUALITY, STRICT_COPYING, interval_keys
 from memshard.evaluation.intervals import CONFIDENCE, t_interval
 from memshard.evaluation.memorization import NEAR_COPY_QUANTILE
 from memshard.orchestrator.settings import check
-from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS, meets_quality, quality_bar
-from memshard.tuning.measure import BOOTSTRAPPED, COPYING, NEAR_COPYING, QUALITY, STRICT_COPYING, interval_keys
+from memshard.tuning.choice import meets_quality, quality_bar
 from memshard.tuning.space import REFERENCE_METHOD
 
 BASELINE = REFERENCE_METHOD  # the curve whose model at the reference round sets the quality bar

@@ -42,7 +42,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from memshard.config import Config, to_dict
+from memshard.config import DEFAULT_MAX_QUALITY_LOSS, MAX_QUALITY_LOSS_LIMIT, Config, to_dict
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError, one_line
 from memshard.evaluation.classifier_space import DEFAULT_CACHE_DIR, ClassifierSpace, classifier_unavailable
@@ -57,7 +57,7 @@ from memshard.orchestrator.cluster import (
 )
 from memshard.orchestrator.registry import KIND_TAG
 from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
-from memshard.tuning.choice import DEFAULT_MAX_QUALITY_LOSS, Choice, Point, choose, quality_budget
+from memshard.tuning.choice import Choice, Point, choose, quality_budget
 from memshard.tuning.report import (
     TRIAL_COLUMNS,
     TrialOutcome,
@@ -226,7 +226,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
     `say` gets the progress lines; `tune_output` also lets Tune print its own tables (memshard -v)."""
     base = space.base
     evaluate_settings = settings.evaluate_settings()
-    if not 0 <= settings.max_quality_loss <= 10:
+    if not 0 <= settings.max_quality_loss <= MAX_QUALITY_LOSS_LIMIT:
         raise MemshardError(f"--max-quality-loss {settings.max_quality_loss:g}: give a fraction such as 0.1 or 10%")
     eval_every = settings.eval_every or max(1, space.reference_round // 5)
     if eval_every < 1:

@@ -25,13 +25,13 @@ from memshard.config import Config, flatten, from_dict, set_dotted
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError, one_line
 from memshard.evaluation.classifier_space import ClassifierSpace
+from memshard.evaluation.curve_point import Data, evaluation_rounds, measure
 from memshard.evaluation.evaluate import EvaluateSettings
 from memshard.orchestrator.cluster import assigned_device
 from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
 from memshard.orchestrator.tracking import tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, checkpoint_dir, train
 from memshard.pipeline import save_pipeline
-from memshard.tuning.measure import Data, evaluation_rounds, measure
 
 SWEEP_TAG = "memshard.tune.parent_run_id"  # on every trial's runs: the sweep they belong to
 TRIAL_TAG = "memshard.tune.trial"  # the trial's name (t00, ...)

@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--register-as", help="registered model name (a new version per run)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="any setting, e.g. --set msr.rule=least-familiar (repeatable)")
+    train.add_argument("--max-quality-loss", metavar="LOSS",
+                       help="the registered round's quality budget: Fréchet at most this much above the run's best "
+                            "measured round, as 10%% or 0.1 (selection.max_quality_loss)")
+    train.add_argument("--register-last-round", action="store_true", default=None,
+                       help="register the last round, not the one that copies least within the budget "
+                            "(the curve is still measured and logged)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     train.add_argument("--resume", metavar="RUN_ID",
                        help="continue an interrupted run from its last checkpoint, into the same MLflow run")

@@ -1,9 +1,12 @@
-"""`memshard train`: flags -> Config -> `orchestrator.train` -> the run id and model URI printed."""
+"""`memshard train`: flags -> Config -> `orchestrator.train`, its curve measured and the round that copies
+least within the budget registered (`checkpoint_choice`) -> the curve, the choice, the run id and model URI
+printed."""
 
 from __future__ import annotations
 
 import argparse
 
+from memshard.commands.checkpoint_choice import CheckpointChoice, parse_quality_loss
 from memshard.config import DEFAULT_PRESET, build_config
 from memshard.errors import MemshardError
 from memshard.orchestrator.tracking import ui_command
@@ -20,6 +23,8 @@ def run_train_command(args: argparse.Namespace) -> int:
         "data.balanced_by_label": args.balanced_by_label,
         "mlflow.experiment": args.experiment,
         "mlflow.register_as": args.register_as,
+        "selection.max_quality_loss": None if args.max_quality_loss is None else parse_quality_loss(args.max_quality_loss),
+        "selection.register": "last" if args.register_last_round else None,
     }
     if args.resume:
         if args.config or args.preset:
@@ -27,7 +32,11 @@ def run_train_command(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, overrides, args.set)
     else:
         cfg = build_config(args.preset or DEFAULT_PRESET, args.config, overrides=overrides, sets=args.set)
-    result = train(cfg, show_progress=not args.no_progress, resume_run_id=args.resume)
+    choice = CheckpointChoice(cfg)
+    choice.prepare()
+    result = train(cfg, show_progress=not args.no_progress, resume_run_id=args.resume, hooks=choice.hooks())
+    choice.remove_candidates()
+    print("\n".join(choice.summary()))
     print(f"run id: {result.run_id}")
     print(f"registered model: {result.registered_name} version {result.registered_version}")
     print(f"model uri: models:/{result.registered_name}/{result.registered_version}")

@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from memshard.commands.checkpoint_choice import parse_quality_loss
 from memshard.config import DEFAULT_PRESET, check_model_name
 from memshard.errors import MemshardError
 from memshard.orchestrator.tracking import redact_uri, ui_command
 from memshard.tuning.space import sweep_space
 from memshard.tuning.sweep import SweepResult, SweepSettings, run_sweep
-
-
-def parse_quality_loss(text: str) -> float:
-    """`10%` or `0.1`: the quality the user gives up against the reference, as a fraction."""
-    given = text.strip()
-    try:
-        value = float(given[:-1]) / 100 if given.endswith("%") else float(given)
-    except ValueError:
-        raise MemshardError(f"--max-quality-loss {text[:40]!r} is not a fraction: write 10% or 0.1") from None
-    if not 0 <= value <= 10:  # also refuses nan and inf
-        raise MemshardError(f"--max-quality-loss {text[:40]!r}: give 0% to 1000% (e.g. 10% or 0.1)")
-    return value
 
 
 def run_tune_command(args: argparse.Namespace) -> int:

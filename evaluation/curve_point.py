@@ -1,10 +1,12 @@
 """One point of a copying-against-quality curve (method.md §7): the global weights of a run after some
-round -> seeded generations made in this process -> copying (MQ@0.5, distinct training images copied)
-and quality in the training set's classifier space (Fréchet, mean confidence, class coverage), beside
-the same figures for real images.
+round -> seeded generations (made in this process, or by the caller's `generate`) -> copying (near
+copies, r-copies, distinct training images copied) and quality in a feature space (Fréchet; in the
+training set's classifier space also mean confidence, class coverage), beside the same figures for
+real images.
 
-Shared by the sweep's trials (`memshard.tuning.trial`) and the efficacy bench (bench/efficacy_curves.py,
-whose curves `memshard.tuning.curves` reads).
+Shared by `memshard train`'s checkpoint choice (`memshard.commands.checkpoint_choice`, generating on
+the run's shard actors), the sweep's trials (`memshard.tuning.trial`) and the efficacy bench
+(bench/efficacy_curves.py, whose curves `memshard.tuning.curves` reads).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 
 from memshard.config import Config
 from memshard.data import ImageDataset
-from memshard.evaluation.classifier_space import ClassifierSpace
 from memshard.evaluation.evaluate import REAL_PREFIX, EvaluateSettings, Generation, evaluate, sampling_plan
+from memshard.evaluation.fid import FeatureSpace
 from memshard.evaluation.intervals import FRECHET_RESAMPLES, fraction_interval
 from memshard.evaluation.memorization import MemorizationReport, near_copies
 from memshard.evaluation.quality import QualitySpaceChoice, quality_report
@@ -70,12 +72,13 @@ def generate_here(pipeline) -> Callable[[SamplingPlan], Generation]:
     return generate
 
 
-def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, space: ClassifierSpace,
-            device: str) -> Measurement:
-    """Copying and quality of the global weights."""
+def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, space: FeatureSpace,
+            device: str, generate: Callable[[SamplingPlan], Generation] | None = None) -> Measurement:
+    """Copying and quality of the global weights; `generate` (None: `generate_here`) makes the plan's
+    images from these weights, in batch order."""
     pipeline = build_pipeline(cfg, data.train.channels, weights).to(device)
     choice = sampling_plan(settings, cfg.model.num_train_timesteps, gpu=device.startswith("cuda"))
-    report = evaluate(choice, data.train, generate_here(pipeline), settings,
+    report = evaluate(choice, data.train, generate or generate_here(pipeline), settings,
                       QualitySpaceChoice(None, "measured below, against the whole dataset"), device=device)
     start = time.perf_counter()
     quality = quality_report(report.generated, data.quality, space, seed=settings.seed,
