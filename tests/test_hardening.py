@@ -27,7 +27,7 @@ from conftest import all_runs
 from PIL import Image
 
 from memshard.commands.cli import main
-from memshard.config import build_config, flatten, from_dict, load_config_file, redact_uri, to_dict
+from memshard.config import WHERE_SETTINGS, build_config, flatten, from_dict, load_config_file, redact_uri, to_dict
 from memshard.errors import MAX_MESSAGE_CHARS, MemshardError, shown
 from memshard.orchestrator.checkpoint import CHECKPOINT_FILE, _to_tensors, load_checkpoint
 from memshard.orchestrator.tracking import scrub, ui_command
@@ -199,9 +199,9 @@ def files_holding(root: Path, secret: str) -> list[Path]:
 def test_a_password_in_the_tracking_uri_reaches_no_artifact_checkpoint_param_tag_or_terminal(
     ray_cluster, mlflow_server, tmp_path, monkeypatch, capfd
 ):
-    """Train, evaluate, unlearn (SISS) and retrain against a real tracking server, the password given by
-    flag and by environment; then search the server's store and artifacts, the local checkpoints and
-    everything printed."""
+    """Train, evaluate, unlearn (SISS), retrain and tune against a real tracking server, the password given
+    by flag and by environment; then search the server's store and artifacts, the local checkpoints, Ray
+    Tune's files and everything printed."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
@@ -222,6 +222,11 @@ def test_a_password_in_the_tracking_uri_reaches_no_artifact_checkpoint_param_tag
     assert main(["unlearn", "models:/secret-test/2", "--forget", "digits-00001", "--method", "retrain",
                  *small_audit]) == 0
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # A sweep (issue 29 item 1): Ray Tune's own state (tuner.pkl, experiment state, trial folders) is
+    # searched below with the rest of .memshard.
+    assert main(["tune", "--preset", "tiny", "--trials", "1", "--num-images", "16", "--sampling-steps", "2",
+                 "--set", "iet.rounds=1", "--set", f"mlflow.tracking_uri={alice}"]) == 0
+    assert list((tmp_path / ".memshard" / "tune").rglob("tuner.pkl"))
     # A server that answers, at a wrong path, and one that does not answer: errors name neither password.
     assert main([*common, "--set", f"mlflow.tracking_uri={alice}/wrong/path"]) == 2
     assert main(["evaluate", "models:/secret-test/1", "--tracking-uri", f"http://u:{PASSWORD}@127.0.0.1:9"]) == 2
@@ -244,6 +249,31 @@ def test_a_password_in_the_tracking_uri_reaches_no_artifact_checkpoint_param_tag
         checkpoint = tmp_path / ".memshard" / "checkpoints" / run.info.run_id
         if (checkpoint / CHECKPOINT_FILE).is_file():
             assert PASSWORD not in json.dumps(load_checkpoint(checkpoint)["config"])
+
+
+# ---------------------------------------------------------------- a sweep holds no credentials (issue 29 item 1)
+
+
+@pytest.mark.parametrize("key", WHERE_SETTINGS)
+def test_a_grid_cannot_sweep_a_where_setting(tmp_path, rejects, key):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({"agc.lam": [1.25, 2.0], key: [f"http://bob:{PASSWORD}@127.0.0.1:5000", "x"]}))
+    line = rejects(["tune", "--preset", "tiny", "--grid", str(grid)], f"{key} is a where-setting")
+    assert PASSWORD not in line and f"--set {key}=" in line
+
+
+def test_a_sweeps_trials_carry_no_where_setting_and_its_base_keeps_them(tmp_path):
+    from memshard.tuning.space import sweep_space
+
+    alice = f"http://alice:{PASSWORD}@127.0.0.1:5000"
+    space = sweep_space("tiny", None, [f"mlflow.tracking_uri={alice}", "ray.address=auto",
+                                        f"mlflow.checkpoint_dir={tmp_path}"], trials=3)
+    assert len(space.trials) == 3
+    assert (space.base.mlflow.tracking_uri, space.base.ray.address, space.base.mlflow.checkpoint_dir) == \
+        (alice, "auto", str(tmp_path))  # where the sweep itself runs and logs
+    for trial in space.trials:  # what Ray Tune is given and keeps
+        assert trial.cfg.mlflow.tracking_uri is None and trial.cfg.ray.address is None
+        assert trial.cfg.mlflow.checkpoint_dir == build_config("tiny").mlflow.checkpoint_dir
 
 
 # ---------------------------------------------------------------- data
