@@ -119,11 +119,12 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
             held.enter_context(run_lock(checkpoint_dir(cfg, resume_run_id), resume_run_id))
             check_tracking_store(tracking_uri)
             _require_resumable(tracking_uri, resume_run_id)
-        return _train(cfg, show_progress, resume_run_id, hooks, faults, tracking_uri, held)
+        return _open_run_and_train(cfg, show_progress, resume_run_id, hooks, faults, tracking_uri, held)
 
 
-def _train(cfg: Config, show_progress: bool, resume_run_id: str | None, hooks: RunHooks, faults: FaultPlan | None,
-           tracking_uri: str, held: ExitStack) -> TrainResult:
+def _open_run_and_train(cfg: Config, show_progress: bool, resume_run_id: str | None, hooks: RunHooks,
+                        faults: FaultPlan | None, tracking_uri: str, held: ExitStack) -> TrainResult:
+    """`train` once a resume is allowed; `held` keeps the run's lock until the run has ended."""
     experiment_id = connect_mlflow(tracking_uri, cfg.mlflow.experiment)
     checkpoint = load_checkpoint(checkpoint_dir(cfg, resume_run_id)) if resume_run_id else None
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
@@ -173,8 +174,8 @@ def _check_cluster_has_gpu(cfg: Config) -> None:
 
 
 # Settings a resumed run may change: where things are and how patient to be, never what is trained.
-RESUMABLE_SETTINGS = {*WHERE_SETTINGS, "mlflow.checkpoint_every", "ray.round_timeout_s", "ray.max_actor_restarts", "ray.placement_timeout_s",
-                      "ray.placement_strategy"}
+RESUMABLE_SETTINGS = {*WHERE_SETTINGS, "mlflow.checkpoint_every", "ray.round_timeout_s", "ray.max_actor_restarts",
+                      "ray.placement_timeout_s", "ray.placement_strategy"}
 
 
 def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:

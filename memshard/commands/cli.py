@@ -201,7 +201,11 @@ class Terminated(KeyboardInterrupt):
     `main` prints one line."""
 
 
+_signals_received: list[int] = []  # what `main` reports: a library may re-raise a bare KeyboardInterrupt (Ray's get)
+
+
 def _raise_terminated(signum, frame):
+    _signals_received.append(signum)
     raise Terminated()
 
 
@@ -213,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     # as if it had finished: it is turned off, so Ctrl+C interrupts `tune` as every other command.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _signals_received.clear()
     try:
         return run_command(args)
     except MemshardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        terminated = isinstance(interrupt, Terminated)
+        terminated = isinstance(interrupt, Terminated) or signal.SIGTERM in _signals_received
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's code for the signal
     finally:
