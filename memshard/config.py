@@ -206,12 +206,17 @@ class Config:
 # They are where-settings: a resumed or retrained run takes them from its flags or the defaults here,
 # never from its saved configuration, which may name another machine's folders.
 PLACE_SETTINGS = ("data.cache_dir", "mlflow.checkpoint_dir")
+# Every where-setting (README "Where-settings"): the Ray cluster, the MLflow store (which may hold
+# credentials) and the folders. They say where a command runs and writes, never what it computes: each
+# command asks for them again, no saved run supplies them and no sweep varies them.
+WHERE_SETTINGS = ("ray.address", "mlflow.tracking_uri", *PLACE_SETTINGS)
 
 
-def with_default_places(cfg: Config) -> Config:
-    """`cfg` with its PLACE_SETTINGS back at their defaults (a saved configuration read on this machine)."""
+def with_default_places(cfg: Config, settings: tuple[str, ...] = PLACE_SETTINGS) -> Config:
+    """`cfg` with its PLACE_SETTINGS (or other where-`settings`) back at their defaults: a saved
+    configuration read on this machine, or a configuration handed on without where it ran."""
     default = Config()
-    for dotted in PLACE_SETTINGS:
+    for dotted in settings:
         section, key = dotted.split(".")
         setattr(getattr(cfg, section), key, getattr(getattr(default, section), key))
     return cfg

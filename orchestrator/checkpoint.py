@@ -22,9 +22,14 @@ How often (`mlflow.checkpoint_every`; the last round always): `checkpoint_interv
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,7 @@ from memshard.files import checked_path, ensure_writable_dir, in_workspace, repl
 from memshard.model import build_unet
 
 CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = "run.lock"  # held by the one process training the run: `run_lock`
 ROUND_FOLDER = re.compile(r"round_\d{4,}")
 # `mlflow.checkpoint_every: auto` writes about this much proxy state per round at most, on average:
 # every round while the K proxies' state is this small, else every ⌈state / this⌉ rounds.
@@ -87,6 +93,39 @@ def check_worker_files(directory: str | Path, manifest: dict) -> list[Path]:
                 f"if it was damaged")
         paths.append(path)
     return paths
+
+
+@contextmanager
+def run_lock(directory: str | Path, run_id: str) -> Iterator[None]:
+    """Hold run `run_id`'s lock for the block (the process that trains it, a new run or a resume), or
+    fail at once, naming the holder, when another process holds it.
+
+    It is an OS file lock (flock) on LOCK_FILE in the run's checkpoint folder, so the kernel releases
+    it however the holder ends (an error, SIGKILL, the out-of-memory killer): a crashed holder cannot
+    leave it stuck and nothing is left to clean up. What it guarantees: no two processes that lock
+    the same file hold it at once -- every process on one machine, and processes on several machines
+    where the file system carries flock between its clients (NFSv4, CephFS, Lustre mounted with
+    `flock`). Where it does not (Lustre with `localflock`, some FUSE mounts) it guards each machine by
+    itself; `ray job submit` runs every driver on the head node, one machine.
+    """
+    path = Path(directory) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            raise MemshardError(f"run {run_id} is being trained by {holder} (it holds {path}): wait for it to end "
+                                "or stop it, then resume") from None
+        except OSError as error:  # ENOLCK: a file system without locks
+            raise MemshardError(f"cannot lock {path} ({error.strerror or error}): put mlflow.checkpoint_dir on a "
+                                "file system with file locks") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")  # who holds it, for the message above
+        handle.flush()
+        yield  # closing the file releases the lock
 
 
 def save_checkpoint(directory: str | Path, state: dict, keep_round: int) -> Path:

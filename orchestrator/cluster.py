@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ def ray_session(requested: str | None) -> Iterator[None]:
         yield
         return
     address = resolve_ray_address(requested)
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             _check_address_answers(address)
@@ -56,6 +59,11 @@ def ray_session(requested: str | None) -> Iterator[None]:
     except (ConnectionError, OSError, ValueError) as error:  # OSError: refused, no route; ValueError: a malformed address
         raise MemshardError(f"cannot reach the Ray cluster at {address} ({error}): check ray.address "
                             "(evaluate: --ray-address) or RAY_ADDRESS") from None
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        # ray.init replaced the process's SIGTERM handler with its own, which exits (or, for a local
+        # instance, kills Ray's processes under the running driver) past every open run and context:
+        # the handler the caller chose comes back (memshard's command line: SIGTERM as SIGINT).
+        signal.signal(signal.SIGTERM, sigterm)
     try:
         yield
     finally:

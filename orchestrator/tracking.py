@@ -183,10 +183,11 @@ def _check_folder_store(path: str, shown_uri: str) -> None:
     check_writable_target(unquote(path), f"the MLflow store {shown_uri}", kind="directory")
 
 
-def require_run(tracking_uri: str, run_id: str) -> None:
-    """Fail in one line, before any work, when `run_id` is not a run of this (answering) store."""
+def require_run(tracking_uri: str, run_id: str) -> mlflow.entities.Run:
+    """The run `run_id` of this (answering) store, as it is now (its status: `run.info.status`); a
+    one-line error, before any work, when the store does not hold it."""
     try:
-        MlflowClient(tracking_uri).get_run(run_id)
+        return tracker.call(MlflowClient(tracking_uri).get_run, run_id)
     except Exception as error:  # RESOURCE_DOES_NOT_EXIST, or an id this store cannot parse
         raise MemshardError(
             f"run {run_id} is not in the MLflow tracking store {redact_uri(tracking_uri)} "

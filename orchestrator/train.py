@@ -11,6 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -22,7 +23,7 @@ import ray
 from tqdm import tqdm
 
 from memshard.config import (
-    PLACE_SETTINGS,
+    WHERE_SETTINGS,
     Config,
     build_partial,
     flatten,
@@ -38,13 +39,21 @@ from memshard.orchestrator.checkpoint import (
     check_checkpoint_root,
     checkpoint_interval,
     load_checkpoint,
+    run_lock,
     save_checkpoint,
 )
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.rounds import IETDriver, RoundReport, start_shard_driver
 from memshard.orchestrator.settings import check, server_hyperparameters
 from memshard.orchestrator.sharding import split_into_shards
-from memshard.orchestrator.tracking import connect_mlflow, redact_uri, require_run, resolve_tracking_uri, tracker
+from memshard.orchestrator.tracking import (
+    check_tracking_store,
+    connect_mlflow,
+    redact_uri,
+    require_run,
+    resolve_tracking_uri,
+    tracker,
+)
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, image_grid, save_pipeline
 from memshard.shard_worker.faults import FaultPlan
 
@@ -112,9 +121,18 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
     faults = FaultPlan.from_environment()  # test-only; None in a real run
     check_checkpoint_root(cfg.mlflow.checkpoint_dir)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    with ExitStack() as held:
+        if resume_run_id:  # refused before anything is written to the store
+            held.enter_context(run_lock(checkpoint_dir(cfg, resume_run_id), resume_run_id))
+            check_tracking_store(tracking_uri)
+            _require_resumable(tracking_uri, resume_run_id)
+        return _open_run_and_train(cfg, show_progress, resume_run_id, hooks, faults, tracking_uri, held)
+
+
+def _open_run_and_train(cfg: Config, show_progress: bool, resume_run_id: str | None, hooks: RunHooks,
+                        faults: FaultPlan | None, tracking_uri: str, held: ExitStack) -> TrainResult:
+    """`train` once a resume is allowed; `held` keeps the run's lock until the run has ended."""
     experiment_id = connect_mlflow(tracking_uri, cfg.mlflow.experiment)
-    if resume_run_id:
-        require_run(tracking_uri, resume_run_id)
     checkpoint = load_checkpoint(checkpoint_dir(cfg, resume_run_id)) if resume_run_id else None
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
     if len(dataset) < 2:
@@ -130,8 +148,25 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
         run_args = {"run_id": resume_run_id} if resume_run_id else {"experiment_id": experiment_id}
         with mlflow.start_run(**run_args, parent_run_id=hooks.parent_run_id, nested=hooks.parent_run_id is not None,
                               tags=hooks.tags or None) as run:
+            if not resume_run_id:  # a resume holds it already
+                held.enter_context(run_lock(checkpoint_dir(cfg, run.info.run_id), run.info.run_id))
             return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults,
                                  hooks)
+
+
+# A run whose training ended in an error or a signal. A RUNNING one is resumable too once `train` holds its
+# lock: no live process trains it, its driver died without a word (SIGKILL, a lost node); FINISHED is done.
+RESUMABLE_STATUSES = ("FAILED", "KILLED", "RUNNING")
+
+
+def _require_resumable(tracking_uri: str, run_id: str) -> None:
+    """A one-line error when run `run_id` may not be resumed: only a run that did not finish. Called
+    while holding the run's lock, so the status read is not one another process is about to change."""
+    status = require_run(tracking_uri, run_id).info.status
+    if status not in RESUMABLE_STATUSES:
+        logged = " (its model is logged)" if status == "FINISHED" else ""
+        raise MemshardError(f"run {run_id} is {status}{logged}: --resume continues only a run that failed or was "
+                            "interrupted; train a new run instead")
 
 
 def checkpoint_dir(cfg: Config, run_id: str) -> Path:
@@ -147,9 +182,8 @@ def _check_cluster_has_gpu(cfg: Config) -> None:
 
 # Settings a resumed run may change: where things are and how patient to be, and whether the last round
 # is registered; never what is trained or measured.
-RESUMABLE_SETTINGS = {"mlflow.tracking_uri", *PLACE_SETTINGS, "mlflow.checkpoint_every", "ray.address",
-                      "ray.round_timeout_s", "ray.max_actor_restarts", "ray.placement_timeout_s",
-                      "ray.placement_strategy", "selection.register"}
+RESUMABLE_SETTINGS = {*WHERE_SETTINGS, "mlflow.checkpoint_every", "ray.round_timeout_s", "ray.max_actor_restarts",
+                      "ray.placement_timeout_s", "ray.placement_strategy", "selection.register"}
 
 
 def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
@@ -165,7 +199,6 @@ def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
         saved = from_dict(saved_tree)
     except MemshardError as error:
         raise MemshardError(f"damaged checkpoint in {directory} (its config: {error}): start the run again") from None
-    with_default_places(saved)
     asked_where = "mlflow.tracking_uri" in requested or os.environ.get("MLFLOW_TRACKING_URI")
     if is_redacted(saved.mlflow.tracking_uri) and not asked_where:  # say why the default store will not do
         raise MemshardError(
@@ -173,8 +206,7 @@ def resume_config(run_id: str, overrides: dict, sets: list[str]) -> Config:
             f"give the URI again (--set mlflow.tracking_uri=URI or MLFLOW_TRACKING_URI)"
         )
     # Where-settings are asked for again, never taken from the saved run (README "Where-settings").
-    saved.mlflow.tracking_uri = None
-    saved.ray.address = None
+    with_default_places(saved, WHERE_SETTINGS)
     for key, value in requested.items():
         section, name = key.split(".", 1)
         current = getattr(getattr(saved, section), name)

@@ -27,7 +27,7 @@ from conftest import all_runs
 from PIL import Image
 
 from memshard.commands.cli import main
-from memshard.config import build_config, flatten, from_dict, load_config_file, redact_uri, to_dict
+from memshard.config import WHERE_SETTINGS, build_config, flatten, from_dict, load_config_file, redact_uri, to_dict
 from memshard.errors import MAX_MESSAGE_CHARS, MemshardError, shown
 from memshard.orchestrator.checkpoint import CHECKPOINT_FILE, _to_tensors, load_checkpoint
 from memshard.orchestrator.tracking import scrub, ui_command
@@ -199,9 +199,9 @@ def files_holding(root: Path, secret: str) -> list[Path]:
 def test_a_password_in_the_tracking_uri_reaches_no_artifact_checkpoint_param_tag_or_terminal(
     ray_cluster, mlflow_server, tmp_path, monkeypatch, capfd
 ):
-    """Train, evaluate, unlearn (SISS) and retrain against a real tracking server, the password given by
-    flag and by environment; then search the server's store and artifacts, the local checkpoints and
-    everything printed."""
+    """Train, evaluate, unlearn (SISS), retrain and tune against a real tracking server, the password given
+    by flag and by environment; then search the server's store and artifacts, the local checkpoints, Ray
+    Tune's files and everything printed."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MEMSHARD_WORKSPACE", str(tmp_path))
@@ -222,6 +222,11 @@ def test_a_password_in_the_tracking_uri_reaches_no_artifact_checkpoint_param_tag
     assert main(["unlearn", "models:/secret-test/2", "--forget", "digits-00001", "--method", "retrain",
                  *small_audit]) == 0
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # A sweep (issue 29 item 1): Ray Tune's own state (tuner.pkl, experiment state, trial folders) is
+    # searched below with the rest of .memshard.
+    assert main(["tune", "--preset", "tiny", "--trials", "1", "--num-images", "16", "--sampling-steps", "2",
+                 "--set", "iet.rounds=1", "--set", f"mlflow.tracking_uri={alice}"]) == 0
+    assert list((tmp_path / ".memshard" / "tune").rglob("tuner.pkl"))
     # A server that answers, at a wrong path, and one that does not answer: errors name neither password.
     assert main([*common, "--set", f"mlflow.tracking_uri={alice}/wrong/path"]) == 2
     assert main(["evaluate", "models:/secret-test/1", "--tracking-uri", f"http://u:{PASSWORD}@127.0.0.1:9"]) == 2
@@ -244,6 +249,31 @@ def test_a_password_in_the_tracking_uri_reaches_no_artifact_checkpoint_param_tag
         checkpoint = tmp_path / ".memshard" / "checkpoints" / run.info.run_id
         if (checkpoint / CHECKPOINT_FILE).is_file():
             assert PASSWORD not in json.dumps(load_checkpoint(checkpoint)["config"])
+
+
+# ---------------------------------------------------------------- a sweep holds no credentials (issue 29 item 1)
+
+
+@pytest.mark.parametrize("key", WHERE_SETTINGS)
+def test_a_grid_cannot_sweep_a_where_setting(tmp_path, rejects, key):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({"agc.lam": [1.25, 2.0], key: [f"http://bob:{PASSWORD}@127.0.0.1:5000", "x"]}))
+    line = rejects(["tune", "--preset", "tiny", "--grid", str(grid)], f"{key} is a where-setting")
+    assert PASSWORD not in line and f"--set {key}=" in line
+
+
+def test_a_sweeps_trials_carry_no_where_setting_and_its_base_keeps_them(tmp_path):
+    from memshard.tuning.space import sweep_space
+
+    alice = f"http://alice:{PASSWORD}@127.0.0.1:5000"
+    space = sweep_space("tiny", None, [f"mlflow.tracking_uri={alice}", "ray.address=auto",
+                                        f"mlflow.checkpoint_dir={tmp_path}"], trials=3)
+    assert len(space.trials) == 3
+    assert (space.base.mlflow.tracking_uri, space.base.ray.address, space.base.mlflow.checkpoint_dir) == \
+        (alice, "auto", str(tmp_path))  # where the sweep itself runs and logs
+    for trial in space.trials:  # what Ray Tune is given and keeps
+        assert trial.cfg.mlflow.tracking_uri is None and trial.cfg.ray.address is None
+        assert trial.cfg.mlflow.checkpoint_dir == build_config("tiny").mlflow.checkpoint_dir
 
 
 # ---------------------------------------------------------------- data
@@ -564,3 +594,171 @@ def test_compare_out_into_a_missing_folder_is_accepted_and_creates_nothing_until
 def test_a_register_name_mlflow_refuses_is_refused_before_training(rejects, name):
     rejects(["train", "--preset", "tiny", "--register-as", name], "mlflow.register_as")
     rejects(["tune", "--preset", "tiny", "--register-as", name], "--register-as")
+# ---------------------------------------------------------------- a run's state (issue 29 item 2)
+
+
+def store_state(store: str) -> list:
+    """Everything a refused resume must leave as it was: each run's status, end time, params, tags and
+    metrics, and the registered versions."""
+    from mlflow.tracking import MlflowClient
+
+    runs = sorted(all_runs(store), key=lambda run: run.info.run_id)
+    versions = MlflowClient(store).search_model_versions()
+    return [[(r.info.status, r.info.end_time, r.data.params, r.data.tags, r.data.metrics) for r in runs],
+            sorted((v.name, v.version, v.run_id) for v in versions)]
+
+
+def a_run_with_a_checkpoint(store: str, root: Path, status: str) -> str:
+    """A run of the store in `status`, with a (valid) checkpoint of tiny's configuration under `root`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("resumable")).info.run_id
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    write_checkpoint(root, run_id, _to_tensors(valid_state()))
+    return run_id
+
+
+def test_a_finished_run_is_not_resumed_and_the_store_is_left_as_it_was(mlflow_store, tmp_path, cli_rejects):
+    root = tmp_path / "checkpoints"
+    run_id = a_run_with_a_checkpoint(mlflow_store, root, "FINISHED")
+    before = store_state(mlflow_store)
+    line = cli_rejects(["train", "--resume", run_id, "--no-progress", "--set", f"mlflow.checkpoint_dir={root}",
+                        "--set", f"mlflow.tracking_uri={mlflow_store}"], f"run {run_id} is FINISHED")
+    assert "train a new run" in line
+    assert store_state(mlflow_store) == before
+
+
+def test_a_run_another_process_trains_is_not_resumed_and_a_dead_holder_leaves_no_lock(mlflow_store, tmp_path,
+                                                                                        cli_rejects):
+    from memshard.orchestrator.checkpoint import run_lock
+
+    root = tmp_path / "checkpoints"
+    run_id = a_run_with_a_checkpoint(mlflow_store, root, "FAILED")
+    holder = subprocess.Popen(  # holds the run's lock, as a training driver does, until it is killed
+        [sys.executable, "-c", "import sys, time\nfrom memshard.orchestrator.checkpoint import run_lock\n"
+         f"with run_lock({str(root / run_id)!r}, 'x'):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = store_state(mlflow_store)
+        line = cli_rejects(["train", "--resume", run_id, "--no-progress", "--set", f"mlflow.checkpoint_dir={root}",
+                            "--set", f"mlflow.tracking_uri={mlflow_store}"], f"is being trained by process {holder.pid}")
+        assert "wait for it to end" in line
+        assert store_state(mlflow_store) == before
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    with run_lock(root / run_id, run_id):  # the kernel released it with the process
+        pass
+
+
+def test_two_resumes_of_one_run_train_its_rounds_once(ray_cluster, mlflow_store, tmp_path):
+    """The run's driver died after round 1 of 3; two `--resume`, 2 s apart: one trains rounds 2 and 3 and
+    registers one version, the other is refused in one line."""
+    from mlflow.tracking import MlflowClient
+    from test_reliability import train_until_the_driver_dies_after_round_one
+
+    train_until_the_driver_dies_after_round_one(ray_cluster, mlflow_store, tmp_path)
+    (run,) = all_runs(mlflow_store)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    resume = [sys.executable, "-m", "memshard.commands.cli", "train", "--resume", run.info.run_id, "--no-progress",
+              "--set", f"mlflow.tracking_uri={mlflow_store}"]
+    first = subprocess.Popen(resume, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    second = subprocess.Popen(resume, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outcomes = sorted([(p.wait(timeout=600), p.communicate()[1]) for p in (first, second)], key=lambda o: o[0])
+    (trained, trained_err), (refused, refused_err) = outcomes
+    assert trained == 0, trained_err[-2000:]
+    assert refused == 2 and "Traceback" not in refused_err, refused_err[-2000:]
+    assert refused_err.strip().splitlines()[-1].startswith("error: run ")  # being trained, or FINISHED by then
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert len(client.search_model_versions()) == 1
+
+
+# ---------------------------------------------------------------- signals (issue 29 item 6)
+
+
+def processes_holding(marker: str) -> list[int]:
+    """Processes whose environment holds `marker`: the command and everything it started (Ray's own
+    processes and workers inherit the environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def terminate_when_ready(argv: list[str], cwd: Path, ready, timeout_s: float = 600) -> tuple[int, str]:
+    """`memshard ARGV` in a process of its own (its own local Ray instance), sent SIGTERM once `ready()`;
+    returns its exit code and stderr, once every process it started has ended."""
+    marker = f"MEMSHARD_SIGNAL_TEST={os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    env.pop("RAY_ADDRESS", None)
+    err = (cwd / "stderr.txt").open("w+")
+    command = subprocess.Popen([sys.executable, "-m", "memshard.commands.cli", *argv], cwd=cwd, env=env,
+                               stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert command.poll() is None, (cwd / "stderr.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(1)
+        command.send_signal(signal.SIGTERM)
+        code = command.wait(timeout=180)
+        deadline = time.monotonic() + 60  # Ray's processes end as it shuts down
+        while processes_holding(marker) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not processes_holding(marker), "processes left behind"
+        return code, (cwd / "stderr.txt").read_text()
+    finally:
+        if command.poll() is None:
+            command.kill()
+        err.close()
+
+
+def running_runs(store: str, **tags: str) -> list:
+    return [r for r in all_runs(store) if r.info.status == "RUNNING"
+            and all(r.data.tags.get(k) == v for k, v in tags.items())]
+
+
+def assert_one_line_and_runs_ended(code: int, err: str, store: str) -> None:
+    assert code == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "terminated", err[-3000:]
+    for dump in ("Traceback", "Stack (most recent call first)", "*** SIG", "Fatal Python error", "Aborted"):
+        assert dump not in err, err[-3000:]
+    runs = all_runs(store)
+    assert runs and all(r.info.status in ("FAILED", "KILLED") for r in runs), [r.info.status for r in runs]
+
+
+@pytest.mark.integration  # a fresh process: its own local Ray and an MLflow store
+def test_sigterm_ends_train_as_sigint_does(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def training() -> bool:  # a round done: the run is open and its actors work
+        return "round 1/" in (tmp_path / "stderr.txt").read_text()
+
+    code, err = terminate_when_ready(["train", "--preset", "tiny", "--no-progress", "--rounds", "200",
+                                      "--set", f"mlflow.tracking_uri={store}"], tmp_path, training)
+    assert_one_line_and_runs_ended(code, err, store)
+
+
+@pytest.mark.integration
+def test_sigterm_ends_tune_and_its_trial_as_sigint_does(tmp_path):
+    from memshard.tuning.trial import TRIAL_TAG
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def trial_training() -> bool:  # the trial started (the store is made by then) and its training run is open
+        return "t00 started" in (tmp_path / "stderr.txt").read_text() and bool(running_runs(store, **{TRIAL_TAG: "t00"}))
+
+    code, err = terminate_when_ready(["tune", "--preset", "tiny", "--trials", "1", "--num-images", "16",
+                                      "--sampling-steps", "2", "--set", "iet.rounds=200",
+                                      "--set", f"mlflow.tracking_uri={store}"], tmp_path, trial_training)
+    assert_one_line_and_runs_ended(code, err, store)

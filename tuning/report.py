@@ -11,13 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from memshard.config import Config, to_dict
+from memshard.config import WHERE_SETTINGS, Config, to_dict
 from memshard.tuning.choice import Choice, Point, pareto_front
 from memshard.tuning.space import Trial
-
-# What the chosen config file leaves out: where to run and log, never what to train (and a tracking
-# URI may hold credentials). `memshard train` takes them from its flags and the environment.
-WHERE_SETTINGS = (("mlflow", "tracking_uri"), ("ray", "address"))
 
 
 @dataclass
@@ -98,7 +94,8 @@ def chosen_config(cfg: Config, rounds: int) -> str:
     """`cfg` stopped at `rounds`, as YAML for `memshard train --config` (where-settings left out)."""
     tree = json.loads(json.dumps(to_dict(cfg)))  # tuples to lists: YAML writes plain sequences
     tree["iet"]["rounds"] = rounds
-    for section, key in WHERE_SETTINGS:
+    for dotted in WHERE_SETTINGS:  # where to run and log, never what to train: `memshard train` asks for them
+        section, key = dotted.split(".")
         tree[section].pop(key, None)
     return yaml.safe_dump(tree, sort_keys=False)
 

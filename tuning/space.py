@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memshard.config import Config, build_config, from_dict, load_config_file, to_dict
+from memshard.config import (
+    WHERE_SETTINGS,
+    Config,
+    build_config,
+    from_dict,
+    load_config_file,
+    to_dict,
+    with_default_places,
+)
 from memshard.errors import MemshardError, shown
 from memshard.orchestrator.settings import check
 
@@ -113,6 +121,10 @@ def read_grid(path: str | Path) -> dict[str, list]:
         grid[key] = values
     if not grid:
         raise MemshardError(f"--grid {path} names no settings: write e.g. `agc.lam: [1.25, 2.0]`")
+    where = [key for key in grid if key in WHERE_SETTINGS]
+    if where:  # its values would become trial names, the table and the parent run's files: never a credential
+        raise MemshardError(f"--grid {path}: {where[0]} is a where-setting (where the sweep runs and logs, "
+                            f"not what a trial trains): drop it from the grid and give it once, --set {where[0]}=...")
     return grid
 
 
@@ -135,6 +147,14 @@ def trial_config(preset: str, overrides: dict[str, Any], sets: list[str], settin
     except MemshardError as error:
         raise MemshardError(f"{where}, trial {shown(settings)}: {error}") from None
     return cfg
+
+
+def what_to_train(cfg: Config) -> Config:
+    """A trial's configuration without its where-settings (back at their defaults): a trial is what it
+    trains. Where the sweep runs and logs stays with the sweep's base and reaches the trials through
+    `trial.TrialContext`, so nothing Ray Tune keeps (its param space, its callbacks in tuner.pkl) holds
+    a tracking URI's credentials."""
+    return with_default_places(cfg, WHERE_SETTINGS)
 
 
 def effective(cfg: Config) -> str:
@@ -183,11 +203,12 @@ def sweep_space(preset: str, data: str | None, sets: list[str], grid_file: str |
         all_settings, where = grid_settings(read_grid(grid_file), f"--grid {grid_file}"), f"--grid {grid_file}"
     else:
         all_settings, where = default_settings(8 if trials is None else trials, base, seed), "the default space"
-    reference_cfg = trial_config(preset, overrides, sets, {"iet.method": REFERENCE_METHOD}, "the reference (ddpm)")
+    reference_cfg = what_to_train(trial_config(preset, overrides, sets, {"iet.method": REFERENCE_METHOD},
+                                              "the reference (ddpm)"))
     made: list[tuple[dict, Config]] = []
     seen: set[str] = set()
     for settings in all_settings:
-        cfg = trial_config(preset, overrides, sets, settings, where)
+        cfg = what_to_train(trial_config(preset, overrides, sets, settings, where))
         if effective(cfg) not in seen:
             seen.add(effective(cfg))
             made.append((settings, cfg))

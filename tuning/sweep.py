@@ -242,32 +242,50 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
                             f"cannot have one ({why_not}): tune on labelled data")
     classifier_cache = in_workspace(DEFAULT_CACHE_DIR)
     space_name = ClassifierSpace(dataset, cache_dir=classifier_cache).name  # trained once here; every trial loads it
-    with ray_session(base.ray.address):
-        nodes = node_resources()
-        specs = [{"name": t.name, "config": to_dict(t.cfg), "reference": t.reference, "bundles": trial_bundles(t, nodes),
-                  "strategy": t.cfg.ray.placement_strategy}
-                 for t in space.trials]
-        outcomes = {t.name: TrialOutcome(t) for t in space.trials}
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune {preset}",
-                              tags={KIND_TAG: "tune"}) as parent:
-            parent_id = parent.info.run_id
-            tracker.log_params({
-                "preset": preset, "trials": len(space.trials), "reference": space.reference.name,
-                "reference_round": space.reference_round, "max_quality_loss": settings.max_quality_loss,
-                "num_images": settings.num_images, "sampler": settings.sampler,
-                "sampling_steps": settings.sampling_steps, "eval_every": eval_every, "seed": settings.seed,
-                "quality_space": space_name,
-                "dataset.fingerprint": dataset.fingerprint, "dataset.path": dataset.path})
-            tracker.log_dict({t.name: {"setting": t.describe(), "settings": t.settings, "reference": t.reference}
-                              for t in space.trials}, "space.json")
-            context = TrialContext(tracking_uri, parent_id, absolute_places(base, dataset_dir), str(classifier_cache),
-                                   evaluate_settings, eval_every, space.reference_round)
-            say(f"sweep: {len(space.trials)} trials on Ray Tune; MLflow parent run {parent_id}; reference "
-                f"{space.reference.name} ({space.reference.describe()}) at round {space.reference_round}")
-            progress = Progress(outcomes, space.reference, space.reference_round, settings.max_quality_loss, say)
-            with nullcontext() if tune_output else redirect_stdout(io.StringIO()):  # Tune prints even at verbose=0
-                _fit(specs, context, progress, parent_id)
-            return _conclude(list(outcomes.values()), space, settings, preset, parent_id, tracking_uri)
+    parent_id = None
+    try:
+        with ray_session(base.ray.address):
+            nodes = node_resources()
+            specs = [{"name": t.name, "config": to_dict(t.cfg), "reference": t.reference, "bundles": trial_bundles(t, nodes),
+                      "strategy": t.cfg.ray.placement_strategy}
+                     for t in space.trials]
+            outcomes = {t.name: TrialOutcome(t) for t in space.trials}
+            with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune {preset}",
+                                  tags={KIND_TAG: "tune"}) as parent:
+                parent_id = parent.info.run_id
+                tracker.log_params({
+                    "preset": preset, "trials": len(space.trials), "reference": space.reference.name,
+                    "reference_round": space.reference_round, "max_quality_loss": settings.max_quality_loss,
+                    "num_images": settings.num_images, "sampler": settings.sampler,
+                    "sampling_steps": settings.sampling_steps, "eval_every": eval_every, "seed": settings.seed,
+                    "quality_space": space_name,
+                    "dataset.fingerprint": dataset.fingerprint, "dataset.path": dataset.path})
+                tracker.log_dict({t.name: {"setting": t.describe(), "settings": t.settings, "reference": t.reference}
+                                  for t in space.trials}, "space.json")
+                context = TrialContext(tracking_uri, parent_id, absolute_places(base, dataset_dir), str(classifier_cache),
+                                       evaluate_settings, eval_every, space.reference_round)
+                say(f"sweep: {len(space.trials)} trials on Ray Tune; MLflow parent run {parent_id}; reference "
+                    f"{space.reference.name} ({space.reference.describe()}) at round {space.reference_round}")
+                progress = Progress(outcomes, space.reference, space.reference_round, settings.max_quality_loss, say)
+                with nullcontext() if tune_output else redirect_stdout(io.StringIO()):  # Tune prints even at verbose=0
+                    _fit(specs, context, progress, parent_id)
+                return _conclude(list(outcomes.values()), space, settings, preset, parent_id, tracking_uri)
+    except KeyboardInterrupt:  # SIGINT or SIGTERM (memshard.commands.cli): Ray is shut down, the trials ended
+        if parent_id is not None:
+            _end_interrupted_trials(tracking_uri, parent_id)
+        raise
+
+
+def _end_interrupted_trials(tracking_uri: str, parent_id: str) -> None:
+    """The sweep's runs still RUNNING once an interrupt has shut Ray down (the trials' processes ended
+    where they stood, unable to end their runs) are marked KILLED; the parent run ended FAILED as the
+    interrupt left its context."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = tracker.call(client.get_run, parent_id).info.experiment_id
+    running = tracker.call(client.search_runs, [experiment_id], filter_string=(
+        f"tags.`{SWEEP_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"))
+    for run in running:
+        tracker.call(client.set_terminated, run.info.run_id, "KILLED")
 
 
 def _fit(specs: list[dict], context: TrialContext, progress: Progress, parent_id: str) -> None:

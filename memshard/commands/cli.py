@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -200,17 +201,40 @@ def quiet_terminal(verbose: bool, libraries: bool = True) -> None:
         disable_logging()  # MLflow's "Successfully registered model ..." (memshard prints the version itself)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so both take one path: the runs open in the
+    command end FAILED or KILLED as their context managers unwind, Ray is shut down (`ray_session`), and
+    `main` prints one line."""
+
+
+_signals_received: list[int] = []  # what `main` reports: a library may re-raise a bare KeyboardInterrupt (Ray's get)
+
+
+def _raise_terminated(signum, frame):
+    _signals_received.append(signum)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_terminal(args.verbose, libraries=args.command != "data")
+    # The one place signals are decided. Ray's own SIGTERM handlers (installed by ray.init) would exit
+    # past the open runs; `ray_session` puts this one back. Ray Tune's SIGINT handler would end the sweep
+    # as if it had finished: it is turned off, so Ctrl+C interrupts `tune` as every other command.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _signals_received.clear()
     try:
         return run_command(args)
     except MemshardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated) or signal.SIGTERM in _signals_received
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's code for the signal
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_command(args: argparse.Namespace) -> int:
