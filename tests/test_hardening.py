@@ -436,3 +436,72 @@ def test_a_resume_asks_again_for_credentials_it_never_saved(tmp_path, rejects, m
     line = rejects(["train", "--resume", "0123456789abcdef", "--set", f"mlflow.checkpoint_dir={root}"],
                    "whose credentials are not saved: give the URI again")
     assert PASSWORD not in line and "http://***@127.0.0.1:9" in line
+
+
+# ---------------------------------------------------------------- issue 29 item 7: small files that would use gigabytes
+
+PEAK_MEMORY_CHILD = (
+    "import resource, sys\n"
+    "from memshard.commands.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"  # Linux: KiB
+    "sys.exit(code)\n"
+)
+
+
+def peak_memory_of(argv: list[str], cwd: Path) -> tuple[int, str, int]:
+    """`memshard ARGV` in a fresh process: (exit code, its stderr, its peak resident memory in bytes)."""
+    completed = subprocess.run([sys.executable, "-c", PEAK_MEMORY_CHILD, *argv], cwd=cwd, capture_output=True,
+                               text=True, timeout=300, env={**os.environ, "MEMSHARD_WORKSPACE": str(cwd)})
+    return completed.returncode, completed.stderr, int(completed.stdout.strip().splitlines()[-1])
+
+
+def zeros(size: int) -> pa.Buffer:
+    """`size` zero bytes without touching them: numpy's zeros are pages the kernel maps on first write."""
+    return pa.py_buffer(np.zeros(size, np.uint8))
+
+
+def assert_one_line_refusal(code: int, err: str, message: str) -> None:
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err[-2000:]
+
+
+def test_a_small_parquet_file_that_decompresses_to_a_gigabyte_is_refused_in_bounded_memory(tmp_path):
+    """One compressed row of 1 GiB of zeros (a few KB on disk): refused from its metadata before it is
+    decompressed, while a valid file of the same layout prepares with the same peak give or take 200 MiB."""
+    size = 1 << 30
+    row = pa.BinaryArray.from_buffers(pa.binary(), 1, [None, pa.array([0, size], pa.int32()).buffers()[1], zeros(size)])
+    images = pa.StructArray.from_arrays([row, pa.array([None], pa.string())], names=["bytes", "path"])
+    pq.write_table(pa.table({"image": images}), tmp_path / "bomb.parquet", compression="zstd", use_dictionary=False)
+    assert (tmp_path / "bomb.parquet").stat().st_size < 100_000
+    hf_parquet(tmp_path / "ok.parquet", [0, 1, 2, 3])
+
+    code, err, baseline = peak_memory_of(["data", "prepare", str(tmp_path / "ok.parquet"), "--out", "ok"], tmp_path)
+    assert code == 0, err[-2000:]
+    code, err, peak = peak_memory_of(["data", "prepare", str(tmp_path / "bomb.parquet"), "--out", "bomb"], tmp_path)
+    assert_one_line_refusal(code, err, "would take 1,024 MiB to read but holds")
+    assert peak < baseline + (200 << 20), (peak, baseline)  # unbounded, it decompresses 1 GiB (and copies it)
+
+
+def test_a_tiny_dataset_declaring_gigabytes_of_images_is_refused_before_train_allocates_them(tmp_path):
+    """A prepared dataset whose metadata declares 1,000 images of 3x1024x1024 (3 GiB) in a file of a few KB:
+    `train` refuses it from the declared size, before it allocates the images or reads a row."""
+    count, width = 1000, 3 * 1024 * 1024
+    images = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), count, [None, zeros(count * width)])
+    ids = [f"s{i}" for i in range(count)]
+    metadata = {"format_version": "1", "resolution": "1024", "channels": "3", "count": str(count),
+                "label_names": "[]", "image_shape": "[3, 1024, 1024]", "fingerprint": "0" * 64}
+    table = pa.table({"sample_id": pa.array(ids), "image": images, "label": pa.array([0] * count, pa.int64()),
+                      "source": pa.array(ids), "content_hash": pa.array(["0" * 64] * count)})
+    (tmp_path / "huge").mkdir()
+    pq.write_table(table.replace_schema_metadata({f"memshard.{k}".encode(): v.encode() for k, v in metadata.items()}),
+                   tmp_path / "huge" / "images.parquet", compression="zstd")
+    assert (tmp_path / "huge" / "images.parquet").stat().st_size < 100_000
+
+    code, err, peak = peak_memory_of(["train", "--preset", "tiny", "--no-progress", "--data", str(tmp_path / "huge"),
+                                      "--set", "data.resolution=1024", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
+                                     tmp_path)
+    assert_one_line_refusal(code, err, "would take 3,000 MiB to read but holds")
+    assert peak < 1536 << 20, peak  # the imports of train take about 0.6 GiB; the declared images alone 3 GiB
+    assert not all_runs(f"sqlite:///{tmp_path}/mlflow.db")
