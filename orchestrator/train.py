@@ -48,6 +48,8 @@ from memshard.orchestrator.tracking import connect_mlflow, redact_uri, require_r
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, image_grid, save_pipeline
 from memshard.shard_worker.faults import FaultPlan
 
+MIN_TRAINING_IMAGES = 2  # a run trains on at least two images
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -110,8 +112,9 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
         require_run(tracking_uri, resume_run_id)
     checkpoint = load_checkpoint(checkpoint_dir(cfg, resume_run_id)) if resume_run_id else None
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
-    if len(dataset) < 2:
-        raise MemshardError(f"{dataset.path} holds {len(dataset)} image: training needs at least 2, add images")
+    if len(dataset) < MIN_TRAINING_IMAGES:
+        raise MemshardError(f"{dataset.path} holds {len(dataset)} image: training needs at least "
+                            f"{MIN_TRAINING_IMAGES}, add images")
     if checkpoint is not None and checkpoint["dataset_fingerprint"] != dataset.fingerprint:
         raise MemshardError(
             f"the dataset at {dataset.path} is not the one run {resume_run_id} was trained on "
@@ -125,6 +128,11 @@ def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = N
                               tags=hooks.tags or None) as run:
             return _train_in_run(cfg, dataset, shards, run.info.run_id, tracking_uri, show_progress, checkpoint, faults,
                                  hooks)
+
+
+def min_training_images(cfg: Config) -> int:
+    """Images a training run with `cfg` needs: MIN_TRAINING_IMAGES, and one per shard."""
+    return max(MIN_TRAINING_IMAGES, cfg.iet.shards)
 
 
 def checkpoint_dir(cfg: Config, run_id: str) -> Path:

@@ -505,3 +505,36 @@ def test_a_tiny_dataset_declaring_gigabytes_of_images_is_refused_before_train_al
     assert_one_line_refusal(code, err, "would take 3,000 MiB to read but holds")
     assert peak < 1536 << 20, peak  # the imports of train take about 0.6 GiB; the declared images alone 3 GiB
     assert not all_runs(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+# ---------------------------------------------------------------- issue 29 item 5: unlearning that would keep too little
+
+
+def test_forgetting_that_would_keep_too_few_images_is_refused_before_any_work(ray_cluster, mlflow_store, tmp_path, capsys):
+    """A model trained on 2 images; forgetting one keeps 1: SISS's audit needs 4 kept images (2 with
+    audit.quality=false), a retrain 2 (one per shard). One line naming both counts, no new run, in seconds."""
+    from memshard.data import load_dataset
+    from memshard.orchestrator.train import train
+
+    np.save(tmp_path / "two.npy", np.stack([np.full((8, 8), 40, np.uint8), np.full((8, 8), 200, np.uint8)]))
+    cfg = build_config("tiny", overrides={"mlflow.tracking_uri": mlflow_store, "iet.rounds": 1,
+                                          "data.path": str(tmp_path / "two.npy")}, sets=["mlflow.register_as=two"])
+    source = train(cfg, show_progress=False)
+    forget = str(load_dataset(all_runs(mlflow_store)[0].data.params["dataset.path"]).sample_ids[0])
+    runs = len(all_runs(mlflow_store))
+    capsys.readouterr()  # the training's own output
+    base = ["unlearn", "models:/two/1", "--forget", forget, "--set", f"mlflow.tracking_uri={mlflow_store}"]
+    for extra, message in [
+        ([], "forgetting 1 of the 2 training images would keep 1, but the audit needs at least 4"),
+        (["--set", "audit.quality=false"], "the audit needs at least 2 (a Gaussian fit of 2 images or more"),
+        (["--method", "retrain"], "retraining needs at least 2 (2 to train, and one per shard: iet.shards = 2)"),
+    ]:
+        started = time.monotonic()
+        code = main([*base, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "forget fewer images" in lines[0], err
+        assert "unlearn-" not in lines[0]  # never the retrain's internal cache folder
+        assert time.monotonic() - started < 20
+    assert len(all_runs(mlflow_store)) == runs and source.registered_version == "1"
