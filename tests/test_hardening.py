@@ -538,3 +538,48 @@ def test_forgetting_that_would_keep_too_few_images_is_refused_before_any_work(ra
         assert "unlearn-" not in lines[0]  # never the retrain's internal cache folder
         assert time.monotonic() - started < 20
     assert len(all_runs(mlflow_store)) == runs and source.registered_version == "1"
+
+
+# ---------------------------------------------------------------- issue 29 item 8: disk full while writing a checkpoint
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_the_last_one_stands(ray_cluster, mlflow_store, tmp_path):
+    """Simulates a full disk with RLIMIT_FSIZE on the driver's process (a write past 4 MB fails with EFBIG,
+    as ENOSPC would on a full disk; the actors, in the Ray cluster, are not limited): round 1 is
+    checkpointed, the driver dies, and a resume under the limit cannot write round 2's checkpoint.pt."""
+    import resource
+
+    from mlflow.tracking import MlflowClient
+    from test_reliability import train_until_the_driver_dies_after_round_one
+
+    from memshard.orchestrator.checkpoint import check_worker_files
+    from memshard.orchestrator.train import checkpoint_dir, resume_config, train
+
+    wide = "model.block_out_channels=[64, 128]"  # a checkpoint.pt of about 10 MB: past the limit, the store not
+    train_until_the_driver_dies_after_round_one(ray_cluster, mlflow_store, tmp_path, wide)
+    run = all_runs(mlflow_store)[0]
+
+    def four_megabytes_per_file():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    env = {key: value for key, value in os.environ.items() if key != "MEMSHARD_TEST_FAULTS"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "memshard.commands.cli", "train", "--resume", run.info.run_id, "--no-progress",
+         "--set", f"mlflow.tracking_uri={mlflow_store}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**env, "RAY_ADDRESS": ray_cluster.address}, preexec_fn=four_megabytes_per_file)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr[-3000:]
+    line = completed.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write the checkpoint file ") and "(File too large)" in line, line
+    assert f"the last complete checkpoint is kept: free space, then continue with memshard train --resume " \
+           f"{run.info.run_id}" in line
+
+    directory = checkpoint_dir(resume_config(run.info.run_id, {}, []), run.info.run_id)
+    state = load_checkpoint(directory)  # round 1's, whole, with its proxies' files
+    assert state["driver"]["rounds_done"] == 1
+    check_worker_files(directory, state["driver"]["worker_files"])
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith("round_")) == ["round_0001"]
+    assert not [p for p in directory.rglob("*") if p.name.endswith(".partial")]
+    assert MlflowClient(mlflow_store).get_run(run.info.run_id).info.status == "FAILED"
+    # With room again, the run continues from round 1.
+    result = train(resume_config(run.info.run_id, {}, []), show_progress=False, resume_run_id=run.info.run_id)
+    assert load_checkpoint(directory)["driver"]["rounds_done"] == 3 and result.run_id == run.info.run_id
