@@ -153,11 +153,14 @@ def _download(url: str, path: Path) -> None:
         ) from None
 
 
+GAUSSIAN_FIT_MIN_ROWS = 2  # a covariance needs two points
+
+
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of (N, dims) features."""
     features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < 2:
-        raise MemshardError(f"a Gaussian fit needs at least 2 feature rows, got shape {features.shape}: use more images")
+    if features.ndim != 2 or len(features) < GAUSSIAN_FIT_MIN_ROWS:
+        raise MemshardError(f"a Gaussian fit needs at least {GAUSSIAN_FIT_MIN_ROWS} feature rows, got shape {features.shape}: use more images")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 

@@ -42,6 +42,14 @@ _META = "memshard."
 _ROW_GROUP_BYTES = 256 << 20  # bounds the memory of one row group while loading
 _NON_IMAGE_COLUMNS = ["sample_id", "label", "source", "content_hash"]
 _INT64_MAX = (1 << 63) - 1
+# What memshard reads from a Parquet file, by the file's own metadata (decompressed column chunks,
+# declared images) or as it decodes (image bytes), may be at most this many times the file's size on
+# disk, plus a floor for small files: memory stays a small multiple of the real data. Real images
+# compress far less (a prepared digits file decompresses to 0.5x its size, photos to about 1x); a
+# 33 KB file that decompresses to 1 GiB of zeros is refused before anything is decompressed.
+MAX_EXPANSION = 16
+EXPANSION_FLOOR_BYTES = 64 << 20
+_PARQUET_BATCH_ROWS = 16  # rows decoded at once from a source file: a batch's memory is 16 values at most
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
@@ -156,6 +164,27 @@ def _read_parquet(files: list[Path]) -> tuple[Iterator[_Raw], tuple[str, ...]]:
     return _parquet_rows(files, image_col, label_col, id_col), names
 
 
+def _check_expansion(file: Path, metadata: pq.FileMetaData, columns: list[str], declared: int = 0,
+                     fix: str = "") -> int:
+    """Refuse `file`, before anything is decompressed, when its `columns` decompress to (by its own
+    metadata), or it declares (`declared` image bytes), more than MAX_EXPANSION times its size on disk
+    plus EXPANSION_FLOOR_BYTES. Returns that limit."""
+    limit = MAX_EXPANSION * file.stat().st_size + EXPANSION_FLOOR_BYTES
+    wanted = set(columns)
+    decompressed = sum(group.column(j).total_uncompressed_size
+                       for group in (metadata.row_group(i) for i in range(metadata.num_row_groups))
+                       for j in range(group.num_columns) if group.column(j).path_in_schema.split(".")[0] in wanted)
+    if max(decompressed, declared) > limit:
+        raise _too_large(file, max(decompressed, declared), fix)
+    return limit
+
+
+def _too_large(file: Path, size: int, fix: str) -> MemshardError:
+    return MemshardError(
+        f"{file} would take {size / (1 << 20):,.0f} MiB to read but holds {file.stat().st_size:,} bytes: more than "
+        f"{MAX_EXPANSION}x its size (plus {EXPANSION_FLOOR_BYTES >> 20} MiB), so it is damaged or not image data; {fix}")
+
+
 def _parquet_schema(file: Path) -> pa.Schema:
     try:
         return pq.read_schema(file)
@@ -206,9 +235,14 @@ def _parquet_rows(files, image_col, label_col, id_col) -> Iterator[_Raw]:
     for file in files:
         row = 0
         try:
-            batches = pq.ParquetFile(file).iter_batches(columns=columns)
-            for batch in batches:
+            parquet = pq.ParquetFile(file)
+            limit = _check_expansion(file, parquet.metadata, columns, fix="re-export or re-download it")
+            decoded = 0
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
                 images = batch.column(image_col)
+                decoded += images.field("bytes").nbytes
+                if decoded > limit:  # values repeated from a dictionary page decode to more than its size
+                    raise _too_large(file, decoded, "re-export or re-download it")
                 data = images.field("bytes").to_pylist()
                 has_path = images.type.get_field_index("path") >= 0
                 paths = images.field("path").to_pylist() if has_path else [None] * len(batch)
@@ -635,6 +669,8 @@ def _read_table(path: str | Path, columns: list[str]) -> tuple[Path, pa.Table, d
     file = _dataset_file(path)
     meta = _read_metadata(file, _parquet_schema(file))
     try:
+        images = int(meta["count"]) * _image_width(_parquet_schema(file).field("image").type)  # checked above
+        _check_expansion(file, pq.ParquetFile(file).metadata, [*columns, "image"], images, "prepare the dataset again")
         table = pq.read_table(file, columns=columns)
         table.validate(full=True)  # e.g. a flipped bit that leaves a string column invalid UTF-8
     except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:  # MemoryError: a damaged length field

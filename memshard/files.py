@@ -15,6 +15,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from memshard.errors import MemshardError, shown
 
@@ -96,18 +97,45 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def replace_file(path: Path, write: Callable[[Path], None]) -> int:
-    """Write the file `path` with `write(partial)` into a sibling and move it into place: a reader (or
-    a crash mid-write) finds the previous file or the new one whole, never a torn one. Returns its size.
-    The partial's name holds the process id, so two processes never write the same partial."""
+def replace_file(path: Path, write: Callable[[BinaryIO], None]) -> int:
+    """Write the file `path` with `write(file)` (a binary file open on a sibling) and move it into place: a
+    reader (or a crash mid-write) finds the previous file or the new one whole, never a torn one, and a
+    failed write leaves no partial behind. Returns its size. A write the file system refuses raises that
+    OSError (disk full, a quota, a file size limit), even through a writer that reports it otherwise
+    (torch.save says "unexpected pos"). The partial's name holds the process id, so two processes never
+    write the same partial."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        write(partial)
+        with open(partial, "wb") as file:
+            recorded = _RecordedWrites(file)
+            try:
+                write(recorded)
+            except Exception:
+                if recorded.error is not None:
+                    raise recorded.error from None
+                raise
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     return path.stat().st_size
+
+
+class _RecordedWrites:
+    """A binary file that remembers the OSError a write raised, for `replace_file` to report."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
 
 
 def replace_directory(new: Path, target: Path) -> None:

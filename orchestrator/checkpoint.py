@@ -134,12 +134,28 @@ def save_checkpoint(directory: str | Path, state: dict, keep_round: int) -> Path
     point leaves the previous or the new checkpoint whole, with its files."""
     directory = Path(directory)
     path = directory / CHECKPOINT_FILE
-    replace_file(path, lambda partial: torch.save(_to_tensors(state), partial))
     kept = Path(worker_state_file(keep_round, 0)).parent.name
+    try:
+        replace_file(path, lambda file: torch.save(_to_tensors(state), file))
+    except OSError as error:
+        shutil.rmtree(directory / kept, ignore_errors=True)  # no checkpoint names this round's proxy files
+        raise checkpoint_not_written(directory, path, error) from None
     for folder in directory.iterdir():
         if folder.is_dir() and ROUND_FOLDER.fullmatch(folder.name) and folder.name != kept:
             shutil.rmtree(folder, ignore_errors=True)
     return path
+
+
+def checkpoint_not_written(directory: Path, path: Path, error: OSError) -> MemshardError:
+    """A checkpoint file (the driver's or a proxy's, `path`) that the file system refused: disk full, a
+    quota, a file size limit. One line; `replace_file` left the previous file whole and no partial, so the
+    run's last complete checkpoint stands and the run continues from it with --resume."""
+    reason = error.strerror or type(error).__name__
+    if (directory / CHECKPOINT_FILE).is_file():
+        then = f"the last complete checkpoint is kept: free space, then continue with memshard train --resume {directory.name}"
+    else:
+        then = "no checkpoint was complete yet: free space (or choose mlflow.checkpoint_dir) and start the run again"
+    return MemshardError(f"cannot write the checkpoint file {path} ({reason}); {then}")
 
 
 def load_checkpoint(directory: str | Path) -> dict:

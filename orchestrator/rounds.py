@@ -29,6 +29,7 @@ the checkpoint interval trades the bytes written per round against the rounds a 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ from memshard.aggregation import ServerState, server_update, weighted_average
 from memshard.config import Config
 from memshard.errors import MemshardError
 from memshard.orchestrator.actor_pool import ActorPool, CallError, Lost
-from memshard.orchestrator.checkpoint import check_worker_files, worker_state_file
+from memshard.orchestrator.checkpoint import check_worker_files, checkpoint_not_written, worker_state_file
 from memshard.orchestrator.cluster import ActorResources, place_actors, release
 from memshard.orchestrator.settings import server_hyperparameters
 from memshard.orchestrator.sharding import (
@@ -301,8 +302,19 @@ class IETDriver:
         from. Returns the manifest: the round, the files' names (relative to `directory`) and sizes."""
         directory = Path(directory).absolute()  # the actors may run in other folders, on other nodes
         names = [worker_state_file(self.rounds_done, k) for k in range(len(self.actors))]
-        sizes = ray.get([actor.save_state.remote(str(directory / name))
-                         for actor, name in zip(self.actors, names, strict=True)])
+        refs = [actor.save_state.remote(str(directory / name)) for actor, name in zip(self.actors, names, strict=True)]
+        sizes = []
+        for ref, name in zip(refs, names, strict=True):
+            try:
+                sizes.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as error:
+                if not isinstance(error.cause, OSError):
+                    raise
+                # A proxy could not write (disk full): this round's files are no checkpoint; the last one stands.
+                ray.wait(refs, num_returns=len(refs))
+                if self.rounds_done != self.saved_round:
+                    shutil.rmtree(directory / Path(name).parent, ignore_errors=True)
+                raise checkpoint_not_written(directory, directory / name, error.cause) from None
         manifest = {"round": self.rounds_done, "files": names, "bytes": [int(size) for size in sizes]}
         self.saved_files = check_worker_files(directory, manifest)
         self.saved_round, self.rounds_since_saved = self.rounds_done, []

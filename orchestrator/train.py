@@ -57,6 +57,8 @@ from memshard.orchestrator.tracking import (
 from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, image_grid, save_pipeline
 from memshard.shard_worker.faults import FaultPlan
 
+MIN_TRAINING_IMAGES = 2  # a run trains on at least two images
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -135,8 +137,9 @@ def _open_run_and_train(cfg: Config, show_progress: bool, resume_run_id: str | N
     experiment_id = connect_mlflow(tracking_uri, cfg.mlflow.experiment)
     checkpoint = load_checkpoint(checkpoint_dir(cfg, resume_run_id)) if resume_run_id else None
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
-    if len(dataset) < 2:
-        raise MemshardError(f"{dataset.path} holds {len(dataset)} image: training needs at least 2, add images")
+    if len(dataset) < MIN_TRAINING_IMAGES:
+        raise MemshardError(f"{dataset.path} holds {len(dataset)} image: training needs at least "
+                            f"{MIN_TRAINING_IMAGES}, add images")
     if checkpoint is not None and checkpoint["dataset_fingerprint"] != dataset.fingerprint:
         raise MemshardError(
             f"the dataset at {dataset.path} is not the one run {resume_run_id} was trained on "
@@ -167,6 +170,11 @@ def _require_resumable(tracking_uri: str, run_id: str) -> None:
         logged = " (its model is logged)" if status == "FINISHED" else ""
         raise MemshardError(f"run {run_id} is {status}{logged}: --resume continues only a run that failed or was "
                             "interrupted; train a new run instead")
+
+
+def min_training_images(cfg: Config) -> int:
+    """Images a training run with `cfg` needs: MIN_TRAINING_IMAGES, and one per shard."""
+    return max(MIN_TRAINING_IMAGES, cfg.iet.shards)
 
 
 def checkpoint_dir(cfg: Config, run_id: str) -> Path:

@@ -256,7 +256,7 @@ class ProxyTrainer:
         storage the driver and every node see) and return the file's size: the state never passes
         through the driver."""
         state = self.state_dict()
-        return replace_file(Path(path), lambda partial: torch.save(state, partial))
+        return replace_file(Path(path), lambda file: torch.save(state, file))
 
     def load_state_file(self, path: str) -> None:
         """Continue from a state `save_state` wrote (read with weights_only: tensors and plain values only)."""

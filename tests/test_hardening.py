@@ -762,3 +762,151 @@ def test_sigterm_ends_tune_and_its_trial_as_sigint_does(tmp_path):
                                       "--sampling-steps", "2", "--set", "iet.rounds=200",
                                       "--set", f"mlflow.tracking_uri={store}"], tmp_path, trial_training)
     assert_one_line_and_runs_ended(code, err, store)
+# ---------------------------------------------------------------- issue 29 item 7: small files that would use gigabytes
+
+# The child's own peak: VmHWM belongs to its address space since exec (ru_maxrss keeps the forking
+# parent's, the test process's, and that holds the hostile buffers these tests build).
+PEAK_MEMORY_CHILD = (
+    "import re, sys\n"
+    "from memshard.commands.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "with open('/proc/self/status') as status:\n"
+    "    print(int(re.search(r'VmHWM:\\s*(\\d+) kB', status.read()).group(1)) * 1024)\n"
+    "sys.exit(code)\n"
+)
+
+
+def peak_memory_of(argv: list[str], cwd: Path) -> tuple[int, str, int]:
+    """`memshard ARGV` in a fresh process: (exit code, its stderr, its peak resident memory in bytes)."""
+    completed = subprocess.run([sys.executable, "-c", PEAK_MEMORY_CHILD, *argv], cwd=cwd, capture_output=True,
+                               text=True, timeout=300, env={**os.environ, "MEMSHARD_WORKSPACE": str(cwd)})
+    return completed.returncode, completed.stderr, int(completed.stdout.strip().splitlines()[-1])
+
+
+def zeros(size: int) -> pa.Buffer:
+    """`size` zero bytes without touching them: numpy's zeros are pages the kernel maps on first write."""
+    return pa.py_buffer(np.zeros(size, np.uint8))
+
+
+def assert_one_line_refusal(code: int, err: str, message: str) -> None:
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err[-2000:]
+
+
+def test_a_small_parquet_file_that_decompresses_to_a_gigabyte_is_refused_in_bounded_memory(tmp_path):
+    """One compressed row of 1 GiB of zeros (a few KB on disk): refused from its metadata before it is
+    decompressed, while a valid file of the same layout prepares with the same peak give or take 200 MiB."""
+    size = 1 << 30
+    row = pa.BinaryArray.from_buffers(pa.binary(), 1, [None, pa.array([0, size], pa.int32()).buffers()[1], zeros(size)])
+    images = pa.StructArray.from_arrays([row, pa.array([None], pa.string())], names=["bytes", "path"])
+    pq.write_table(pa.table({"image": images}), tmp_path / "bomb.parquet", compression="zstd", use_dictionary=False)
+    assert (tmp_path / "bomb.parquet").stat().st_size < 100_000
+    hf_parquet(tmp_path / "ok.parquet", [0, 1, 2, 3])
+
+    code, err, baseline = peak_memory_of(["data", "prepare", str(tmp_path / "ok.parquet"), "--out", "ok"], tmp_path)
+    assert code == 0, err[-2000:]
+    code, err, peak = peak_memory_of(["data", "prepare", str(tmp_path / "bomb.parquet"), "--out", "bomb"], tmp_path)
+    assert_one_line_refusal(code, err, "would take 1,024 MiB to read but holds")
+    assert peak < baseline + (200 << 20), (peak, baseline)  # unbounded, it decompresses 1 GiB (and copies it)
+
+
+def test_a_tiny_dataset_declaring_gigabytes_of_images_is_refused_before_train_allocates_them(tmp_path):
+    """A prepared dataset whose metadata declares 1,000 images of 3x1024x1024 (3 GiB) in a file of a few KB:
+    `train` refuses it from the declared size, before it allocates the images or reads a row."""
+    count, width = 1000, 3 * 1024 * 1024
+    images = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), count, [None, zeros(count * width)])
+    ids = [f"s{i}" for i in range(count)]
+    metadata = {"format_version": "1", "resolution": "1024", "channels": "3", "count": str(count),
+                "label_names": "[]", "image_shape": "[3, 1024, 1024]", "fingerprint": "0" * 64}
+    table = pa.table({"sample_id": pa.array(ids), "image": images, "label": pa.array([0] * count, pa.int64()),
+                      "source": pa.array(ids), "content_hash": pa.array(["0" * 64] * count)})
+    (tmp_path / "huge").mkdir()
+    pq.write_table(table.replace_schema_metadata({f"memshard.{k}".encode(): v.encode() for k, v in metadata.items()}),
+                   tmp_path / "huge" / "images.parquet", compression="zstd")
+    assert (tmp_path / "huge" / "images.parquet").stat().st_size < 100_000
+
+    code, err, peak = peak_memory_of(["train", "--preset", "tiny", "--no-progress", "--data", str(tmp_path / "huge"),
+                                      "--set", "data.resolution=1024", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
+                                     tmp_path)
+    assert_one_line_refusal(code, err, "would take 3,000 MiB to read but holds")
+    assert peak < 1536 << 20, peak  # the imports of train take about 0.6 GiB; the declared images alone 3 GiB
+    assert not all_runs(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+# ---------------------------------------------------------------- issue 29 item 5: unlearning that would keep too little
+
+
+def test_forgetting_that_would_keep_too_few_images_is_refused_before_any_work(ray_cluster, mlflow_store, tmp_path, capsys):
+    """A model trained on 2 images; forgetting one keeps 1: SISS's audit needs 4 kept images (2 with
+    audit.quality=false), a retrain 2 (one per shard). One line naming both counts, no new run, in seconds."""
+    from memshard.data import load_dataset
+    from memshard.orchestrator.train import train
+
+    np.save(tmp_path / "two.npy", np.stack([np.full((8, 8), 40, np.uint8), np.full((8, 8), 200, np.uint8)]))
+    cfg = build_config("tiny", overrides={"mlflow.tracking_uri": mlflow_store, "iet.rounds": 1,
+                                          "data.path": str(tmp_path / "two.npy")}, sets=["mlflow.register_as=two"])
+    source = train(cfg, show_progress=False)
+    forget = str(load_dataset(all_runs(mlflow_store)[0].data.params["dataset.path"]).sample_ids[0])
+    runs = len(all_runs(mlflow_store))
+    capsys.readouterr()  # the training's own output
+    base = ["unlearn", "models:/two/1", "--forget", forget, "--set", f"mlflow.tracking_uri={mlflow_store}"]
+    for extra, message in [
+        ([], "forgetting 1 of the 2 training images would keep 1, but the audit needs at least 4"),
+        (["--set", "audit.quality=false"], "the audit needs at least 2 (a Gaussian fit of 2 images or more"),
+        (["--method", "retrain"], "retraining needs at least 2 (2 to train, and one per shard: iet.shards = 2)"),
+    ]:
+        started = time.monotonic()
+        code = main([*base, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "forget fewer images" in lines[0], err
+        assert "unlearn-" not in lines[0]  # never the retrain's internal cache folder
+        assert time.monotonic() - started < 20
+    assert len(all_runs(mlflow_store)) == runs and source.registered_version == "1"
+
+
+# ---------------------------------------------------------------- issue 29 item 8: disk full while writing a checkpoint
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_is_one_line_and_the_last_one_stands(ray_cluster, mlflow_store, tmp_path):
+    """Simulates a full disk with RLIMIT_FSIZE on the driver's process (a write past 4 MB fails with EFBIG,
+    as ENOSPC would on a full disk; the actors, in the Ray cluster, are not limited): round 1 is
+    checkpointed, the driver dies, and a resume under the limit cannot write round 2's checkpoint.pt."""
+    import resource
+
+    from mlflow.tracking import MlflowClient
+    from test_reliability import train_until_the_driver_dies_after_round_one
+
+    from memshard.orchestrator.checkpoint import check_worker_files
+    from memshard.orchestrator.train import checkpoint_dir, resume_config, train
+
+    wide = "model.block_out_channels=[64, 128]"  # a checkpoint.pt of about 10 MB: past the limit, the store not
+    train_until_the_driver_dies_after_round_one(ray_cluster, mlflow_store, tmp_path, wide)
+    run = all_runs(mlflow_store)[0]
+
+    def four_megabytes_per_file():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    env = {key: value for key, value in os.environ.items() if key != "MEMSHARD_TEST_FAULTS"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "memshard.commands.cli", "train", "--resume", run.info.run_id, "--no-progress",
+         "--set", f"mlflow.tracking_uri={mlflow_store}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**env, "RAY_ADDRESS": ray_cluster.address}, preexec_fn=four_megabytes_per_file)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr[-3000:]
+    line = completed.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write the checkpoint file ") and "(File too large)" in line, line
+    assert f"the last complete checkpoint is kept: free space, then continue with memshard train --resume " \
+           f"{run.info.run_id}" in line
+
+    directory = checkpoint_dir(resume_config(run.info.run_id, {}, []), run.info.run_id)
+    state = load_checkpoint(directory)  # round 1's, whole, with its proxies' files
+    assert state["driver"]["rounds_done"] == 1
+    check_worker_files(directory, state["driver"]["worker_files"])
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith("round_")) == ["round_0001"]
+    assert not [p for p in directory.rglob("*") if p.name.endswith(".partial")]
+    assert MlflowClient(mlflow_store).get_run(run.info.run_id).info.status == "FAILED"
+    # With room again, the run continues from round 1.
+    result = train(resume_config(run.info.run_id, {}, []), show_progress=False, resume_run_id=run.info.run_id)
+    assert load_checkpoint(directory)["driver"]["rounds_done"] == 3 and result.run_id == run.info.run_id

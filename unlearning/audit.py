@@ -29,7 +29,7 @@ from PIL import Image
 
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
-from memshard.evaluation.fid import PIXEL_PROJECTION, FeatureSpace, fid
+from memshard.evaluation.fid import GAUSSIAN_FIT_MIN_ROWS, PIXEL_PROJECTION, FeatureSpace, fid
 from memshard.evaluation.quality import QualityReport, feature_space, quality_report
 from memshard.model import score_samples
 from memshard.pipeline import DEFAULT_BATCH_SIZE, SamplingPlan, generate_plan, image_grid
@@ -55,10 +55,17 @@ class AuditSettings:
     quality: bool = True  # quality in the default quality space (the training set's classifier for labelled data)
 
     def check(self) -> None:
-        if (self.num_images < 2 or self.sampling_steps < 1 or self.keep_samples < 1 or self.pixel_match_threshold <= 0
+        # The generations and the scored kept images are each a Gaussian fit of the pixel Fréchet distance.
+        fit = GAUSSIAN_FIT_MIN_ROWS
+        if (self.num_images < fit or self.sampling_steps < 1 or self.keep_samples < fit or self.pixel_match_threshold <= 0
                 or self.repeats < 1 or self.seed < 0):
-            raise MemshardError("audit settings: num_images ≥ 2, sampling_steps ≥ 1, keep_samples ≥ 1, repeats ≥ 1, "
-                                "seed ≥ 0 and pixel_match_threshold > 0 are required: fix the audit.* --set values")
+            raise MemshardError(f"audit settings: num_images ≥ {fit}, sampling_steps ≥ 1, keep_samples ≥ {fit}, "
+                                "repeats ≥ 1, seed ≥ 0 and pixel_match_threshold > 0 are required: fix the audit.* --set values")
+
+    def min_kept_images(self) -> int:
+        """Kept images (X \\ A) the audit needs: each Gaussian fit of them needs GAUSSIAN_FIT_MIN_ROWS: the
+        pixel Fréchet reference, and with `quality` the real reference, which splits them in two."""
+        return GAUSSIAN_FIT_MIN_ROWS * (2 if self.quality else 1)
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from diffusers import DDPMPipeline
 from memshard.config import Config, from_dict, to_dict, with_default_places
 from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
 from memshard.errors import MemshardError
-from memshard.evaluation.fid import FeatureSpace
+from memshard.evaluation.fid import GAUSSIAN_FIT_MIN_ROWS, FeatureSpace
 from memshard.evaluation.quality import default_quality_space
 from memshard.files import in_workspace
 from memshard.model import state_to_numpy
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.registry import ResolvedModel, recorded_dataset
-from memshard.orchestrator.train import TrainResult, train
+from memshard.orchestrator.train import MIN_TRAINING_IMAGES, TrainResult, min_training_images, train
 from memshard.unlearning.audit import (
     AuditReport,
     AuditSettings,
@@ -87,6 +87,25 @@ class Retrained:
 def check_method(method: str) -> None:
     if method not in ALL_METHODS:
         raise MemshardError(f"unknown unlearning method {method!r}: choose one of {', '.join(ALL_METHODS)}")
+
+
+def check_keep_set(source: UnlearnSource, forget: ForgetSet, method: str, audit: AuditSettings) -> None:
+    """Before any work: the images left after forgetting (X \\ A) must be enough for the audit and, for
+    `retrain`, for a training run; a one-line error naming both counts and the fix."""
+    kept, total = len(forget.keep_rows), len(forget.keep_rows) + len(forget.rows)
+    fits = "its pixel Fréchet reference and its quality measure's real reference (half the kept images)" \
+        if audit.quality else "its pixel Fréchet reference"
+    needs = [(audit.min_kept_images(), f"the audit needs at least {audit.min_kept_images()} (a Gaussian fit of "
+              f"{GAUSSIAN_FIT_MIN_ROWS} images or more for {fits})")]
+    if method == "retrain":
+        cfg = source.config
+        needs.append((min_training_images(cfg), f"retraining needs at least {min_training_images(cfg)} "
+                      f"({MIN_TRAINING_IMAGES} to train, and one per shard: iet.shards = {cfg.iet.shards})"))
+    short = [why for need, why in needs if kept < need]
+    if short:
+        lighter = f" (--set audit.quality=false lowers the audit's need to {GAUSSIAN_FIT_MIN_ROWS})" if audit.quality else ""
+        raise MemshardError(f"forgetting {len(forget.rows)} of the {total} training images would keep {kept}, but "
+                            f"{'; '.join(short)}: forget fewer images, or unlearn a model trained on more{lighter}")
 
 
 def unlearn_source(resolved: ResolvedModel) -> UnlearnSource:

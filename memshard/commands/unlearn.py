@@ -42,6 +42,7 @@ from memshard.unlearning.runner import (
     RetrainedModel,
     UnlearnSource,
     audit_unlearning,
+    check_keep_set,
     check_method,
     retrain_without,
     unlearn_on_ray,
@@ -131,6 +132,7 @@ def unlearn_model(model: str, forget: str, method: str = "siss", steps: int | No
     dataset = source.dataset
     chosen = forget_set(forget, dataset.sample_ids, dataset.content_hashes, dataset.images.shape[1:],
                         lambda run_id, measure: copied_ids(client, run_id, source.run_id, measure))
+    check_keep_set(source, chosen, method, options.audit)
     request = UnlearnRequest(model, forget, method, source, chosen, load_model_pipeline(source.model, client), options)
     if method == "retrain":
         return _retrain(client, request, tracking_uri)
