@@ -335,10 +335,12 @@ def test_a_file_name_with_a_newline_stays_on_one_line(tmp_path, rejects):
     rejects(["data", "prepare", str(tmp_path / "bad\nname.npz"), "--out", str(tmp_path / "o")], "bad\\nname.npz")
 
 
-@pytest.mark.parametrize("out", ["/proc/memshard-out", "/dev/null/x", "/proc/self/nonexistent/deeper"])
-def test_an_unwritable_out_fails_before_any_image_is_read(rejects, out):
+@pytest.mark.parametrize(("out", "message"), [("/proc/memshard-out", "is not a writable directory"),
+                                              ("/dev/null/x", "'/dev/null' is a character device"),
+                                              ("/proc/self/nonexistent/deeper", "is not a writable directory")])
+def test_an_unwritable_out_fails_before_any_image_is_read(rejects, out, message):
     started = time.monotonic()
-    rejects(["data", "prepare", "digits", "--out", out], "is not a writable directory")
+    rejects(["data", "prepare", "digits", "--out", out], message)
     assert time.monotonic() - started < 5
 
 
@@ -586,7 +588,7 @@ def test_compare_out_into_a_missing_folder_is_accepted_and_creates_nothing_until
 
     target = check_writable_target(tmp_path / "new" / "deeper" / "table.md", "--out")
     assert not (tmp_path / "new").exists()
-    replace_file(target, lambda partial: partial.write_text("| a |"))
+    replace_file(target, lambda file: file.write(b"| a |"))
     assert target.read_text() == "| a |"
 
 

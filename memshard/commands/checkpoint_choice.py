@@ -125,10 +125,10 @@ class CheckpointChoice:
                              "selection.near_copy_fraction": point.near_copy_fraction,
                              "selection.frechet": point.frechet}, step=round_index)
         if round_index < cfg.iet.rounds:  # the last round's weights are the run's checkpoint already
-            replace_file(self._weights_file(round_index), lambda partial: _save_weights(partial, end.model_weights))
+            replace_file(self._weights_file(round_index), lambda file: np.savez(file, **end.model_weights))
         self._prune()
-        replace_file(self.folder / CURVE_FILE, lambda partial: partial.write_text(
-            json.dumps({"space": self.space_name, "points": [asdict(p) for p in self.points.values()]})))
+        replace_file(self.folder / CURVE_FILE, lambda file: file.write(json.dumps(
+            {"space": self.space_name, "points": [asdict(p) for p in self.points.values()]}).encode()))
         self.say(f"round {round_index}: {point.near_copied:.0f} training images nearly copied "
                  f"({point.near_copy_fraction:.1%} of {sel.num_images} generations), Fréchet {point.frechet:.1f} "
                  f"({self.space_name})")
@@ -212,6 +212,3 @@ class CheckpointChoice:
                 self._weights_file(point.round).unlink(missing_ok=True)
 
 
-def _save_weights(path: Path, weights: dict) -> None:
-    with open(path, "wb") as file:  # a file object: np.savez would append .npz to the partial's name
-        np.savez(file, **weights)

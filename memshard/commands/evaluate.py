@@ -237,7 +237,7 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
         result = compare_runs(args.runs, args.tracking_uri)
         print(result.table.text())
         if out is not None:
-            replace_file(out, lambda partial: partial.write_text(result.table.markdown()))
+            replace_file(out, lambda file: file.write(result.table.markdown().encode()))
             print(f"markdown: {args.out}")
         print(f"compare run id: {result.run_id} (compare.md, compare.json)")
         return 0
