@@ -796,6 +796,7 @@ def assert_one_line_refusal(code: int, err: str, message: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err[-2000:]
 
 
+@pytest.mark.integration  # runs memshard in a fresh process (imports torch, diffusers, Ray)
 def test_a_small_parquet_file_that_decompresses_to_a_gigabyte_is_refused_in_bounded_memory(tmp_path):
     """One compressed row of 1 GiB of zeros (a few KB on disk): refused from its metadata before it is
     decompressed, while a valid file of the same layout prepares with the same peak give or take 200 MiB."""
@@ -813,6 +814,7 @@ def test_a_small_parquet_file_that_decompresses_to_a_gigabyte_is_refused_in_boun
     assert peak < baseline + (200 << 20), (peak, baseline)  # unbounded, it decompresses 1 GiB (and copies it)
 
 
+@pytest.mark.integration  # runs memshard in a fresh process (imports torch, diffusers, Ray)
 def test_a_tiny_dataset_declaring_gigabytes_of_images_is_refused_before_train_allocates_them(tmp_path):
     """A prepared dataset whose metadata declares 1,000 images of 3x1024x1024 (3 GiB) in a file of a few KB:
     `train` refuses it from the declared size, before it allocates the images or reads a row."""
