@@ -134,8 +134,8 @@ class _RecordedWrites:
             self.error = error
             raise
 
-    def flush(self) -> None:
-        self._file.flush()
+    def __getattr__(self, name: str):  # the rest of the file's interface (tell, seek, read: zipfile uses them)
+        return getattr(self._file, name)
 
 
 def replace_directory(new: Path, target: Path) -> None:
