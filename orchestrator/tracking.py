@@ -37,9 +37,10 @@ log = logging.getLogger("memshard.tracking")
 
 def resolve_tracking_uri(setting: str | None) -> str:
     """The store: the setting (flag), else MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI. A relative sqlite
-    file lies under the workspace root, made absolute here, so every process means the same file."""
+    file lies under the workspace root, made absolute here, so every process means the same file.
+    SQLite's own URI form (sqlite:///file:PATH?mode=ro&uri=true) is the user's to place: kept as given."""
     uri = setting or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+    if uri.startswith(SQLITE) and not uri.startswith((SQLITE + "/", SQLITE + "file:")):
         return SQLITE + str(in_workspace(uri[len(SQLITE):]))
     return uri
 

@@ -69,6 +69,8 @@ def test_every_default_place_lies_under_the_root(tmp_path, monkeypatch):
     assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
     assert resolve_tracking_uri("sqlite:///other.db") == f"sqlite:///{tmp_path}/other.db"  # a user's relative file too
     assert resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    sqlite_uri_form = "sqlite:///file:/abs/x.db?mode=ro&uri=true"  # SQLite's own URI form: not a relative path
+    assert resolve_tracking_uri(sqlite_uri_form) == sqlite_uri_form
     prepared = resolve_dataset("digits", 8, None, cfg.data.cache_dir)
     places = [checkpoint_dir(cfg, "RUN"), check_checkpoint_root(cfg.mlflow.checkpoint_dir), in_workspace(TUNE_DIR),
               Path(FaultPlan.from_environment().marker_dir), prepared, classifier_cache_file(load_dataset(prepared))]
