@@ -667,9 +667,10 @@ def _corrupt(file: Path, exc: Exception) -> MemshardError:
 
 def _read_table(path: str | Path, columns: list[str]) -> tuple[Path, pa.Table, dict]:
     file = _dataset_file(path)
-    meta = _read_metadata(file, _parquet_schema(file))
+    schema = _parquet_schema(file)
+    meta = _read_metadata(file, schema)
     try:
-        images = int(meta["count"]) * _image_width(_parquet_schema(file).field("image").type)  # checked above
+        images = int(meta["count"]) * _image_width(schema.field("image").type)  # checked above
         _check_expansion(file, pq.ParquetFile(file).metadata, [*columns, "image"], images, "prepare the dataset again")
         table = pq.read_table(file, columns=columns)
         table.validate(full=True)  # e.g. a flipped bit that leaves a string column invalid UTF-8

@@ -368,11 +368,10 @@ class IETDriver:
         last checkpoint (a replacement would first have to replay its shard's rounds)."""
         weights_ref = ray.put(weights)
         count, proxies = len(plan.batches()), len(self.actors)
-        assigned = [list(range(k, count, proxies)) for k in range(proxies)]
-        parts = ray.get([actor.generate.remote(weights_ref, plan, batches)
-                         for actor, batches in zip(self.actors, assigned, strict=True) if batches])
+        work = [(actor, list(range(k, count, proxies))) for k, actor in enumerate(self.actors) if k < count]
+        parts = ray.get([actor.generate.remote(weights_ref, plan, batches) for actor, batches in work])
         images: list[np.ndarray] = [None] * count
-        for batches, made in zip([b for b in assigned if b], parts, strict=True):
+        for (_, batches), made in zip(work, parts, strict=True):
             for b, batch_images in zip(batches, made, strict=True):
                 images[b] = batch_images
         return np.concatenate(images)

@@ -31,7 +31,7 @@ import numpy as np
 from memshard.config import MAX_QUALITY_LOSS_LIMIT, Config
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
-from memshard.evaluation.curve_point import Data, measure
+from memshard.evaluation.curve_point import Data, evaluation_rounds, measure
 from memshard.evaluation.evaluate import EvaluateSettings, Generation, distinct_rows
 from memshard.evaluation.quality import default_quality_space
 from memshard.files import replace_file
@@ -59,8 +59,7 @@ def parse_quality_loss(text: str) -> float:
 
 def measured_rounds(cfg: Config) -> set[int]:
     """Every `selection.every`-th round and the last; none with `selection.every` 0."""
-    every, rounds = cfg.selection.every, cfg.iet.rounds
-    return {r for r in range(1, rounds + 1) if r % every == 0 or r == rounds} if every else set()
+    return evaluation_rounds(cfg.iet.rounds, cfg.selection.every) if cfg.selection.every else set()
 
 
 class CheckpointChoice:
@@ -140,7 +139,7 @@ class CheckpointChoice:
         cfg, last = self.cfg, self.cfg.iet.rounds
         budget = best_quality_budget(self.points.values(), cfg.selection.max_quality_loss)
         self.choice = None if budget is None else choose(self.points.values(), budget)
-        chosen = None if self.choice is None or self.choice.chosen is None else self.choice.chosen.round
+        chosen = self.chosen_round
         self.registered_round = last if cfg.selection.register == "last" or chosen is None else chosen
         tracker.set_tags({REGISTERED_ROUND_TAG: self.registered_round})
         tracker.log_metrics({"selection.registered_round": self.registered_round})
@@ -157,6 +156,11 @@ class CheckpointChoice:
             return last_weights
         with np.load(self._weights_file(self.registered_round)) as saved:
             return {name: saved[name] for name in saved.files}
+
+    @property
+    def chosen_round(self) -> int | None:
+        """The round the rule chose (None: no choice made, or no round within the budget)."""
+        return None if self.choice is None or self.choice.chosen is None else self.choice.chosen.round
 
     def remove_candidates(self) -> None:
         """Once the model is logged: the kept weights are no longer needed to resume."""
@@ -180,7 +184,7 @@ class CheckpointChoice:
         lines = [f"{'round':>5}  {'nearly copied':>13}  {'near-copy %':>11}  {'Fréchet':>9}  within budget",
                  *(f"{p.round:>5}  {p.near_copied:>13.0f}  {p.near_copy_fraction:>11.1%}  {p.frechet:>9.2f}  "
                    f"{'yes' if p.round in within else 'no'}" for p in sorted(self.points.values(), key=lambda p: p.round))]
-        chosen = None if self.choice is None or self.choice.chosen is None else self.choice.chosen.round
+        chosen = self.chosen_round
         if self.cfg.selection.register == "last":
             lines.append(f"registered the last round (round {self.registered_round}, --register-last-round); "
                          f"the rule would choose round {chosen}")
