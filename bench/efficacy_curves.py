@@ -104,8 +104,9 @@ from memshard.evaluation.curve_point import (
     interval_keys,
     measure,
 )
-from memshard.evaluation.evaluate import EvaluateSettings, distinct_rows, near_copy_threshold, scan_for_copies
-from memshard.evaluation.nearest_neighbors import nearest_neighbors
+from memshard.evaluation.evaluate import EvaluateSettings, scan_for_copies
+from memshard.guard import distinct_rows, near_copy_threshold
+from memshard.neighbors import nearest_neighbors
 from memshard.files import in_workspace
 from memshard.model import resolve_device
 from memshard.orchestrator.cluster import ray_session

@@ -27,11 +27,11 @@ import numpy as np
 import pyarrow as pa
 from diffusers import DDPMPipeline
 
+from memshard.config import NEAR_COPY_QUANTILE
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
 from memshard.evaluation.memorization import (
     DEFAULT_R_COPY_THRESHOLD,
-    NEAR_COPY_QUANTILE,
     NN_RATIO_THRESHOLD,
     R_NEIGHBORS,
     THRESHOLDS,
@@ -40,7 +40,6 @@ from memshard.evaluation.memorization import (
     near_copies,
     near_copies_per_sample,
 )
-from memshard.evaluation.nearest_neighbors import nearest_neighbors
 from memshard.evaluation.quality import (
     QualityReport,
     QualitySpaceChoice,
@@ -48,6 +47,8 @@ from memshard.evaluation.quality import (
     feature_space,
     quality_report,
 )
+from memshard.guard import NEAR_COPY_SAMPLE, distinct_rows, near_copy_threshold
+from memshard.neighbors import nearest_neighbors
 from memshard.pipeline import DEFAULT_SAMPLING_STEPS, SAMPLERS, SamplingPlan, image_shape
 
 COPIES_TABLE = "copies_per_sample.parquet"  # the artifact `unlearn --forget evaluation:RUN_ID` reads
@@ -58,7 +59,6 @@ R_COPY_DEFINITION = ("a generation is an r-copy of its nearest training image wh
                      "in [0, 1]; exact duplicates count once, the r-copy credited to the first of them)")
 REAL_PREFIX = "real_heldout"  # metric names of the copying real reference: real_heldout.mq_0.5_fraction, ...
 REAL_REFERENCE_FRACTION = 0.2
-NEAR_COPY_SAMPLE = 2000  # real images whose leave-one-out distance sets the near-copy threshold
 NEAR_COPY_DEFINITION = (f"a generation is a near copy of its nearest training image when its d1^2 is below the "
                         f"{NEAR_COPY_QUANTILE:.0%} quantile of real images' squared distance to their "
                         f"nearest other distinct training image (leave-one-out, up to {NEAR_COPY_SAMPLE:,} seeded "
@@ -312,14 +312,6 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
                             threshold, quality_space.reason, generation.details, seconds)
 
 
-def distinct_rows(dataset: ImageDataset) -> np.ndarray:
-    """The first row of every distinct image, ascending. Exact duplicates are scanned once: k copies of
-    one image would all be "nearest" and make r ≈ 1, so an image planted many times, the clearest case
-    of memorization, would never count as an r-copy."""
-    _, first = np.unique(dataset.content_hashes, return_index=True)
-    return np.sort(first)
-
-
 def scan_for_copies(queries: np.ndarray, dataset: ImageDataset, rows: np.ndarray, r_copy_threshold: float,
                     device: str) -> MemorizationReport:
     """The memorization measures of `queries` against the training images at `rows` (pixels in [0, 1])."""
@@ -339,23 +331,3 @@ def real_copy_reference(dataset: ImageDataset, settings: EvaluateSettings, devic
     if len(held) < 1 or len(rest) < 2:
         return None
     return scan_for_copies(dataset.images[held], dataset, rest, settings.r_copy_threshold, device)
-
-
-def real_nearest_sq_distances(dataset: ImageDataset, seed: int, device: str = "cpu",
-                              limit: int = NEAR_COPY_SAMPLE) -> np.ndarray | None:
-    """Leave-one-out: for up to `limit` seeded distinct training images, the squared L2 distance (pixels
-    in [0, 1]) to the nearest OTHER distinct training image -- how near a real image of this
-    distribution comes to a set of this size. None: fewer than 3 distinct images."""
-    distinct = distinct_rows(dataset)
-    if len(distinct) < 3:
-        return None
-    chosen = np.sort(np.random.default_rng(seed).permutation(distinct)[:limit])
-    neighbors = nearest_neighbors(dataset.images[chosen], dataset.images[distinct], 2, scale=1 / 255, device=device)
-    itself = distinct[neighbors.indices[:, 0]] == chosen  # the image is its own nearest (distance 0) ...
-    return np.where(itself, neighbors.sq_distances[:, 1], neighbors.sq_distances[:, 0])  # ... unless tied
-
-
-def near_copy_threshold(dataset: ImageDataset, seed: int, device: str = "cpu") -> float | None:
-    """The NEAR_COPY_QUANTILE quantile of `real_nearest_sq_distances` (see memorization.near_copies)."""
-    distances = real_nearest_sq_distances(dataset, seed, device)
-    return None if distances is None else float(np.quantile(distances, NEAR_COPY_QUANTILE))

@@ -33,7 +33,6 @@ from memshard.errors import MemshardError
 
 THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5)
 NN_RATIO_THRESHOLD = 1.0 / 3.0
-NEAR_COPY_QUANTILE = 0.05
 DEFAULT_R_COPY_THRESHOLD = 0.5
 R_NEIGHBORS = 50  # published IET protocol
 HISTOGRAM_BINS = 50

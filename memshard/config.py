@@ -31,6 +31,9 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # 
 REGISTERED_ROUNDS = ("least-copying", "last")  # selection.register: which round `memshard train` registers
 DEFAULT_MAX_QUALITY_LOSS = 0.10  # a quality budget unless asked otherwise: Fréchet within +10% of its reference's
 MAX_QUALITY_LOSS_LIMIT = 10.0  # a budget past 11x the reference's Fréchet admits models that have learnt nothing
+GUARD_MODES = ("off", "reject", "guidance")  # memshard.guard: what each does
+GUARD_CARRIES = ("reference", "images")  # what a registered model holds for its guard (memshard.guard)
+NEAR_COPY_QUANTILE = 0.05  # near copies: nearer than all but this fraction of real images (memshard.guard)
 MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is a few hundred bytes; past this it is not one
 _INT64 = 1 << 63
 
@@ -172,6 +175,20 @@ class SelectionConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The copy guard at generation (memshard.guard): the default of the model this run registers, and
+    of `memshard evaluate` and the registered model's predict for it unless they name another mode."""
+
+    mode: str = "off"  # off, reject (draw a near copy again) or guidance (steer away from the nearest image)
+    # Near-copy threshold: the real images' leave-one-out distance at this quantile. The calibration's
+    # NEAR_COPY_QUANTILE is the loosest allowed; a larger quantile is stricter (flags more generations).
+    quantile: float = NEAR_COPY_QUANTILE
+    scale: float = 1.0  # guidance: how far x0-hat moves per step, in units of its shortfall to the threshold
+    max_redraws: int = 8  # reject: redraw rounds per batch before a near copy is reported unresolved
+    carry: str = "reference"  # what the registered model holds: the dataset's path and fingerprint, or the images
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,6 +201,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     @property
     def uses_agc(self) -> bool:
@@ -574,9 +592,26 @@ def validate(cfg: Config) -> None:
     require(sel.batch_size >= 1, f"selection.batch_size = {sel.batch_size}: need at least 1")
     require(1 <= sel.sampling_steps <= m.num_train_timesteps,
             f"selection.sampling_steps = {sel.sampling_steps}: choose 1 to {m.num_train_timesteps} (the training timesteps)")
+    check_guard(cfg.guard)
     every = cfg.mlflow.checkpoint_every
     require(every == "auto" or (every.isascii() and every.isdigit() and len(every) < 19 and int(every) >= 1),
             f"mlflow.checkpoint_every = {shown(every)}: use auto or a whole number of rounds >= 1")
+
+
+def check_guard(guard: GuardConfig) -> None:
+    """The guard section's values, one line each (also for a model's guard file and predict's request)."""
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise MemshardError(message)
+
+    require(guard.mode in GUARD_MODES, f"guard.mode = {shown(guard.mode)}: choose one of {', '.join(GUARD_MODES)}")
+    require(NEAR_COPY_QUANTILE <= guard.quantile < 1.0,
+            f"guard.quantile = {guard.quantile}: give {NEAR_COPY_QUANTILE} (the near-copy calibration) up to below 1; "
+            "a smaller quantile would let through near copies the calibration counts")
+    require(math.isfinite(guard.scale) and 0.0 < guard.scale <= 100.0,
+            f"guard.scale = {guard.scale}: give a number in (0, 100], e.g. 1 (x0-hat moved to the threshold)")
+    require(0 <= guard.max_redraws <= 1000, f"guard.max_redraws = {guard.max_redraws}: give 0 to 1000")
+    require(guard.carry in GUARD_CARRIES, f"guard.carry = {shown(guard.carry)}: choose one of {', '.join(GUARD_CARRIES)}")
 
 
 def _feature_map_sizes(resolution: int, levels: int) -> list[int]:

@@ -135,13 +135,22 @@ def generate_batch(pipeline: DDPMPipeline, plan: SamplingPlan, count: int, seed:
     """One batch of `plan` (see `SamplingPlan.batches`) as (count, C, H, W) uint8; the caller has
     given the pipeline the plan's sampler (`use_sampler`)."""
     device = pipeline.device
-    # bf16 halves the cost of a 1000-step sampling run on GPUs; CPU autocast is slow, so skip it.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     pipeline.set_progress_bar_config(disable=True)  # 1000-step bars would flood Ray/MLflow logs
-    with autocast:
+    with sampling_precision(device):
         out = pipeline(batch_size=count, generator=torch.Generator(device=device).manual_seed(seed),
                        num_inference_steps=plan.steps, output_type="np")
-    images = np.clip(np.round(out.images.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)  # from [0, 1], NHWC
+    return to_uint8(out.images)
+
+
+def sampling_precision(device: torch.device):
+    """bf16 autocast on GPUs, where it halves the cost of a 1000-step sampling run; none on CPUs, where
+    autocast is slow."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """A sampler's (N, H, W, C) floats in [0, 1] as (N, C, H, W) uint8, as every generation is returned."""
+    images = np.clip(np.round(images.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 

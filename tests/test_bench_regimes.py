@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memshard.config import build_config
-from memshard.evaluation.evaluate import near_copy_threshold
+from memshard.guard import near_copy_threshold
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "efficacy_curves.py"
 

@@ -2,8 +2,8 @@
 
 Layers, top first; a module imports only from layers below its own (or from inside its own folder):
 
-    commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data
-        → pipeline → model → config → files → errors
+    commands → unlearning | tuning → orchestrator | evaluation → guard → shard_worker | aggregation | data
+        → pipeline | neighbors → model → config → files → errors
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ LAYERS = [
     {"commands"},
     {"unlearning", "tuning"},
     {"orchestrator", "evaluation"},
+    {"guard"},
     {"shard_worker", "aggregation", "data"},
-    {"pipeline"},
+    {"pipeline", "neighbors"},
     {"model"},
     {"config"},
     {"files"},
@@ -112,8 +113,8 @@ def test_the_rule_catches_upward_peer_and_generic_imports():
     assert "import it as memshard.orchestrator.errors" in problems[3]
 
 
-RULE = ("commands → unlearning | tuning → orchestrator | evaluation → shard_worker | aggregation | data "
-        "→ pipeline → model → config → files → errors")
+RULE = ("commands → unlearning | tuning → orchestrator | evaluation → guard → shard_worker | aggregation | data "
+        "→ pipeline | neighbors → model → config → files → errors")
 
 
 def test_readme_states_the_rule():

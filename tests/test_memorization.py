@@ -10,7 +10,7 @@ import scipy.linalg
 from memshard.errors import MemshardError
 from memshard.evaluation.fid import FEATURE_SPACES, PIXEL_PROJECTION, fid, frechet_distance, gaussian_stats
 from memshard.evaluation.memorization import THRESHOLDS, memorization_report, nn_ratio, relative_distance
-from memshard.evaluation.nearest_neighbors import FLOAT_BYTES, nearest_neighbors, plan_chunks
+from memshard.neighbors import FLOAT_BYTES, nearest_neighbors, plan_chunks
 from memshard.evaluation.quality import feature_space
 
 D = 3 * 16 * 16  # RGB 16x16 images, flattened
@@ -204,12 +204,8 @@ def test_near_copies_are_calibrated_on_real_images(tmp_path):
     """The leave-one-out threshold puts about 5% of real images below it by construction; fresh real
     images scored as generations land near 5%, exact copies of training images at 100%, noise at 0%."""
     from memshard.data import load_dataset, resolve_dataset
-    from memshard.evaluation.evaluate import (
-        distinct_rows,
-        near_copy_threshold,
-        real_nearest_sq_distances,
-        scan_for_copies,
-    )
+    from memshard.evaluation.evaluate import scan_for_copies
+    from memshard.guard import distinct_rows, near_copy_threshold, real_nearest_sq_distances
     from memshard.evaluation.memorization import near_copies
 
     full = load_dataset(resolve_dataset("digits", 16, None, str(tmp_path / "cache")))

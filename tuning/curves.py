@@ -29,7 +29,7 @@ from memshard.config import DEFAULT_MAX_QUALITY_LOSS, METHODS, Config, build_con
 from memshard.errors import MemshardError
 from memshard.evaluation.curve_point import BOOTSTRAPPED, COPYING, NEAR_COPYING, QUALITY, STRICT_COPYING, interval_keys
 from memshard.evaluation.intervals import CONFIDENCE, t_interval
-from memshard.evaluation.memorization import NEAR_COPY_QUANTILE
+from memshard.config import NEAR_COPY_QUANTILE
 from memshard.orchestrator.settings import check
 from memshard.tuning.choice import meets_quality, quality_bar
 from memshard.tuning.space import REFERENCE_METHOD

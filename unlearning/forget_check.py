@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from memshard.evaluation.nearest_neighbors import nearest_neighbors
+from memshard.neighbors import nearest_neighbors
 from memshard.model import score_samples
 from memshard.pipeline import SamplingPlan, generate_plan
 

@@ -32,9 +32,10 @@ from memshard.config import MAX_QUALITY_LOSS_LIMIT, Config
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.curve_point import Data, evaluation_rounds, measure
-from memshard.evaluation.evaluate import EvaluateSettings, Generation, distinct_rows
+from memshard.evaluation.evaluate import EvaluateSettings, Generation
 from memshard.evaluation.quality import default_quality_space
 from memshard.files import replace_file
+from memshard.guard import distinct_rows
 from memshard.model import resolve_device
 from memshard.orchestrator.tracking import tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, checkpoint_dir

@@ -85,7 +85,8 @@ def nearest_neighbors(
     refine_rows = min(q_rows, planned[2])
 
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        refs = x.to(device=device, dtype=torch.float32) * scale
+        refs = x.to(device=device, dtype=torch.float32)
+        refs = refs * scale if scale != 1.0 else refs  # no copy of references already in [0, 1] on the device
         ref_norms = refs.square().sum(dim=1)
         out_d = np.empty((g.shape[0], k), dtype=np.float32)
         out_i = np.empty((g.shape[0], k), dtype=np.int64)
