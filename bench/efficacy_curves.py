@@ -105,10 +105,10 @@ from memshard.evaluation.curve_point import (
     measure,
 )
 from memshard.evaluation.evaluate import EvaluateSettings, scan_for_copies
-from memshard.guard import distinct_rows, near_copy_threshold
-from memshard.neighbors import nearest_neighbors
 from memshard.files import in_workspace
+from memshard.guard import distinct_rows, near_copy_threshold
 from memshard.model import resolve_device
+from memshard.neighbors import nearest_neighbors
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, train

@@ -10,8 +10,8 @@ import scipy.linalg
 from memshard.errors import MemshardError
 from memshard.evaluation.fid import FEATURE_SPACES, PIXEL_PROJECTION, fid, frechet_distance, gaussian_stats
 from memshard.evaluation.memorization import THRESHOLDS, memorization_report, nn_ratio, relative_distance
-from memshard.neighbors import FLOAT_BYTES, nearest_neighbors, plan_chunks
 from memshard.evaluation.quality import feature_space
+from memshard.neighbors import FLOAT_BYTES, nearest_neighbors, plan_chunks
 
 D = 3 * 16 * 16  # RGB 16x16 images, flattened
 
@@ -205,8 +205,8 @@ def test_near_copies_are_calibrated_on_real_images(tmp_path):
     images scored as generations land near 5%, exact copies of training images at 100%, noise at 0%."""
     from memshard.data import load_dataset, resolve_dataset
     from memshard.evaluation.evaluate import scan_for_copies
-    from memshard.guard import distinct_rows, near_copy_threshold, real_nearest_sq_distances
     from memshard.evaluation.memorization import near_copies
+    from memshard.guard import distinct_rows, near_copy_threshold, real_nearest_sq_distances
 
     full = load_dataset(resolve_dataset("digits", 16, None, str(tmp_path / "cache")))
     half = np.arange(0, len(full), 2)  # train on the even rows, the odd rows are fresh real digits

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memshard.config import DEFAULT_MAX_QUALITY_LOSS, METHODS, Config, build_config
+from memshard.config import DEFAULT_MAX_QUALITY_LOSS, METHODS, NEAR_COPY_QUANTILE, Config, build_config
 from memshard.errors import MemshardError
 from memshard.evaluation.curve_point import BOOTSTRAPPED, COPYING, NEAR_COPYING, QUALITY, STRICT_COPYING, interval_keys
 from memshard.evaluation.intervals import CONFIDENCE, t_interval
-from memshard.config import NEAR_COPY_QUANTILE
 from memshard.orchestrator.settings import check
 from memshard.tuning.choice import meets_quality, quality_bar
 from memshard.tuning.space import REFERENCE_METHOD

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from memshard.neighbors import nearest_neighbors
 from memshard.model import score_samples
+from memshard.neighbors import nearest_neighbors
 from memshard.pipeline import SamplingPlan, generate_plan
 
 PIXEL_MATCH_THRESHOLD = 0.01  # mean((g − a)²) with pixels in [0, 1]: the audit's and the check's pixel match

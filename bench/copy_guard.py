@@ -1,0 +1,205 @@
+"""The copy guard at generation (issue 28): near copies and quality of trained models with no guard,
+with rejection, and with guidance at several scales, from the same seeded plan.
+
+    python bench/copy_guard.py --out DIR --regime first-300 --models models:/NAME-s0/1 models:/NAME-s1/1 ...
+
+Each model (one per training seed) is measured like a point of the efficacy bench
+(`evaluation.curve_point.measure`: near copies against the training images with a bootstrap interval
+over the generations, Fréchet in the training set's classifier space against the whole dataset with
+its bootstrap interval, mean confidence, class coverage, the real images' reference beside them) once
+per guard setting. The guard is calibrated as the measurement is (the same seed), so its threshold is
+the one near copies are counted at. In the duplicated regime each planted image's reproductions are
+counted too. Per setting, the mean over models carries a t-interval over the seeds
+(`evaluation.intervals.t_interval`). Sampling time per setting is measured in this process, one
+setting after another on the same machine: reject's includes the plain draw it starts from.
+
+Outputs: results.json (everything), points.csv (one row per model and setting), summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from efficacy_curves import DUPLICATED, load_data, planted_reproductions, planted_rows  # noqa: E402
+
+from memshard.config import GuardConfig, build_config  # noqa: E402
+from memshard.evaluation.classifier_space import ClassifierSpace  # noqa: E402
+from memshard.evaluation.curve_point import measure  # noqa: E402
+from memshard.evaluation.evaluate import EvaluateSettings, Generation  # noqa: E402
+from memshard.evaluation.intervals import t_interval  # noqa: E402
+from memshard.guard import GuardLog, build_guard  # noqa: E402
+from memshard.model import resolve_device, state_to_numpy  # noqa: E402
+from memshard.pipeline import SamplingPlan, find_pipeline_dir, generate_batch, load_pipeline, use_sampler  # noqa: E402
+
+FIELDS = ("model", "setting", "generations_near_copies", "generations_near_copies_ci_low",
+          "generations_near_copies_ci_high", "copied_near", "frechet", "frechet_ci_low", "frechet_ci_high",
+          "mean_confidence", "coverage", "generate_seconds", "guard.steered_fraction", "guard.extra_image_fraction",
+          "guard.unresolved_fraction", "guard.first_steered_step", "real_frechet", "near_copy_sq_distance")
+SUMMARY_KEYS = ("generations_near_copies", "copied_near", "frechet", "mean_confidence", "coverage", "generate_seconds")
+
+
+def local_pipeline_dir(model: str) -> Path:
+    """A pipeline folder, or an MLflow model (models:/NAME/VERSION, runs:/...) downloaded."""
+    if Path(model).is_dir():
+        return find_pipeline_dir(Path(model), model)
+    import mlflow
+
+    return find_pipeline_dir(Path(mlflow.artifacts.download_artifacts(artifact_uri=model)), model)
+
+
+def guarded_generate(pipeline, setting: str, guard, logs: list[GuardLog], plain_seconds: dict):
+    """`measure`'s generate callable for one setting; the plain setting records its time for reject's."""
+
+    def generate(plan: SamplingPlan) -> Generation:
+        use_sampler(pipeline, plan.sampler)
+        batches, done = [], 0
+        start = time.perf_counter()
+        for count, seed in plan.batches():
+            if guard is None:
+                batches.append(generate_batch(pipeline, plan, count, seed))
+            else:  # reject starts from the plain setting's batch, made (and timed) before
+                plain = plain_seconds["images"][done:done + count] if guard.mode == "reject" else None
+                images, log = guard.batch(pipeline, plan, count, seed, plain=plain)
+                logs.append(log)
+                batches.append(images)
+            done += count
+        images = np.concatenate(batches)
+        seconds = time.perf_counter() - start
+        if guard is None:
+            plain_seconds.update(seconds=seconds, images=images)
+        elif guard.mode == "reject":
+            seconds += plain_seconds["seconds"]  # rejection starts from the plain draw
+        plain_seconds[setting] = seconds
+        return Generation(images, pipeline.device.type, {"workers": 1, "where": "the bench process"})
+
+    return generate
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", nargs="+", required=True, help="pipeline folders or MLflow model URIs, one per seed")
+    parser.add_argument("--regime", choices=("first-300", DUPLICATED), default="first-300")
+    parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 2.0, 4.0], help="guidance scales")
+    parser.add_argument("--quantile", type=float, default=None, help="the guard's quantile (default: the calibration's)")
+    parser.add_argument("--num-images", type=int, default=500)
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--eval-batch", type=int, default=250)
+    parser.add_argument("--eval-seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = str(resolve_device(args.device))
+    cfg = build_config("digits")
+    data = load_data(cfg, 300 if args.regime == "first-300" else None, args.regime == DUPLICATED)
+    space = ClassifierSpace(data.quality)
+    planted = planted_rows(data.train, data.quality) if data.regime == DUPLICATED else None
+    settings = EvaluateSettings(protocol="quick", num_images=args.num_images, sampler=args.sampler,
+                                sampling_steps=args.sampling_steps, batch_size=args.eval_batch, seed=args.eval_seed,
+                                feature_space=None, r_copy_threshold=0.5, device=args.device)
+    settings.check()
+    torch.set_num_threads(os.cpu_count() or 1)
+    extra = {"quantile": args.quantile} if args.quantile is not None else {}
+    guard_settings = {"none": None, "reject": GuardConfig(mode="reject", **extra),
+                      **{f"guidance-{s:g}": GuardConfig(mode="guidance", scale=s, **extra) for s in args.scales}}
+    environment = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "date": time.strftime("%Y-%m-%d %H:%M"),
+                   "load_average_at_start": os.getloadavg(), "machine": platform.platform(), "cpus": os.cpu_count(),
+                   "device": device, "torch_threads": torch.get_num_threads(),
+                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                            text=True).stdout.strip()}
+    results = {"environment": environment, "settings": {**vars(args), "quality_space": space.name,
+               "training_images": len(data.train), "quality_against": len(data.quality)}, "points": []}
+    print(environment["command"], f"load {environment['load_average_at_start']}", file=sys.stderr)
+
+    for model in args.models:
+        pipeline = load_pipeline(local_pipeline_dir(model), device)
+        weights = state_to_numpy(pipeline.unet)
+        timing: dict = {}
+        for setting, guard_cfg in guard_settings.items():
+            guard = None if guard_cfg is None else build_guard(guard_cfg, data.train, device, seed=args.eval_seed)
+            logs: list[GuardLog] = []
+            measured = measure(cfg, weights, data, settings, space, device,
+                               guarded_generate(pipeline, setting, guard, logs, timing))
+            log = logs[0] if logs else None
+            for more in logs[1:]:
+                log = log.merge(more)
+            reproduced = {} if planted is None else planted_reproductions(
+                measured.generated, data.train, planted, measured.figures["near_copy_sq_distance"], device)
+            point = {"model": model, "setting": setting, **measured.figures, **reproduced,
+                     "generate_seconds": timing[setting], **(log.metrics() if log else {}),
+                     "load_average": os.getloadavg()[0]}
+            if guard is not None:
+                assert guard.threshold == measured.figures["near_copy_sq_distance"] or args.quantile is not None
+            results["points"].append(point)
+            print(f"[{model}] {setting}: near copies {100 * point['generations_near_copies']:.1f}% "
+                  f"({100 * point['generations_near_copies_ci_low']:.1f}-{100 * point['generations_near_copies_ci_high']:.1f}), "
+                  f"Fréchet {point['frechet']:.1f} ({point['frechet_ci_low']:.1f}-{point['frechet_ci_high']:.1f}), "
+                  f"{point['generate_seconds']:.1f} s, load {point['load_average']:.1f}"
+                  + "".join(f", {k} {v}" for k, v in reproduced.items()), file=sys.stderr, flush=True)
+            write_outputs(out, results, list(guard_settings))
+    environment["load_average_at_end"] = os.getloadavg()
+    write_outputs(out, results, list(guard_settings))
+
+
+def summarize(points: list[dict], settings: list[str]) -> list[dict]:
+    """Per setting: the mean over models of each figure, with its t-interval over them."""
+    rows = []
+    for setting in settings:
+        mine = [p for p in points if p["setting"] == setting]
+        if not mine:
+            continue
+        row = {"setting": setting, "models": len(mine)}
+        keys = list(SUMMARY_KEYS) + sorted({k for p in mine for k in p if k.startswith("reproduced_")})
+        for key in keys:
+            values = [p[key] for p in mine if p.get(key) is not None]
+            row[key] = float(np.mean(values)) if values else None
+            row[key + "_seed_interval"] = t_interval(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def write_outputs(out: Path, results: dict, settings: list[str]) -> None:
+    results["summary"] = summarize(results["points"], settings)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    with open(out / "points.csv", "w", newline="") as f:
+        keys = list(FIELDS) + sorted({k for p in results["points"] for k in p if k.startswith("reproduced_")})
+        writer = csv.DictWriter(f, keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results["points"])
+    real = results["points"][0]["real_frechet"] if results["points"] else None
+    lines = [f"# Copy guard, {results['settings']['regime']}: mean over {len(results['settings']['models'])} models "
+             f"(t-interval over seeds)", "", f"Real held-out Fréchet: {real}; near copies of real images: 5% by "
+             "construction.", "", "| setting | near copies % | images nearly copied | Fréchet | confidence | coverage "
+             "| sampling s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(row, key, scale=1.0, digits=1):
+        if row.get(key) is None:
+            return "-"
+        interval = row.get(key + "_seed_interval")
+        text = f"{scale * row[key]:.{digits}f}"
+        return text + (f" ({scale * interval[0]:.{digits}f}-{scale * interval[1]:.{digits}f})" if interval else "")
+
+    for row in results["summary"]:
+        lines.append(f"| {row['setting']} | {cell(row, 'generations_near_copies', 100)} | {cell(row, 'copied_near')} | "
+                     f"{cell(row, 'frechet')} | {cell(row, 'mean_confidence', 1, 3)} | {cell(row, 'coverage', 1, 2)} | "
+                     f"{cell(row, 'generate_seconds')} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
