@@ -71,7 +71,7 @@ def run_evaluate(args: list[str], store: str, capsys) -> tuple[str, dict, dict]:
 
 
 def test_guarded_figures_sit_beside_the_plain_ones_in_one_run_and_the_plain_ones_are_unchanged(
-    model, mlflow_store, capsys, tmp_path
+    ray_cluster, model, mlflow_store, capsys, tmp_path
 ):
     given = [str(model["folder"]), "--data", model["data"], "--feature-space", SPACE, "--workers", "2"]
     out, metrics, params = run_evaluate([*given, "--guard", "reject"], mlflow_store, capsys)
@@ -107,7 +107,8 @@ def test_guarded_figures_sit_beside_the_plain_ones_in_one_run_and_the_plain_ones
     assert not any(key.startswith("guard.") for key in plain_params)
 
 
-def test_the_models_own_guard_section_is_the_default_and_a_flag_makes_it_stricter(model, mlflow_store, capsys):
+def test_the_models_own_guard_section_is_the_default_and_a_flag_makes_it_stricter(ray_cluster, model, mlflow_store,
+                                                                                  capsys):
     folder = model["root"] / "guarded-model"
     if not folder.exists():
         shutil.copytree(model["folder"], folder / "pipeline")
