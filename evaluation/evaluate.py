@@ -14,20 +14,26 @@ default) is the published protocol where generation runs on GPUs, and QUICK on a
 The quality measure defaults to `default_quality_space` (Inception where torch-fidelity and its
 weights are installed, else the training set's own classifier for labelled data, else none): a
 missing optional dependency is a note, never an error.
+
+With a copy guard (`--guard`, `EvaluateSettings.guard_settings`) the caller makes every generation of
+the plan twice, plain and guarded (`Generation.guarded`); both sets are measured the same way against
+the same training images, threshold and quality reference, and the guarded figures carry the
+GUARDED_PREFIX. The plain figures are those of an evaluation without a guard.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 from diffusers import DDPMPipeline
 
-from memshard.config import NEAR_COPY_QUANTILE
+from memshard.config import GUARD_MODES, NEAR_COPY_QUANTILE, GuardConfig, check_guard
 from memshard.data import ImageDataset
 from memshard.errors import MemshardError
 from memshard.evaluation.memorization import (
@@ -47,7 +53,7 @@ from memshard.evaluation.quality import (
     feature_space,
     quality_report,
 )
-from memshard.guard import NEAR_COPY_SAMPLE, distinct_rows, near_copy_threshold
+from memshard.guard import NEAR_COPY_SAMPLE, Guard, GuardLog, build_guard, distinct_rows, near_copy_threshold
 from memshard.neighbors import nearest_neighbors
 from memshard.pipeline import DEFAULT_SAMPLING_STEPS, SAMPLERS, SamplingPlan, image_shape
 
@@ -58,6 +64,7 @@ R_COPY_DEFINITION = ("a generation is an r-copy of its nearest training image wh
                      "r = d1^2 / mean(d1^2..dk^2) over its k nearest distinct training images (squared L2, pixels "
                      "in [0, 1]; exact duplicates count once, the r-copy credited to the first of them)")
 REAL_PREFIX = "real_heldout"  # metric names of the copying real reference: real_heldout.mq_0.5_fraction, ...
+GUARDED_PREFIX = "guarded"  # metric names of the guarded generations: guarded.near_copy_fraction, guarded.fid.SPACE, ...
 REAL_REFERENCE_FRACTION = 0.2
 NEAR_COPY_DEFINITION = (f"a generation is a near copy of its nearest training image when its d1^2 is below the "
                         f"{NEAR_COPY_QUANTILE:.0%} quantile of real images' squared distance to their "
@@ -100,6 +107,9 @@ class EvaluateSettings:
     device: str = AUTO  # where generation runs: auto (GPUs when the cluster has them), cpu or cuda
     workers: int | None = None  # generation workers; None: every GPU (or CPU slot) of the cluster
     batch_timeout_s: float = 3600.0  # a generation worker with no batch back by then is replaced (as a dead one)
+    guard: str | None = None  # off, reject or guidance; None: the model's own guard section, else off
+    guard_quantile: float | None = None  # None: the guard's own (the model's, else NEAR_COPY_QUANTILE)
+    guard_scale: float | None = None  # None: the guard's own (the model's, else GuardConfig's)
 
     def check(self) -> None:
         """Every setting that can be checked without the model or the cluster."""
@@ -123,6 +133,37 @@ class EvaluateSettings:
             raise MemshardError(f"--workers {self.workers}: need at least 1 (default: every GPU or CPU slot)")
         if not self.batch_timeout_s > 0:
             raise MemshardError(f"--batch-timeout {self.batch_timeout_s}: give seconds > 0")
+        if self.guard is not None and self.guard not in GUARD_MODES:
+            raise MemshardError(f"--guard {self.guard!r}: choose one of {', '.join(GUARD_MODES)}")
+        for flag, name, value in (("--guard-quantile", "quantile", self.guard_quantile),
+                                  ("--guard-scale", "scale", self.guard_scale)):
+            if value is not None:  # the guard section's own rule (check_guard), told by the flag's name
+                try:
+                    check_guard(GuardConfig(**{name: value}))
+                except MemshardError as error:
+                    raise MemshardError(f"{flag} {value}: {error}") from None
+        if self.guard == "off":
+            self._check_guard_flags_need_a_guard("--guard off")
+
+    def _check_guard_flags_need_a_guard(self, why: str) -> None:
+        given = [flag for flag, value in (("--guard-quantile", self.guard_quantile), ("--guard-scale", self.guard_scale))
+                 if value is not None]
+        if given:
+            raise MemshardError(f"{' and '.join(given)} set a guard, but the guard is off ({why}): "
+                                "add --guard reject or --guard guidance")
+
+    def guard_settings(self, model_guard: GuardConfig | None) -> GuardConfig:
+        """The guard this evaluation runs: `guard` (else the model's own section `model_guard`, else off),
+        with `guard_quantile` / `guard_scale` in place of its values where given."""
+        base = model_guard or GuardConfig()
+        mode = self.guard or base.mode
+        if mode == "off":
+            self._check_guard_flags_need_a_guard("--guard off" if self.guard else "the model carries no guard")
+            return dataclasses.replace(base, mode="off")
+        given = {"quantile": self.guard_quantile, "scale": self.guard_scale}
+        settings = dataclasses.replace(base, mode=mode, **{k: v for k, v in given.items() if v is not None})
+        check_guard(settings)
+        return settings
 
 
 class PlanChoice(NamedTuple):
@@ -174,12 +215,65 @@ def choose_quality_space(settings: EvaluateSettings, dataset: ImageDataset, devi
     return QualitySpaceChoice(space, f"{space.name} (--feature-space {settings.feature_space})")
 
 
+def evaluation_guard(settings: GuardConfig, dataset: ImageDataset, seed: int, device: str = "cpu") -> Guard | None:
+    """The guard of `settings` (None: off) over the evaluated training images, calibrated with the
+    evaluation's seed: at the default quantile its threshold is the evaluation's near-copy threshold."""
+    return None if settings.mode == "off" else build_guard(settings, dataset, device, seed=seed)
+
+
+GUARD_THRESHOLD_WHAT = ("the near-copy calibration (leave-one-out distances of real images) over the evaluated "
+                        "training images, with the evaluation's seed, at the guard's quantile")
+
+
+class GuardedGeneration(NamedTuple):
+    """The plan's generations through a copy guard (`memshard.guard.Guard`), beside the plain ones."""
+
+    images: np.ndarray  # (M, C, H, W) uint8, in the plain images' order
+    log: GuardLog  # what the guard did, all batches
+    guard: dict  # Guard.describe(): its settings and threshold (guard.*)
+    seconds: dict[str, float]  # generation time on the workers: plain_batches, guarded_batches (Guard.batch after them)
+
+
 class Generation(NamedTuple):
     """What a `generate(plan)` callable returns."""
 
     images: np.ndarray  # (M, C, H, W) uint8, image i from batch i // B of the plan
     device: str  # cpu or cuda: where the images were made
     details: dict  # how they were made (workers, placement, timing), for report.json
+    guarded: GuardedGeneration | None = None  # with a guard: the same plan guarded
+
+
+@dataclass(frozen=True)
+class GuardedReport:
+    """The guarded generations' measures, made as the plain ones' are."""
+
+    generation: GuardedGeneration = field(repr=False)
+    memorization: MemorizationReport = field(repr=False)
+    quality: QualityReport | None
+
+    def metrics(self, near_copy_threshold: float | None) -> dict[str, float]:
+        """The generations' own figures as GUARDED_PREFIX.NAME (not the threshold or real references they
+        are measured against: those are the plain run's), and what the guard did (guard.*)."""
+        space = self.quality.space if self.quality else None
+        figures = generation_metrics(self.memorization, self.quality, near_copy_threshold)
+        metrics = {f"{GUARDED_PREFIX}.{key}": value for key, value in figures.items()
+                   if key != "near_copy_sq_distance" and not key.startswith(f"quality.{space}.real.")
+                   and not key.endswith(".classifier_held_out_accuracy")}
+        seconds = self.generation.seconds
+        return {**metrics, **self.generation.log.metrics(), "guard.seconds": seconds["guarded_batches"],
+                "guard.plain_seconds": seconds["plain_batches"]}
+
+
+def generation_metrics(memorization: MemorizationReport, quality: QualityReport | None,
+                       near_copy_threshold: float | None) -> dict[str, float]:
+    """One set of generations' memorization metrics, near copies (with a threshold) and quality (with a space)."""
+    metrics = memorization.metrics()
+    if near_copy_threshold is not None:
+        metrics.update(near_copies(memorization, near_copy_threshold))
+    if quality is not None:
+        metrics[f"fid.{quality.space}"] = quality.generated.frechet
+        metrics.update(quality.metrics(prefix=f"quality.{quality.space}"))
+    return metrics
 
 
 @dataclass(frozen=True)
@@ -196,6 +290,7 @@ class EvaluationReport:
     quality_note: str  # which space, and why (or why none)
     generation: dict  # how the generations were made (workers, placement, timing)
     seconds: dict[str, float]  # wall time per phase: generate, nearest_neighbors, quality
+    guarded: GuardedReport | None = None  # with a guard: the same plan's generations through it
 
     @property
     def feature_space(self) -> str | None:
@@ -208,16 +303,14 @@ class EvaluationReport:
 
     def metrics(self) -> dict[str, float]:
         """Memorization metrics; with a quality measure `fid.SPACE` and `quality.SPACE.*`, the real
-        reference's figures as `quality.SPACE.real.*`: the space is in every quality metric's name."""
-        metrics = self.memorization.metrics()
-        if self.near_copy_threshold is not None:
-            metrics.update(near_copies(self.memorization, self.near_copy_threshold))
+        reference's figures as `quality.SPACE.real.*`: the space is in every quality metric's name.
+        With a guard, also the guarded generations' (`GuardedReport.metrics`)."""
+        metrics = generation_metrics(self.memorization, self.quality, self.near_copy_threshold)
         if self.real_memorization is not None:
             metrics.update({f"{REAL_PREFIX}.{key}": value for key, value in self.real_memorization.metrics().items()
                             if key != "r_copied_training_samples"})
-        if self.quality is not None:
-            metrics[f"fid.{self.quality.space}"] = self.fid
-            metrics.update(self.quality.metrics(prefix=f"quality.{self.quality.space}"))
+        if self.guarded is not None:
+            metrics.update(self.guarded.metrics(self.near_copy_threshold))
         return metrics
 
     def params(self) -> dict[str, object]:
@@ -227,7 +320,8 @@ class EvaluationReport:
                 "num_images": plan.num_images, "batch_size": plan.batch_size, "seed": plan.seed,
                 "feature_space": self.feature_space or "none", "r_copy_threshold": self.settings.r_copy_threshold,
                 "r_neighbors": self.memorization.k, "device": self.device,
-                "workers": self.generation.get("workers", 1)}
+                "workers": self.generation.get("workers", 1),
+                **(self.guarded.generation.guard if self.guarded else {})}
 
     def summary(self, dataset: ImageDataset, top: int = 20) -> dict:
         """report.json's body: the generation protocol, definitions, metrics, quality (its space, why,
@@ -262,7 +356,16 @@ class EvaluationReport:
                                "closest_generations": report.closest_generations(row, 6)}
                               for row in report.most_r_copied(top)],
             "seconds": self.seconds,
+            **({"guard": self.guard_summary()} if self.guarded else {}),
         }
+
+    def guard_summary(self) -> dict:
+        """report.json's guard block: the guard, what it did, and the guarded generations' figures."""
+        guarded = self.guarded
+        return {"settings": guarded.generation.guard,
+                "threshold": GUARD_THRESHOLD_WHAT,
+                "did": asdict(guarded.generation.log), "worker_seconds": guarded.generation.seconds,
+                "metrics": guarded.metrics(self.near_copy_threshold)}
 
     def copies_table(self, dataset: ImageDataset) -> pa.Table:
         """Per training sample: its r-copies and near copies (PER_SAMPLE_MEASURES; near copies null when
@@ -308,8 +411,21 @@ def evaluate(choice: PlanChoice, dataset: ImageDataset, generate: Callable[[Samp
         start = time.perf_counter()
         quality = quality_report(generated, dataset, quality_space.space, seed=plan.seed)
         seconds["quality"] = time.perf_counter() - start
+
+    guarded = None
+    if generation.guarded is not None:
+        start = time.perf_counter()
+        images = generation.guarded.images
+        if images.shape != generated.shape or images.dtype != np.uint8:
+            raise AssertionError(f"generate returned guarded {images.dtype} {images.shape}, expected uint8 {expected}")
+        guarded_memorization = scan_for_copies(images, dataset, distinct_rows(dataset), settings.r_copy_threshold,
+                                               device)
+        guarded_quality = (None if quality_space.space is None
+                           else quality_report(images, dataset, quality_space.space, seed=plan.seed))
+        guarded = GuardedReport(generation.guarded, guarded_memorization, guarded_quality)
+        seconds["guarded_measures"] = time.perf_counter() - start
     return EvaluationReport(settings, plan, choice.protocol, generation.device, generated, report, quality, real,
-                            threshold, quality_space.reason, generation.details, seconds)
+                            threshold, quality_space.reason, generation.details, seconds, guarded)
 
 
 def scan_for_copies(queries: np.ndarray, dataset: ImageDataset, rows: np.ndarray, r_copy_threshold: float,

@@ -11,6 +11,11 @@ Workers are placed like the shard actors, by `cluster.place_actors` in one place
   CPU (a generation worker is one sampling loop: less than a CPU only slows it down).
 A `--workers` count that can never fit is a one-line error, before any actor starts.
 
+With a copy guard (`memshard.guard.Guard`, put into the object store once like the pipeline) every
+worker makes each batch twice: plain, then guarded (`Guard.batch`, which in reject mode starts from
+the plain batch), timing each; the driver gathers both, and the batches' GuardLogs, in batch order.
+The guard depends only on the batch's seed, so guarded images too are the same for any W.
+
 The driver hands out batches as workers free up (two in flight per worker), draws one progress
 bar over all of them, prints an estimate of the total once the first batch is back, and replaces a
 worker that dies or stalls (no batch back within `--batch-timeout`; `actor_pool.ActorPool`): its
@@ -33,6 +38,7 @@ from tqdm import tqdm
 
 from memshard.config import Config
 from memshard.errors import MemshardError
+from memshard.guard import Guard, GuardLog
 from memshard.orchestrator.actor_pool import ActorPool, CallError, Lost
 from memshard.orchestrator.cluster import (
     ActorResources,
@@ -95,26 +101,46 @@ def plan_workers(requested: int | None, device: str, batches: int) -> WorkerPlan
     return WorkerPlan(count, resources, gpu)
 
 
+@dataclass(frozen=True)
+class GuardedBatch:
+    """One batch made plain and guarded, by a worker holding a guard."""
+
+    plain: np.ndarray = field(repr=False)  # (count, C, H, W) uint8
+    guarded: np.ndarray = field(repr=False)  # the same batch through the guard
+    log: GuardLog
+    plain_seconds: float  # the worker's time for the plain batch
+    guard_seconds: float  # its time for `Guard.batch` after it (reject: checks and redraws; guidance: a full batch)
+
+
 @ray.remote
 class GenerationWorker:
     """Holds one copy of the pipeline, with the plan's sampler, and makes batches on request."""
 
-    def __init__(self, pipeline: DDPMPipeline, plan: SamplingPlan, threads: int, faults: FaultPlan | None = None):
+    def __init__(self, pipeline: DDPMPipeline, plan: SamplingPlan, threads: int, faults: FaultPlan | None = None,
+                 guard: Guard | None = None):
         torch.set_num_threads(threads)
         self.plan = plan
         self.pipeline = use_sampler(pipeline, plan.sampler).to(assigned_device())
         self.faults = faults  # test-only (shard_worker.faults); None in a real run
+        self.guard = guard
 
     def describe(self) -> dict:
         """Where this worker runs (waiting on it also waits for the pipeline to load)."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "device": self.pipeline.device.type,
                 "threads": torch.get_num_threads()}
 
-    def generate(self, batch: int, count: int, seed: int) -> np.ndarray:
-        """The plan's batch `batch`: `count` images from `seed`."""
+    def generate(self, batch: int, count: int, seed: int) -> np.ndarray | GuardedBatch:
+        """The plan's batch `batch`: `count` images from `seed`; with a guard, plain and guarded."""
         if self.faults is not None:
             self.faults.before_batch(batch)
-        return generate_batch(self.pipeline, self.plan, count, seed)
+        if self.guard is None:
+            return generate_batch(self.pipeline, self.plan, count, seed)
+        start = time.perf_counter()
+        plain = generate_batch(self.pipeline, self.plan, count, seed)
+        plain_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        guarded, log = self.guard.batch(self.pipeline, self.plan, count, seed, plain=plain)
+        return GuardedBatch(plain, guarded, log, plain_seconds, time.perf_counter() - start)
 
 
 @dataclass(frozen=True)
@@ -126,31 +152,43 @@ class GeneratedImages:
     estimated_seconds: float  # the estimate printed then
     seconds: float  # wall time of the whole generation, placement and loading included
     restarts: int
+    guarded: np.ndarray | None = field(default=None, repr=False)  # with a guard: the same plan guarded, batch order
+    guard_log: GuardLog | None = None  # with a guard: what it did, all batches merged
+    guard_seconds: float | None = None  # with a guard: the workers' time in `Guard.batch`, summed over batches
+    plain_batch_seconds: float | None = None  # with a guard: the workers' time for the plain batches, summed
 
     def details(self) -> dict:
         """For report.json: how the images were made."""
-        return {"workers": self.workers.count, "worker_resources": self.workers.resources.bundle(),
-                "nodes": len({p["node_id"] for p in self.placement}), "device": self.workers.device,
-                "first_batch_seconds": round(self.first_batch_seconds, 3),
-                "estimated_seconds": round(self.estimated_seconds, 1), "worker_restarts": self.restarts}
+        details = {"workers": self.workers.count, "worker_resources": self.workers.resources.bundle(),
+                   "nodes": len({p["node_id"] for p in self.placement}), "device": self.workers.device,
+                   "first_batch_seconds": round(self.first_batch_seconds, 3),
+                   "estimated_seconds": round(self.estimated_seconds, 1), "worker_restarts": self.restarts}
+        if self.guard_seconds is not None:
+            details.update({"plain_batch_seconds": round(self.plain_batch_seconds, 3),
+                            "guard_batch_seconds": round(self.guard_seconds, 3)})
+        return details
 
 
 def generate_on_ray(pipeline: DDPMPipeline, plan: SamplingPlan, workers: WorkerPlan, *, batch_timeout_s: float,
-                    show_progress: bool = True, max_restarts: int | None = None) -> GeneratedImages:
+                    show_progress: bool = True, max_restarts: int | None = None,
+                    guard: Guard | None = None) -> GeneratedImages:
     """The plan's images, made by `workers` placed on the cluster (see the module notes). A worker that
     returns no batch within `batch_timeout_s` (EvaluateSettings.batch_timeout_s) is replaced, as is one
     that dies, up to `max_restarts` times (None: ray.max_actor_restarts' default). The estimate after
-    the first batch is printed to stdout; the progress bar goes to stderr."""
+    the first batch is printed to stdout; the progress bar goes to stderr. With `guard`, the plan's
+    images also through the guard (`GeneratedImages.guarded`, with what it did and its time)."""
     started = time.perf_counter()
     batches = plan.batches()
     cfg = Config()
     limit = cfg.ray.max_actor_restarts if max_restarts is None else max_restarts
     faults = FaultPlan.from_environment()  # test-only; None in a real run
     pipeline_ref = ray.put(pipeline.to("cpu"))  # once into the object store; each worker loads its copy
+    guard_ref = None if guard is None else ray.put(guard)  # likewise: the training images travel once
     actors, group = [], None
     try:
         actors, group, resources, start_actor = place_actors(
-            cfg, workers.count, GenerationWorker, lambda k, r: (pipeline_ref, plan, max(1, int(r.cpus)), faults),
+            cfg, workers.count, GenerationWorker,
+            lambda k, r: (pipeline_ref, plan, max(1, int(r.cpus)), faults, guard_ref),
             role=GENERATION_WORKER, resources=workers.resources)
         placement = ray.get([actor.describe.remote() for actor in actors])
 
@@ -162,11 +200,23 @@ def generate_on_ray(pipeline: DDPMPipeline, plan: SamplingPlan, workers: WorkerP
         pool = ActorPool(actors, start_actor, max_restarts=limit, timeout_s=batch_timeout_s,
                          timeout_setting="--batch-timeout", out_of_restarts=out_of_restarts,
                          restore=lambda k, actor: ray.get(actor.describe.remote()))  # its pipeline loaded first
-        images, first, estimate = _BatchRun(pool, batches).collect(plan, show_progress)
-        return GeneratedImages(np.ascontiguousarray(np.concatenate(images)), workers, placement, first, estimate,
-                               time.perf_counter() - started, pool.restarts)
+        results, first, estimate = _BatchRun(pool, batches).collect(plan, show_progress)
+        seconds = time.perf_counter() - started
+        if guard is None:
+            return GeneratedImages(_joined(results), workers, placement, first, estimate, seconds, pool.restarts)
+        log = GuardLog(guard.mode)
+        for made in results:
+            log = log.merge(made.log)
+        return GeneratedImages(_joined([made.plain for made in results]), workers, placement, first, estimate,
+                               seconds, pool.restarts, guarded=_joined([made.guarded for made in results]),
+                               guard_log=log, guard_seconds=sum(made.guard_seconds for made in results),
+                               plain_batch_seconds=sum(made.plain_seconds for made in results))
     finally:
         release(actors, group)
+
+
+def _joined(batches: list[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate(batches))
 
 
 class _BatchRun:
@@ -183,8 +233,9 @@ class _BatchRun:
             count, seed = self.batches[b]
             self.pool.submit(k, "generate", b, count, seed, tag=b)
 
-    def collect(self, plan: SamplingPlan, show_progress: bool) -> tuple[list[np.ndarray], float, float]:
-        results: list[np.ndarray | None] = [None] * len(self.batches)
+    def collect(self, plan: SamplingPlan, show_progress: bool) -> tuple[list, float, float]:
+        """Every batch's result (images, or a GuardedBatch), in batch order; the first batch's time and the estimate."""
+        results: list[np.ndarray | GuardedBatch | None] = [None] * len(self.batches)
         workers = len(self.pool.actors)
         for _ in range(IN_FLIGHT):
             for k in range(workers):
@@ -218,8 +269,11 @@ class _BatchRun:
 
 
 def _task_error(error: Exception, count: int) -> Exception:
-    """A worker's out-of-memory is the user's to fix (a smaller batch); anything else stays a traceback."""
+    """A worker's out-of-memory is the user's to fix (a smaller batch), as is its MemshardError (a guard
+    mode the model cannot take); anything else stays a traceback."""
     cause = getattr(error, "cause", None)
+    if isinstance(cause, MemshardError):
+        return MemshardError(str(cause))
     if isinstance(cause, torch.OutOfMemoryError | MemoryError):
         return MemshardError(f"a generation worker ran out of memory on a batch of {count} images: "
                              f"use a smaller --batch")

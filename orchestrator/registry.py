@@ -16,7 +16,7 @@ not in this store resolves without lineage; a URI's run must be there.
 
 Resolving downloads no weights. `load_model_pipeline` fetches them into a temporary folder it removes
 and reads the saved pipeline folder (`memshard.pipeline.load_pipeline`), never MLflow's pickled
-pyfunc wrapper.
+pyfunc wrapper; `load_model` also reads the guard settings the model's files carry (`memshard.guard`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from memshard.config import Config, from_dict, redact_uri
+from memshard.config import Config, GuardConfig, from_dict, redact_uri
 from memshard.data import ImageDataset, is_prepared_dataset, load_dataset
 from memshard.errors import MemshardError, shown
+from memshard.guard import find_guard_dir, read_guard_settings
 from memshard.orchestrator.tracking import scrub
 from memshard.pipeline import find_pipeline_dir, load_pipeline
 
@@ -89,17 +90,34 @@ def resolve_model(model: str, client: MlflowClient) -> ResolvedModel:
     return ResolvedModel(model, f"models:/{name}/{version}", run, _run_config(client, run), name, version)
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    pipeline: DDPMPipeline
+    guard: GuardConfig | None  # the guard section the model's files carry; None: none (models before the guard)
+
+
 def load_model_pipeline(resolved: ResolvedModel, client: MlflowClient, device: str | None = "cpu") -> DDPMPipeline:
     """The resolved model's DDPMPipeline on `device`, read from its saved pipeline folder."""
+    return load_model(resolved, client, device).pipeline
+
+
+def load_model(resolved: ResolvedModel, client: MlflowClient, device: str | None = "cpu") -> LoadedModel:
+    """The resolved model's DDPMPipeline on `device` and the guard settings in its files (the folder
+    given, or the downloaded model: `memshard.guard.find_guard_dir`)."""
     if resolved.is_local:
-        return load_pipeline(resolved.location, device)
+        return _loaded(Path(resolved.given.strip()).expanduser(), Path(resolved.location), device)
     with tempfile.TemporaryDirectory(prefix="memshard-model-") as tmp:
         try:
             downloaded = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=resolved.location, dst_path=tmp, tracking_uri=client.tracking_uri))
         except Exception as error:  # missing artifact, store gone: the user fixes the URI or the store
             raise _not_fetched(resolved.given, client, error) from None
-        return load_pipeline(find_pipeline_dir(downloaded, resolved.given), device)
+        return _loaded(downloaded, find_pipeline_dir(downloaded, resolved.given), device)
+
+
+def _loaded(root: Path, pipeline_dir: Path, device: str | None) -> LoadedModel:
+    guard_dir = find_guard_dir(root)
+    return LoadedModel(load_pipeline(pipeline_dir, device), None if guard_dir is None else read_guard_settings(guard_dir))
 
 
 def get_run(client: MlflowClient, run_id: str) -> Run:

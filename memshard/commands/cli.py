@@ -9,7 +9,7 @@ import signal
 import sys
 import warnings
 
-from memshard.config import DEFAULT_PRESET, METHODS, PRESETS, IETConfig
+from memshard.config import DEFAULT_PRESET, GUARD_MODES, METHODS, NEAR_COPY_QUANTILE, PRESETS, GuardConfig, IETConfig
 from memshard.errors import MemshardError, one_line
 from memshard.evaluation.memorization import DEFAULT_R_COPY_THRESHOLD
 
@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"a generation is an r-copy of its nearest training image when r < this (default {DEFAULT_R_COPY_THRESHOLD})")
     evaluate.add_argument("--device", default="auto",
                           help="where generation runs: auto (the cluster's GPUs when it has them), cpu or cuda")
+    evaluate.add_argument("--guard", metavar="|".join(GUARD_MODES),
+                          help="also make every generation through the copy guard and measure both side by side "
+                               "(default: the model's own guard section, else off)")
+    evaluate.add_argument("--guard-quantile", type=float, metavar="Q",
+                          help=f"the guard's near-copy quantile, {NEAR_COPY_QUANTILE} (the calibration) or more: "
+                               "stricter only (default: the model's guard section's)")
+    evaluate.add_argument("--guard-scale", type=float, metavar="S",
+                          help="guidance: how far x0-hat moves, in units of its shortfall to the threshold "
+                               f"(default: the model's guard section's, else {GuardConfig.scale:g})")
     evaluate.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     evaluate.add_argument("--ray-address", metavar="HOST:PORT|auto",
                           help="the Ray cluster to generate on (default: RAY_ADDRESS, else a local Ray instance)")

@@ -11,6 +11,10 @@ the run is opened, so a failure leaves no half-logged run; every setting and the
 checked before any model is fetched. The choices (protocol, quality space, workers, estimate) are
 printed as they are made.
 
+With a guard (`--guard`, else the model's own guard section) the workers make every generation plain
+and guarded; the run holds both sets of figures (the guarded ones as `guarded.*`, what the guard did
+as `guard.*` metrics, its settings as `guard.*` params) and the terminal prints them side by side.
+
 compare: evaluation runs (or training runs, through their latest evaluation) side by side
 (`evaluation.compare`), printed and logged as compare.md / compare.json in a `compare` run.
 """
@@ -29,24 +33,27 @@ import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from memshard.config import DataConfig, MLflowConfig, redact_uri
+from memshard.config import NEAR_COPY_QUANTILE, DataConfig, MLflowConfig, redact_uri
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.compare import CompareRow, CompareTable, compare_row, compare_table
 from memshard.evaluation.evaluate import (
     COPIES_TABLE,
+    GUARDED_PREFIX,
     REAL_PREFIX,
     REAL_REFERENCE_WHAT,
     EvaluateSettings,
     EvaluationReport,
     Generation,
+    GuardedGeneration,
     check_image_shape,
     choose_quality_space,
     evaluate,
+    evaluation_guard,
     sampling_plan,
 )
 from memshard.evaluation.figures import most_r_copied, r_histogram
-from memshard.evaluation.memorization import NEAR_COPY_QUANTILE, THRESHOLDS
+from memshard.evaluation.memorization import THRESHOLDS
 from memshard.files import check_writable_target, replace_file
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.generation import cluster_has_gpu, generate_on_ray, plan_workers
@@ -56,7 +63,7 @@ from memshard.orchestrator.registry import (
     ResolvedModel,
     get_run,
     latest_evaluation,
-    load_model_pipeline,
+    load_model,
     recorded_dataset,
     resolve_model,
 )
@@ -96,7 +103,9 @@ def evaluate_model(model: str, settings: EvaluateSettings | None = None, data: s
     client = check_tracking_store(tracking_uri)
     # Fail fast, before minutes of sampling: the model, the data, the quality space, the workers.
     resolved = resolve_model(model, client)
-    pipeline = load_model_pipeline(resolved, client, "cpu")  # shipped to the generation workers
+    loaded = load_model(resolved, client, "cpu")
+    pipeline = loaded.pipeline  # shipped to the generation workers
+    guard_settings = settings.guard_settings(loaded.guard)
     dataset, matches = _training_data(resolved, data, image_shape(pipeline))
     check_image_shape(dataset, pipeline)
     source = resolved.source_run
@@ -106,6 +115,12 @@ def evaluate_model(model: str, settings: EvaluateSettings | None = None, data: s
     device = "cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu"  # this process's
     space = choose_quality_space(settings, dataset, device)
     say(f"quality: {space.reason}")
+    guard = evaluation_guard(guard_settings, dataset, settings.seed, device)
+    if guard is not None:
+        chosen = "--guard" if settings.guard else "the model's guard section"
+        say(f"guard: {guard.mode} ({chosen}), a near copy is d1^2 < {guard.threshold:.4g} (quantile "
+            f"{guard.settings.quantile} of real images' distance to their nearest other training image): every "
+            "generation is made unguarded and guarded, and both are measured")
     with ray_session(ray_address):
         choice = sampling_plan(settings, int(pipeline.scheduler.config.num_train_timesteps),
                                cluster_has_gpu(settings.device))
@@ -115,8 +130,11 @@ def evaluate_model(model: str, settings: EvaluateSettings | None = None, data: s
 
         def generate(plan: SamplingPlan) -> Generation:
             made = generate_on_ray(pipeline, plan, workers, batch_timeout_s=settings.batch_timeout_s,
-                                   show_progress=show_progress)
-            return Generation(made.images, made.workers.device, made.details())
+                                   show_progress=show_progress, guard=guard)
+            guarded = None if guard is None else GuardedGeneration(
+                made.guarded, made.guard_log, guard.describe(),
+                {"plain_batches": made.plain_batch_seconds, "guarded_batches": made.guard_seconds})
+            return Generation(made.images, made.workers.device, made.details(), guarded)
 
         report = evaluate(choice, dataset, generate, settings, space, device)
     run_id = _log_evaluation(model, source, dataset, matches, report, experiment_id)
@@ -165,6 +183,9 @@ def _log_evaluation(model: str, source: Run | None, dataset: ImageDataset, match
         _log_png(most_r_copied(report.memorization, dataset.images, dataset.sample_ids, generated, title),
                  "most_r_copied.png")
         tracker.log_image(image_grid(generated[:SAMPLE_GRID_IMAGES].transpose(0, 2, 3, 1)), "samples.png")
+        if report.guarded is not None:
+            guarded = report.guarded.generation.images
+            tracker.log_image(image_grid(guarded[:SAMPLE_GRID_IMAGES].transpose(0, 2, 3, 1)), "guarded_samples.png")
     return run.info.run_id
 
 
@@ -212,7 +233,8 @@ def evaluate_settings(args: argparse.Namespace) -> EvaluateSettings:
                             sampling_steps=args.sampling_steps, batch_size=args.batch, seed=args.seed,
                             feature_space=None if args.feature_space == "none" else args.feature_space,
                             inception_weights=args.inception_weights, r_copy_threshold=args.r_copy_threshold,
-                            device=args.device, workers=args.workers, **patience)
+                            device=args.device, workers=args.workers, guard=args.guard,
+                            guard_quantile=args.guard_quantile, guard_scale=args.guard_scale, **patience)
 
 
 def quality_lines(report: EvaluationReport) -> list[str]:
@@ -267,5 +289,45 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
               f"{int(m['near_copied_training_samples'])} training images")
     for line in quality_lines(report):
         print(line)
+    for line in guard_lines(report):
+        print(line)
     print(f"open the MLflow UI: {ui_command(redact_uri(result.tracking_uri))}")
     return 0
+
+
+def guard_lines(report: EvaluationReport) -> list[str]:
+    """With a guard: the same plan's figures unguarded and guarded, side by side, and what the guard did."""
+    if report.guarded is None:
+        return []
+    m, n = report.metrics(), report.plan.num_images
+    rows = [("near copies", "near_copy_count", "of generations"),
+            ("training images nearly copied", "near_copied_training_samples", "count"),
+            *((f"MQ@{t}", f"mq_{t}_count", "of generations") for t in THRESHOLDS),
+            ("NN1/NN2 < 1/3", "nn_ratio_copy_count", "of generations"),
+            ("r-copied training images", "r_copied_training_samples", "count")]
+    if report.quality is not None:
+        space = report.quality.space
+        rows += [(f"FID [{space}]", f"fid.{space}", "value"),
+                 *((f"{name} [{space}]", f"quality.{space}.{key}", "value")
+                   for name, key in (("mean classifier confidence", "mean_confidence"), ("coverage", "coverage"))
+                   if f"quality.{space}.{key}" in m)]
+
+    def shown(key: str, kind: str) -> str:
+        if key not in m:  # near copies with too few distinct images to calibrate them
+            return "-"
+        value = m[key]
+        return {"of generations": f"{int(value)} ({100 * value / n:.2f}%)", "count": f"{int(value)}",
+                "value": f"{value:.3f}"}[kind]
+
+    table = [("measure", "unguarded", "guarded"),
+             *((name, shown(key, kind), shown(f"{GUARDED_PREFIX}.{key}", kind)) for name, key, kind in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    lines = [f"guard {report.guarded.generation.log.mode}, {n} generations each:"]
+    lines += ["  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths, strict=True))) for row in table]
+    log, seconds = report.guarded.generation.log, report.guarded.generation.seconds
+    did = (f"steered {log.steered} generations ({100 * log.steered / n:.1f}%)" if log.mode == "guidance" else
+           f"redrew {log.redrawn} generations ({log.rejected_draws} draws rejected, {log.extra_images} extra images)")
+    lines.append(f"the guard {did}; {log.unresolved} near copies left; worker time {seconds['guarded_batches']:.1f} s "
+                 f"guarded after {seconds['plain_batches']:.1f} s unguarded")
+    return lines
