@@ -4,8 +4,8 @@
 `"guard": "off" | "reject" | "guidance"` samples through the copy guard (memshard.guard), by default
 the mode of the guard reference the model carries (its MLflow artifact "guard": guard.json, written
 from the training config's `guard` section; a model logged before the guard has none, and samples
-unguarded). What the guard did to the last request is `last_guard_log`. The model is logged as code (MLflow's models-from-code: `pyfunc_entry.py` is copied into the model), not as a
-pickle, so a registered model depends on the stable name `memshard.orchestrator.pipeline_model` and
+unguarded). What the guard did to the last request is `last_guard_log`. The model is logged as code
+(MLflow's models-from-code: `pyfunc_entry.py` is copied into the model), not as a pickle, so a registered model depends on the stable name `memshard.orchestrator.pipeline_model` and
 nothing else of memshard's layout.
 """
 
@@ -83,17 +83,19 @@ class DDPMPipelineModel(mlflow.pyfunc.PythonModel):
 
     def __init__(self) -> None:
         super().__init__()
-        self.guard_dir: Path | None = None  # the folder of the model's guard.json; None: it carries none
-        self.default_guard = "off"  # the mode of the model's guard.json, what a request without "guard" gets
-        self._guards: dict[str, Guard] = {}  # loaded on a request's first use of a mode, then kept
-        self.last_guard_log: GuardLog | None = None  # what the guard did to the last request (None: unguarded)
+        self._use_guard(None)
 
     def load_context(self, context) -> None:
         self.pipeline = load_pipeline(context.artifacts["pipeline"])
         guard = context.artifacts.get("guard")  # absent from models logged before the guard
-        self.guard_dir = None if guard is None else Path(guard)
-        settings = None if self.guard_dir is None else read_guard_settings(self.guard_dir)
-        self.default_guard = "off" if settings is None else settings.mode
+        self._use_guard(None if guard is None else Path(guard))  # also for a pickled model, whose __init__ never ran
+
+    def _use_guard(self, guard_dir: Path | None) -> None:
+        self.guard_dir = guard_dir  # the folder of the model's guard.json; None: it carries none
+        settings = None if guard_dir is None else read_guard_settings(guard_dir)
+        self.default_guard = "off" if settings is None else settings.mode  # what a request without "guard" gets
+        self._guards: dict[str, Guard] = {}  # loaded on a request's first use of a mode, then kept
+        self.last_guard_log: GuardLog | None = None  # what the guard did to the last request (None: unguarded)
 
     # Annotated as a DataFrame because, with PREDICT_SIGNATURE, MLflow hands predict the request
     # dict as a one-row DataFrame; a plain dict (calling this class directly) works too. The
@@ -108,8 +110,8 @@ class DDPMPipelineModel(mlflow.pyfunc.PythonModel):
             batch_size=DEFAULT_BATCH_SIZE,
             seed=_request_value(model_input, "seed", None),
         )
-        guard = self.guard(_request_mode(model_input, self.default_guard))
         self.last_guard_log = None
+        guard = self.guard(_request_mode(model_input, self.default_guard))
         if guard is None:
             return generate_plan(self.pipeline, plan).transpose(0, 2, 3, 1)  # (N, H, W, C), as documented
         use_sampler(self.pipeline, plan.sampler)
