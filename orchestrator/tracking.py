@@ -25,9 +25,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from memshard.config import REDACTED, redact_uri
+from memshard.config import REDACTED, GuardConfig, redact_uri
+from memshard.data import ImageDataset
 from memshard.errors import MemshardError
 from memshard.files import check_writable_target, in_workspace
+from memshard.guard import write_guard_reference
 from memshard.orchestrator.pipeline_model import log_pipeline_model
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the file lies in the workspace root: see resolve_tracking_uri
@@ -346,9 +348,14 @@ class Tracker:
             artifact_dir = str(Path(artifact_file).parent)
             self.log_artifact(path, None if artifact_dir == "." else artifact_dir)
 
-    def log_model(self, pipeline_dir: str | Path, registered_name: str | None, artifact_name: str = "model"):
-        """The saved pipeline as the run's pyfunc model, registered as `registered_name` unless None."""
-        return self.call(log_pipeline_model, pipeline_dir, registered_name, artifact_name=artifact_name)
+    def log_model(self, pipeline_dir: str | Path, registered_name: str | None, guard: GuardConfig,
+                  guard_dataset: ImageDataset, artifact_name: str = "model"):
+        """The saved pipeline as the run's pyfunc model, registered as `registered_name` unless None, with
+        its guard reference (README "Copy guard"): `guard`, the model's default guard, kept away from
+        `guard_dataset`, the training set the guard's fingerprint check holds it to."""
+        with tempfile.TemporaryDirectory(prefix="memshard-guard-") as tmp:
+            guard_dir = write_guard_reference(guard, guard_dataset, tmp)
+            return self.call(log_pipeline_model, pipeline_dir, registered_name, guard_dir, artifact_name=artifact_name)
 
     def tag_model_version(self, name: str, version: str, tags: dict) -> None:
         client = MlflowClient()

@@ -111,6 +111,9 @@ class RunHooks:
     # The weights to log (and register) instead of the last round's model, given that model's weights; inside
     # the run, after the last round (also on a resume that had no round left to run).
     final_model: Callable[[dict], dict] | None = None
+    # The training set the model's guard reference names (README "Copy guard"); None: the run's own. An
+    # unlearned model's retrain trains without the forget set but keeps its source's, forget set included.
+    guard_dataset: ImageDataset | None = None
 
 
 def train(cfg: Config, show_progress: bool = True, resume_run_id: str | None = None,
@@ -310,7 +313,8 @@ def _train_in_run(cfg: Config, dataset: ImageDataset, shards: list[np.ndarray], 
         tracker.log_table(_assignment_history(dataset, np.stack(owners)), "shard_assignments.parquet")
         tracker.log_table(_memorization_scores(dataset, driver), "memorization_scores.parquet")
         try:
-            info = tracker.log_model(local_pipeline, cfg.mlflow.register_as if hooks.register else None)
+            info = tracker.log_model(local_pipeline, cfg.mlflow.register_as if hooks.register else None, cfg.guard,
+                                     dataset if hooks.guard_dataset is None else hooks.guard_dataset)
         except Exception as error:
             raise MemshardError(
                 f"the trained model could not be logged to MLflow ({type(error).__name__}); it is saved at "

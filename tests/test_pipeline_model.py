@@ -129,7 +129,7 @@ def test_logged_model_predicts_registers_and_downloads(pipeline_dir, experiment_
     expected = predicted(load_pipeline(pipeline_dir, device="cpu"), 3, seed=1)
 
     with mlflow.start_run(experiment_id=experiment_id):
-        info = log_pipeline_model(pipeline_dir, name)
+        info = log_pipeline_model(pipeline_dir, name, None)
     assert info.registered_model_version == 1
 
     by_uri = mlflow.pyfunc.load_model(info.model_uri).predict(request)
@@ -141,7 +141,7 @@ def test_logged_model_predicts_registers_and_downloads(pipeline_dir, experiment_
     np.testing.assert_array_equal(registered.predict(pd.DataFrame([request])), expected)
 
     with mlflow.start_run(experiment_id=experiment_id):
-        second = log_pipeline_model(pipeline_dir, name)
+        second = log_pipeline_model(pipeline_dir, name, None)
     assert second.registered_model_version == 2
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(tmp_path)))
@@ -170,7 +170,7 @@ def test_predict_reads_plain_and_wrapped_request_values(pipeline_dir):
 def test_log_pipeline_model_needs_an_active_run(pipeline_dir, experiment_id):
     assert mlflow.active_run() is None
     with pytest.raises(RuntimeError, match="active run"):
-        log_pipeline_model(pipeline_dir, None)
+        log_pipeline_model(pipeline_dir, None, None)
 
 
 LEGACY_MODEL = Path(__file__).parent / "fixtures" / "legacy_pyfunc_model"
@@ -200,7 +200,7 @@ def test_new_models_hold_no_pickle(mlflow_store, tmp_path, weights):
     mlflow.set_tracking_uri(mlflow_store)
     mlflow.set_experiment("no-pickle")
     with mlflow.start_run():
-        info = log_pipeline_model(pipeline_dir, None)
+        info = log_pipeline_model(pipeline_dir, None, None)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl")))
     assert not list(local.rglob("*.pkl"))
     images = mlflow.pyfunc.load_model(str(local)).predict({"num_images": 1, "seed": 0, "num_inference_steps": 2})

@@ -48,7 +48,7 @@ def store(tmp_path_factory):
                 local = save_pipeline(build_pipeline(cfg, 1, weights), root / "checkpoints" / run.info.run_id / "pipeline")
                 mlflow.log_params({"dataset.path": dataset.path, "dataset.fingerprint": dataset.fingerprint})
                 mlflow.log_dict(to_dict(cfg), "config.json")
-                log_pipeline_model(local, NAME)
+                log_pipeline_model(local, NAME, None)
             versions[version] = {"run_id": run.info.run_id, "weights": weights, "local": local}
         with mlflow.start_run(experiment_id=experiment_id) as bare:
             pass

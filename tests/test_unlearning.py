@@ -26,6 +26,7 @@ from memshard.commands.unlearn import parse_unlearn_sets, unlearn_model
 from memshard.config import build_config
 from memshard.data import content_hash, load_dataset, resolve_dataset
 from memshard.errors import MemshardError
+from memshard.guard import GUARD_FILE
 from memshard.model import build_scheduler, build_unet
 from memshard.orchestrator.train import train
 from memshard.unlearning import methods
@@ -267,7 +268,7 @@ def test_retrain_is_the_exact_reference_and_later_reports_compare_to_it(planted,
     monkeypatch.setenv("MEMSHARD_WORKSPACE", str(planted["root"]))
     ids = ",".join(planted["planted_ids"])
     small = planted["sets"] + ["audit.num_images=4", "audit.sampling_steps=2"]
-    retrained = unlearn_model("models:/planted/1", ids, "retrain", sets=small)
+    retrained = unlearn_model("models:/planted/1", ids, "retrain", sets=small + ["guard.mode=reject"])
     client = MlflowClient(planted["store"])
     run = client.get_run(retrained.run_id)
     assert run.data.params["dataset.count"] == "100"  # trained on X \ A only
@@ -281,6 +282,14 @@ def test_retrain_is_the_exact_reference_and_later_reports_compare_to_it(planted,
     assert approx.report.retrain.run_id == retrained.run_id
     assert approx.report.retrain.steps == 300 and approx.report.retrain.seconds > 0
     assert "retrained" in (approx.report_dir / "report.md").read_text()
+    # Both versions' guards keep generations from the source's training set, the forgotten images included;
+    # the retrain's mode is the one given to unlearn, the naive one's the source's (off).
+    mlflow.set_tracking_uri(planted["store"])
+    for result, mode in ((retrained, "reject"), (approx, "off")):
+        model = mlflow.pyfunc.load_model(f"models:/planted/{result.registered_version}").unwrap_python_model()
+        reference = json.loads((model.guard_dir / GUARD_FILE).read_text())
+        assert reference["dataset"]["fingerprint"] == planted["dataset"].fingerprint, result.report.method
+        assert reference["dataset"]["count"] == 160 and model.default_guard == mode
 
 
 def test_bad_input_is_one_line_and_registers_nothing(planted, monkeypatch, capsys, tmp_path):
@@ -323,12 +332,15 @@ def test_unlearn_sets_go_through_the_config_parser():
     assert UnlearnSettings().forget_scale_mode == "relative" and UnlearnSettings().rho == 0.1
     assert options.audit == AuditSettings(num_images=8) and options.experiment == "x" and options.tracking_uri is None
     assert options.ray_address == "auto" and parse_unlearn_sets([]).ray_address is None
+    assert options.guard == {} and parse_unlearn_sets(["guard.mode=reject", "guard.scale=2"]).guard == {
+        "mode": "reject", "scale": 2.0}
     for sets, message in [(["lam=half"], "lam = 'half' has the wrong type: expected float"),
                           (["max_steps=2.5"], "max_steps = 2.5 has the wrong type: expected int"),
                           (["forget_scale_mode=both"], "forget_scale_mode='both' must be one of relative, absolute"),
                           (["rho=0"], "rho=0.0 must be positive"),
                           (["check_every=-1"], "check_every=-1 must be 0"),
                           (["audit.nope=1"], "unknown setting 'audit.nope'"),
+                          (["guard.scale=big"], "guard.scale = 'big' has the wrong type"),
                           (["mlflow.register_as=x"], "unknown setting 'mlflow.register_as'"),
                           (["c"], "has no '='"),
                           (["audit.num_images=1"], "audit settings"),

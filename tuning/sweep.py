@@ -55,7 +55,7 @@ from memshard.orchestrator.cluster import (
     plan_actor_resources,
     ray_session,
 )
-from memshard.orchestrator.registry import KIND_TAG
+from memshard.orchestrator.registry import KIND_TAG, recorded_dataset
 from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
 from memshard.tuning.choice import Choice, Point, choose, quality_budget
 from memshard.tuning.report import (
@@ -365,8 +365,11 @@ def register_point(outcome: TrialOutcome, round_index: int, name: str, parent_id
     if round_index == outcome.trial.cfg.iet.rounds:
         version = mlflow.register_model(outcome.model_uri, name)
     else:
+        trained_on = recorded_dataset(MlflowClient().get_run(outcome.run_id),  # the guard the trial's own model has
+                                      fix="restore the training set, or register the trial's last round")
         with mlflow.start_run(run_id=outcome.run_id, nested=True):
-            info = tracker.log_model(outcome.round_pipelines[round_index], name, artifact_name=f"model-round-{round_index}")
+            info = tracker.log_model(outcome.round_pipelines[round_index], name, outcome.trial.cfg.guard, trained_on,
+                                     artifact_name=f"model-round-{round_index}")
         version = MlflowClient().get_model_version(name, str(info.registered_model_version))
     tracker.tag_model_version(name, str(version.version), {
         SWEEP_TAG: parent_id, TRIAL_TAG: outcome.trial.name, "memshard.tune.round": str(round_index)})

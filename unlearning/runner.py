@@ -22,7 +22,7 @@ import ray
 import torch
 from diffusers import DDPMPipeline
 
-from memshard.config import Config, from_dict, to_dict, with_default_places
+from memshard.config import Config, GuardConfig, from_dict, to_dict, with_default_places
 from memshard.data import DATASET_FILE, ImageDataset, fingerprint_of
 from memshard.errors import MemshardError
 from memshard.evaluation.fid import GAUSSIAN_FIT_MIN_ROWS, FeatureSpace
@@ -31,7 +31,7 @@ from memshard.files import in_workspace
 from memshard.model import state_to_numpy
 from memshard.orchestrator.cluster import ray_session
 from memshard.orchestrator.registry import ResolvedModel, recorded_dataset
-from memshard.orchestrator.train import MIN_TRAINING_IMAGES, TrainResult, min_training_images, train
+from memshard.orchestrator.train import MIN_TRAINING_IMAGES, RunHooks, TrainResult, min_training_images, train
 from memshard.unlearning.audit import (
     AuditReport,
     AuditSettings,
@@ -168,20 +168,23 @@ def unlearn_on_ray(method: str, pipeline: DDPMPipeline, source: UnlearnSource, f
 
 
 def retrain_without(source: UnlearnSource, forget: ForgetSet, tracking_uri: str,
-                    ray_address: str | None = None) -> Retrained:
+                    ray_address: str | None = None, guard: GuardConfig | None = None) -> Retrained:
     """`memshard train` again with the source run's configuration, on the kept data only; its model is
     registered as a new version of the source's registered model. Where it runs is asked for now
     (`ray_address`, else RAY_ADDRESS, else a local instance), never the source run's saved address; its
-    folders are this machine's (`with_default_places`), never the saved ones."""
+    folders are this machine's (`with_default_places`), never the saved ones. Its guard is `guard` (None:
+    the source's), over the source's training set, forget set included (README "Copy guard")."""
     cfg = with_default_places(from_dict(to_dict(source.config)))
     cfg.ray.address = ray_address
+    if guard is not None:
+        cfg.guard = guard
     data_dir = in_workspace(cfg.data.cache_dir) / f"unlearn-{forget.hash[:16]}"
     cfg.data.path = str(write_subset(source.dataset, forget.keep_rows, data_dir))
     cfg.mlflow.tracking_uri = tracking_uri
     cfg.mlflow.register_as = source.registered_name
     steps = training_steps(cfg)
     started = time.perf_counter()
-    result = train(cfg, show_progress=False)
+    result = train(cfg, show_progress=False, hooks=RunHooks(guard_dataset=source.dataset))
     return Retrained(result, steps, time.perf_counter() - started)
 
 

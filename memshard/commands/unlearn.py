@@ -25,7 +25,7 @@ from diffusers import DDPMPipeline
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from memshard.config import MLflowConfig, RayConfig, field_hints, parse_sets, to_dict
+from memshard.config import GuardConfig, MLflowConfig, RayConfig, check_guard, field_hints, parse_sets, to_dict
 from memshard.errors import MemshardError
 from memshard.evaluation.evaluate import COPIES_TABLE, PER_SAMPLE_MEASURES
 from memshard.files import in_workspace
@@ -64,6 +64,7 @@ class UnlearnOptions:
     tracking_uri: str | None = None
     experiment: str | None = None  # None: the source run's configured experiment
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local instance (never the source run's)
+    guard: dict[str, object] = dataclasses.field(default_factory=dict)  # guard.NAME given: over the source's
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,11 @@ class UnlearnResult:
 
 def parse_unlearn_sets(sets: list[str], steps: int | None = None) -> UnlearnOptions:
     """`--set` keys: unlearning settings by name (rho, forget_scale_mode, check_every, ...), `audit.NAME`,
-    `mlflow.tracking_uri|experiment`, `ray.address`; read and checked by the training config's machinery
+    `guard.NAME` (the new version's guard, README "Copy guard"), `mlflow.tracking_uri|experiment`,
+    `ray.address`; read and checked by the training config's machinery
     (`memshard.config.parse_sets`). `steps` (--steps) is the cap, max_steps."""
     where_hints = {**field_hints(MLflowConfig, "mlflow."), **field_hints(RayConfig, "ray.")}
-    hints = {**field_hints(UnlearnSettings), **field_hints(AuditSettings, "audit."),
+    hints = {**field_hints(UnlearnSettings), **field_hints(AuditSettings, "audit."), **field_hints(GuardConfig, "guard."),
              **{key: where_hints[key] for key in (*MLFLOW_SETTINGS, *RAY_SETTINGS)}}
     chosen = parse_sets(sets, hints, example="rho=0.1")
     unlearn_values = {key: value for key, value in chosen.items() if "." not in key}
@@ -91,8 +93,9 @@ def parse_unlearn_sets(sets: list[str], steps: int | None = None) -> UnlearnOpti
     audit.check()
     settings = UnlearnSettings(**unlearn_values)
     settings.check()
+    guard = {key[len("guard."):]: value for key, value in chosen.items() if key.startswith("guard.")}
     return UnlearnOptions(settings, audit, chosen.get("mlflow.tracking_uri"), chosen.get("mlflow.experiment"),
-                          chosen.get("ray.address"))
+                          chosen.get("ray.address"), guard)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,13 @@ class UnlearnRequest:
     forget: ForgetSet
     before: DDPMPipeline = dataclasses.field(repr=False)
     options: UnlearnOptions
+
+    @property
+    def guard(self) -> GuardConfig:
+        """The new version's guard: the settings given (--set guard.NAME=...) over the source's. Its reference
+        stays the source's training set, forget set included: the guard keeps generations away from the
+        forgotten images too."""
+        return dataclasses.replace(self.source.config.guard, **self.options.guard)
 
     def tags(self, steps: int | None = None, stopped: str = "") -> dict[str, str]:
         """On the unlearned run and its registered version: lineage, the forget set, the method, and
@@ -134,6 +144,7 @@ def unlearn_model(model: str, forget: str, method: str = "siss", steps: int | No
                         lambda run_id, measure: copied_ids(client, run_id, source.run_id, measure))
     check_keep_set(source, chosen, method, options.audit)
     request = UnlearnRequest(model, forget, method, source, chosen, load_model_pipeline(source.model, client), options)
+    check_guard(request.guard)
     if method == "retrain":
         return _retrain(client, request, tracking_uri)
     return _approximate(client, request)
@@ -150,7 +161,8 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
             "unlearn.method": request.method, "forget.size": len(chosen.rows), "forget.spec": request.forget_spec[:400],
             "dataset.path": dataset.path, "dataset.fingerprint": dataset.fingerprint, "source.model": request.model,
         })
-        tracker.log_dict(to_dict(source.config), "config.json")  # lineage for the next unlearn
+        # Lineage for the next unlearn; its guard section is this version's (the next one's default).
+        tracker.log_dict(to_dict(dataclasses.replace(source.config, guard=request.guard)), "config.json")
         tracker.log_text("\n".join(chosen.ids) + "\n", "forget_ids.txt")
         unlearned = unlearn_on_ray(request.method, request.before, source, chosen, options.settings,
                                    options.audit.pixel_match_threshold, options.ray_address)
@@ -170,14 +182,15 @@ def _approximate(client: MlflowClient, request: UnlearnRequest) -> UnlearnResult
         report = audit_unlearning(source, chosen, request.before, after, compute, options.audit,
                                   latest_retrain(client, source, chosen))
         report_dir = _log_report(report, source, local.parent / "audit")
-        version = str(tracker.log_model(local, source.registered_name).registered_model_version)
+        version = str(tracker.log_model(local, source.registered_name, request.guard,
+                                        dataset).registered_model_version)
     tracker.tag_model_version(source.registered_name, version, tags)
     return UnlearnResult(run.info.run_id, source.registered_name, version, report, report_dir, chosen)
 
 
 def _retrain(client: MlflowClient, request: UnlearnRequest, tracking_uri: str) -> UnlearnResult:
     source, chosen = request.source, request.forget
-    retrained = retrain_without(source, chosen, tracking_uri, request.options.ray_address)
+    retrained = retrain_without(source, chosen, tracking_uri, request.options.ray_address, request.guard)
     result, tags = retrained.result, request.tags(retrained.steps)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=result.run_id):
