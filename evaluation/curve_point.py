@@ -2,7 +2,7 @@
 round -> seeded generations (made in this process, or by the caller's `generate`) -> copying (near
 copies, r-copies, distinct training images copied) and quality in a feature space (Fréchet; in the
 training set's classifier space also mean confidence, class coverage), beside the same figures for
-real images.
+real images. Guarded generations (memshard.guard) are measured the same way, made by `GuardedGeneration`.
 
 Shared by `memshard train`'s checkpoint choice (`memshard.commands.checkpoint_choice`, generating on
 the run's shard actors), the sweep's trials (`memshard.tuning.trial`) and the efficacy bench
@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from memshard.config import Config
 from memshard.data import ImageDataset
 from memshard.evaluation.evaluate import REAL_PREFIX, EvaluateSettings, Generation, evaluate, sampling_plan
@@ -22,7 +24,8 @@ from memshard.evaluation.fid import FeatureSpace
 from memshard.evaluation.intervals import FRECHET_RESAMPLES, fraction_interval
 from memshard.evaluation.memorization import MemorizationReport, near_copies
 from memshard.evaluation.quality import QualitySpaceChoice, quality_report
-from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
+from memshard.guard import Guard, GuardLog
+from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, use_sampler
 
 # The copying measures (lower is better) and the quality measures of every point. COPYING and
 # STRICT_COPYING are r-copies (evaluation.memorization), at r < 0.5 and r < 0.15; the keys keep the names
@@ -70,6 +73,28 @@ def generate_here(pipeline) -> Callable[[SamplingPlan], Generation]:
         return Generation(generate_plan(pipeline, plan), pipeline.device.type, {"workers": 1, "where": "the driver process"})
 
     return generate
+
+
+class GuardedGeneration:
+    """`evaluate`'s generate callable for guarded generations: the plan's batches in this process, each
+    through `guard.batch`; `plain`, the same plan's unguarded images where the caller has them (reject
+    starts from them). After the call, `log` holds what the guard did to all of them."""
+
+    def __init__(self, pipeline, guard: Guard, plain: np.ndarray | None = None):
+        self.pipeline, self.guard, self.plain = pipeline, guard, plain
+        self.log = GuardLog(guard.mode)
+
+    def __call__(self, plan: SamplingPlan) -> Generation:
+        use_sampler(self.pipeline, plan.sampler)
+        batches, start = [], 0
+        for count, seed in plan.batches():
+            plain = None if self.plain is None else self.plain[start:start + count]
+            images, log = self.guard.batch(self.pipeline, plan, count, seed, plain=plain)
+            batches.append(images)
+            self.log = self.log.merge(log)
+            start += count
+        return Generation(np.concatenate(batches), self.pipeline.device.type,
+                          {"workers": 1, "where": "the driver process", "guard": self.guard.mode})
 
 
 def measure(cfg: Config, weights: dict, data: Data, settings: EvaluateSettings, space: FeatureSpace,

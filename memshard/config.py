@@ -32,6 +32,7 @@ REGISTERED_ROUNDS = ("least-copying", "last")  # selection.register: which round
 DEFAULT_MAX_QUALITY_LOSS = 0.10  # a quality budget unless asked otherwise: Fréchet within +10% of its reference's
 MAX_QUALITY_LOSS_LIMIT = 10.0  # a budget past 11x the reference's Fréchet admits models that have learnt nothing
 GUARD_MODES = ("off", "reject", "guidance")  # memshard.guard: what each does
+OFF_SETTINGS = ("guard.mode",)  # text settings where `off` is a value: YAML's false reads as it
 GUARD_CARRIES = ("reference", "images")  # what a registered model holds for its guard (memshard.guard)
 NEAR_COPY_QUANTILE = 0.05  # near copies: nearer than all but this fraction of real images (memshard.guard)
 MAX_CONFIG_FILE_BYTES = 1 << 20  # a config file is a few hundred bytes; past this it is not one
@@ -458,6 +459,8 @@ def coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
             return number
         raise wrong
     if hint is str:
+        if value is False and dotted in OFF_SETTINGS:  # YAML 1.1 (files, --set, grids) reads a bare `off` as false
+            return "off"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise wrong

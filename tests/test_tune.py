@@ -4,6 +4,7 @@ cluster with GPUs (simulated: nodes that declare them) the trial's driver, which
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 
@@ -22,7 +23,7 @@ from memshard.orchestrator.cluster import assigned_device, node_resources, place
 from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
 from memshard.tuning.space import Trial
 from memshard.tuning.sweep import placement, trial_bundles
-from memshard.tuning.trial import SWEEP_TAG, TRIAL_TAG
+from memshard.tuning.trial import GUARD_TAG, SWEEP_TAG, TRIAL_TAG
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the remote code below ships with the test
 
@@ -187,6 +188,45 @@ def test_a_tiny_sweep_logs_its_trials_chooses_registers_and_its_config_trains(ra
     run_id = next(line.split()[-1] for line in trained.out.splitlines() if line.startswith("run id: "))
     params = client.get_run(run_id).data.params
     assert params["iet.rounds"] == str(chosen["round"]) and params["method"] == trials[chosen["trial"]].data.params["method"]
+
+
+def test_guard_settings_in_a_grid_are_measured_on_the_one_trained_model(ray_cluster, mlflow_store, tmp_path,
+                                                                        monkeypatch, capsys):
+    """1 training setting x guard.mode [off, reject]: one training run, and per measured round two points,
+    each its own evaluation run; rejection never leaves more near copies than the plain generations, and
+    its threshold is the measurement's near-copy threshold."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("iet.method: [ddpm]\nguard.mode: [off, reject]\n")
+    code = main(["tune", "--preset", "tiny", "--grid", str(grid), "--num-images", "32", "--sampling-steps", "10",
+                 "--experiment", "tune-guard"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("tune-guard").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(KIND_TAG) == "tune")
+    trained = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trained) == 1 and trained[0].info.status == "FINISHED"  # trained once
+    evaluations = {r.data.tags[GUARD_TAG]: r for r in runs if r.data.tags.get(SOURCE_RUN_TAG) == trained[0].info.run_id}
+    reject = "reject (max_redraws=8, quantile=0.05)"
+    assert sorted(evaluations) == sorted(["off", reject])
+    assert evaluations["off"].data.params["guard.mode"] == "off"
+    guarded = evaluations[reject]
+    assert guarded.data.params["guard.mode"] == "reject"
+    assert float(guarded.data.params["guard.sq_distance"]) == guarded.data.metrics["near_copy_sq_distance"]
+    assert [m.value for m in client.get_metric_history(guarded.info.run_id, "guard.generations")] == [32, 32]
+
+    points = list(csv.DictReader(open(client.download_artifacts(parent.info.run_id, "points.csv", str(tmp_path)))))
+    assert sorted((p["round"], p["guard"]) for p in points) == [("1", "off"), ("1", reject), ("2", "off"), ("2", reject)]
+    for round_ in ("1", "2"):
+        near = {p["guard"]: float(p["generations_near_copies"]) for p in points if p["round"] == round_}
+        assert near[reject] <= near["off"]
+    choice = json.load(open(client.download_artifacts(parent.info.run_id, "choice.json", str(tmp_path))))
+    assert choice["reference"]["guard"] == "off" and choice["chosen"] is not None
+    config_file = next(line.split()[2] for line in out.splitlines() if line.startswith("config file: "))
+    chosen_guard = "reject" if choice["chosen"]["guard"] == reject else "off"
+    assert build_config("tiny", config_file).guard.mode == chosen_guard
 
 
 @pytest.mark.parametrize(("args", "message"), [

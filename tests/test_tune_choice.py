@@ -8,11 +8,11 @@ import math
 import pytest
 import yaml
 
-from memshard.config import build_config
+from memshard.config import GuardConfig, build_config
 from memshard.errors import MemshardError
-from memshard.tuning.choice import Point, choose, pareto_front, quality_budget
+from memshard.tuning.choice import UNGUARDED, Point, choose, pareto_front, quality_budget
 from memshard.tuning.report import chosen_config
-from memshard.tuning.space import sweep_space
+from memshard.tuning.space import guard_label, sweep_space
 
 
 def point(trial: str, near_copied: float, frechet: float, shards: int = 2, compute: float = 100.0, round_: int = 1,
@@ -75,6 +75,30 @@ def test_the_reference_is_always_a_trial_and_settings_a_method_ignores_make_no_s
     assert space.reference_round == build_config("tiny").iet.rounds
 
 
+def test_guard_settings_are_measured_on_one_trained_model_not_trained_again(tmp_path):
+    """guard.* values are how a model is sampled: one trial per training setting, every guard setting a
+    point of it (those differing only where their mode ignores them are one); the reference keeps its
+    plain point, and a chosen guarded point's setting is the chosen config's guard section."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("iet.method: [ddpm, iet]\nguard.mode: [reject, guidance]\nguard.scale: [1, 2]\n")
+    space = sweep_space("tiny", None, [], grid_file=str(grid))
+    assert [t.cfg.iet.method for t in space.trials] == ["ddpm", "iet"]
+    assert all(t.cfg.guard == GuardConfig() for t in space.trials)  # what is trained holds no guard
+    labels = {t.cfg.iet.method: [guard_label(g) for g in t.guards] for t in space.trials}
+    guarded = ["reject (max_redraws=8, quantile=0.05)", "guidance (scale=1, quantile=0.05)",
+               "guidance (scale=2, quantile=0.05)"]
+    assert labels == {"ddpm": [UNGUARDED, *guarded], "iet": guarded}
+    trial = space.trials[1]
+    written = yaml.safe_load(chosen_config(trial.cfg, 2, trial.guard_named(guarded[2])))
+    assert written["guard"]["mode"] == "guidance" and written["guard"]["scale"] == 2.0
+    assert build_config("tiny", _write(tmp_path / "chosen.yaml", written)).guard.scale == 2.0
+
+
+def _write(path, tree):
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
 def test_the_default_space_starts_with_every_method_at_its_preset_values():
     space = sweep_space("tiny", None, [], trials=6, seed=3)
     assert [t.cfg.iet.method for t in space.trials[:4]] == ["ddpm", "iet", "iet-agc", "iet-agc-plus"]
@@ -88,6 +112,9 @@ def test_the_default_space_starts_with_every_method_at_its_preset_values():
     ("msr.rule: [nearest]\n", "msr.rule"),
     ("agc.lam: []\n", "has no values"),
     ("[1, 2]\n", "must hold sections"),
+    ("guard.mode: [off, sometimes]\n", "guard.mode = 'sometimes': choose one of off, reject, guidance"),
+    ("guard.mode: [guidance]\nguard.scale: [1, 0]\n", "guard.scale = 0.0"),
+    ("guard.quantile: [0.01]\n", "guard.quantile = 0.01"),
 ])
 def test_a_bad_grid_is_one_line_before_any_work(tmp_path, text, message):
     grid = tmp_path / "grid.yaml"
@@ -129,3 +156,18 @@ def test_the_chosen_config_is_the_trial_stopped_at_its_round_and_builds_again(tm
     again = build_config("digits", path)  # any preset: the file holds every setting
     assert (again.iet.method, again.agc.lam, again.iet.rounds, again.model.block_out_channels) == \
         ("iet-agc", 3.0, 4, cfg.model.block_out_channels)
+
+
+def test_a_guarded_points_model_carries_its_guard_setting_as_its_default(tmp_path):
+    """What `--register-as` logs for a point: a guarded point's model carries the point's guard setting as
+    its default (written beside the pipeline by the tracker), a plain point's the trial's own."""
+    from memshard.tuning.report import TrialOutcome
+    from memshard.tuning.sweep import point_guard
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("iet.method: [ddpm]\nguard.mode: [off, guidance]\nguard.scale: [3]\n")
+    trial = sweep_space("tiny", None, [], grid_file=str(grid)).trials[0]
+    outcome = TrialOutcome(trial, round_pipelines={1: str(tmp_path)})
+    assert point_guard(outcome, point(trial.name, 1, 1.0)) == trial.cfg.guard == GuardConfig()
+    guarded = Point(trial.name, 1, 0, 0.0, 1.0, 1.0, 2, 100.0, guard="guidance (scale=3, quantile=0.05)")
+    assert point_guard(outcome, guarded) == GuardConfig(mode="guidance", scale=3.0)

@@ -6,7 +6,8 @@ The budget is the reference's quality (ddpm at the preset's full training length
 worse than the reference's where both are known. Among the points within the budget the choice is
 the one with the fewest training images nearly copied; ties go to fewer shards, then less compute (total
 optimizer steps), then better quality (lower Fréchet), then the earlier trial and round, so the
-choice never depends on the order trials finished in. A point over budget is never chosen: when no
+choice never depends on the order trials finished in (last, the unguarded point before a guarded one
+that ties it on everything: it samples for less). A point over budget is never chosen: when no
 point is within it, the choice is None and the closest point is recommended and flagged as such.
 
 Copying is counted in near copies (`evaluation.memorization.near_copies`), calibrated on real images:
@@ -21,6 +22,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+UNGUARDED = "off"  # a Point's guard when its generations were sampled plainly
 COVERAGE_SLACK = 1e-9  # coverage is a share of classes: equal within rounding counts as no worse
 
 
@@ -34,6 +36,12 @@ class Point:
     coverage: float | None  # classes predicted / classes in the labels (None: unlabelled data)
     shards: int
     compute: float  # optimizer steps, summed over the shards, up to this round
+    guard: str = UNGUARDED  # how these weights were sampled: tuning.space.guard_label (off: plain)
+
+
+def guard_suffix(guard: str) -> str:
+    """How a point's guard setting follows its trial and round where points are named (plain: nothing)."""
+    return "" if guard == UNGUARDED else f", guard {guard}"
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,8 @@ class Choice:
 
 def preference(point: Point) -> tuple:
     """The order among points within the budget: fewest near copies, then fewer shards, then less compute."""
-    return (point.near_copied, point.shards, point.compute, point.frechet, point.near_copy_fraction, point.trial, point.round)
+    return (point.near_copied, point.shards, point.compute, point.frechet, point.near_copy_fraction, point.trial,
+            point.round, point.guard != UNGUARDED, point.guard)
 
 
 def choose(points: Iterable[Point], budget: Budget) -> Choice:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from memshard.config import WHERE_SETTINGS, Config, to_dict
-from memshard.tuning.choice import Choice, Point, pareto_front
-from memshard.tuning.space import Trial
+from memshard.config import WHERE_SETTINGS, Config, GuardConfig, to_dict
+from memshard.tuning.choice import UNGUARDED, Choice, Point, guard_suffix, pareto_front
+from memshard.tuning.space import SAMPLING_SECTION, Trial
 
 
 @dataclass
@@ -35,8 +35,8 @@ def point_rows(outcomes: list[TrialOutcome], choice: Choice | None) -> list[dict
     rows = []
     for outcome in outcomes:
         for p in outcome.points:
-            rows.append({"trial": p.trial, "setting": outcome.trial.describe(), "status": outcome.status,
-                         "round": p.round, "training_images_nearly_copied": p.near_copied,
+            rows.append({"trial": p.trial, "setting": outcome.trial.describe(), "guard": p.guard,
+                         "status": outcome.status, "round": p.round, "training_images_nearly_copied": p.near_copied,
                          "generations_near_copies": round(p.near_copy_fraction, 4), "frechet": round(p.frechet, 4),
                          "coverage": p.coverage, "shards": p.shards, "optimizer_steps": p.compute,
                          "reference": outcome.trial.reference and choice is not None and p == choice.budget.reference,
@@ -58,7 +58,8 @@ def trial_rows(outcomes: list[TrialOutcome], choice: Choice | None) -> list[dict
             "reference": outcome.trial.reference, "shards": cfg.iet.shards, "local_steps": cfg.iet.local_steps,
             "rounds": cfg.iet.rounds, "points": len(outcome.points),
             "points_within_budget": sum(p in within for p in outcome.points),
-            "shown_round": shown.round if shown else None, "shown_is": "best within budget" if best else
+            "shown_round": shown.round if shown else None, "shown_guard": shown.guard if shown else None,
+            "shown_is": "best within budget" if best else
             ("last point (none within budget)" if shown else ""),
             "training_images_nearly_copied": shown.near_copied if shown else None,
             "frechet": round(shown.frechet, 4) if shown else None,
@@ -87,13 +88,16 @@ def as_markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 
 TRIAL_COLUMNS = ("trial", "setting", "status", "shards", "local_steps", "rounds", "points", "points_within_budget",
-                 "shown_round", "training_images_nearly_copied", "frechet", "error")
+                 "shown_round", "shown_guard", "training_images_nearly_copied", "frechet", "error")
 
 
-def chosen_config(cfg: Config, rounds: int) -> str:
-    """`cfg` stopped at `rounds`, as YAML for `memshard train --config` (where-settings left out)."""
+def chosen_config(cfg: Config, rounds: int, guard: GuardConfig | None = None) -> str:
+    """`cfg` stopped at `rounds`, sampled with `guard` (None: its own guard section), as YAML for
+    `memshard train --config` (where-settings left out)."""
     tree = json.loads(json.dumps(to_dict(cfg)))  # tuples to lists: YAML writes plain sequences
     tree["iet"]["rounds"] = rounds
+    if guard is not None:
+        tree[SAMPLING_SECTION] = asdict(guard)
     for dotted in WHERE_SETTINGS:  # where to run and log, never what to train: `memshard train` asks for them
         section, key = dotted.split(".")
         tree[section].pop(key, None)
@@ -114,15 +118,16 @@ def tradeoff_figure(outcomes: list[TrialOutcome], choice: Choice | None, path: P
     everything = [p for o in outcomes for p in o.points if o.status != "FAILED"]
     colours = iter(plt.cm.tab20.colors * 10)
     for outcome in outcomes:
-        if not outcome.points:
-            continue
-        colour = "black" if outcome.trial.reference else next(colours)
-        style = "--" if outcome.status == "FAILED" else "-"
-        label = f"{outcome.trial.name} {outcome.trial.describe()}" + (" [failed]" if outcome.status == "FAILED" else "")
-        for axis, key, scale, _ in panels:
-            xs = [p.frechet for p in outcome.points]
-            ys = [getattr(p, key) * scale for p in outcome.points]
-            axis.plot(xs, ys, style, marker="o", markersize=3, linewidth=1, color=colour, label=label)
+        for guard in dict.fromkeys(p.guard for p in outcome.points):  # a line per guard setting, in round order
+            points = [p for p in outcome.points if p.guard == guard]
+            colour = "black" if outcome.trial.reference and guard == UNGUARDED else next(colours)
+            style = "--" if outcome.status == "FAILED" else "-"
+            label = (f"{outcome.trial.name} {outcome.trial.describe()}" + guard_suffix(guard)
+                     + (" [failed]" if outcome.status == "FAILED" else ""))
+            for axis, key, scale, _ in panels:
+                xs = [p.frechet for p in points]
+                ys = [getattr(p, key) * scale for p in points]
+                axis.plot(xs, ys, style, marker="o", markersize=3, linewidth=1, color=colour, label=label)
     for axis, key, scale, ylabel in panels:
         front = pareto_front(everything, measure=key)
         if front:
@@ -139,7 +144,7 @@ def tradeoff_figure(outcomes: list[TrialOutcome], choice: Choice | None, path: P
                 axis.plot(marked.frechet, getattr(marked, key) * scale, "o", markersize=14, fillstyle="none",
                           color="tab:green" if choice.chosen else "tab:orange", markeredgewidth=2,
                           label=("chosen" if choice.chosen else "closest (over budget)") +
-                          f": {marked.trial} round {marked.round}")
+                          f": {marked.trial} round {marked.round}{guard_suffix(marked.guard)}")
         axis.set_xlabel("classifier-space Fréchet distance (lower is better)")
         axis.set_ylabel(ylabel)
         axis.grid(True, alpha=0.3)

@@ -15,6 +15,12 @@ fixes a key; `section: {key: [values]}` also reads), every combination one trial
 
 Trials that differ only in settings their method does not use (agc.* for iet, msr.* and taa.* for
 all but iet-agc-plus) are one trial.
+
+The `guard` section (memshard.guard) is how a trained model is sampled, not what it trains: a grid may
+name `guard.mode`, `guard.scale`, `guard.quantile` (or any guard.* key), and settings that differ only
+there are one trial that trains once and measures every guard setting on its model (`Trial.guards`),
+each a point of its own. The reference trial always measures the unguarded point too: the budget is the
+plain model's quality.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from memshard.config import (
     WHERE_SETTINGS,
     Config,
+    GuardConfig,
     build_config,
     from_dict,
     load_config_file,
@@ -37,22 +44,29 @@ from memshard.config import (
 )
 from memshard.errors import MemshardError, shown
 from memshard.orchestrator.settings import check
+from memshard.tuning.choice import UNGUARDED
 
 REFERENCE_METHOD = "ddpm"
 MAX_TRIALS = 1000  # a grid past this is a typo, not a sweep
+SAMPLING_SECTION = "guard"  # the settings a trained model is sampled with: measured on it, never trained again
 
 
 @dataclass(frozen=True)
 class Trial:
     name: str  # t00, t01, ...: the order the sweep made them in
     settings: dict[str, Any]  # what this trial sets over the base configuration (`section.key`: value)
-    cfg: Config  # the whole training configuration
+    cfg: Config  # the whole training configuration (its guard section at the default: see `what_to_train`)
     reference: bool = False
+    guards: tuple[GuardConfig, ...] = (GuardConfig(),)  # each measured on the trained model: a point apiece
 
     def describe(self) -> str:
         shown_settings = {k: v for k, v in self.settings.items() if k != "iet.method"}
         inner = ", ".join(f"{k}={v}" for k, v in shown_settings.items())
         return f"{self.cfg.iet.method}" + (f" ({inner})" if inner else "")
+
+    def guard_named(self, label: str) -> GuardConfig:
+        """The guard setting of this trial's points labelled `label` (`guard_label`)."""
+        return next(g for g in self.guards if guard_label(g) == label)
 
 
 @dataclass(frozen=True)
@@ -150,11 +164,31 @@ def trial_config(preset: str, overrides: dict[str, Any], sets: list[str], settin
 
 
 def what_to_train(cfg: Config) -> Config:
-    """A trial's configuration without its where-settings (back at their defaults): a trial is what it
-    trains. Where the sweep runs and logs stays with the sweep's base and reaches the trials through
-    `trial.TrialContext`, so nothing Ray Tune keeps (its param space, its callbacks in tuner.pkl) holds
-    a tracking URI's credentials."""
+    """A trial's configuration without its where-settings and its guard (back at their defaults): a
+    trial is what it trains. Where the sweep runs and logs stays with the sweep's base and reaches the
+    trials through `trial.TrialContext`, so nothing Ray Tune keeps (its param space, its callbacks in
+    tuner.pkl) holds a tracking URI's credentials; how its model is sampled is `Trial.guards`
+    (`sampling_settings` takes it out first)."""
+    setattr(cfg, SAMPLING_SECTION, GuardConfig())
     return with_default_places(cfg, WHERE_SETTINGS)
+
+
+def sampling_settings(cfg: Config) -> GuardConfig:
+    """How a trial's model is sampled: the checked configuration's guard section."""
+    return GuardConfig(**asdict(getattr(cfg, SAMPLING_SECTION)))
+
+
+def guard_label(guard: GuardConfig) -> str:
+    """A guard setting's name in the sweep's points, and its identity: only the settings its mode uses
+    (settings that differ only where the mode ignores them are one point)."""
+    if guard.mode == UNGUARDED:
+        return UNGUARDED
+    used = f"scale={guard.scale:g}" if guard.mode == "guidance" else f"max_redraws={guard.max_redraws}"
+    return f"{guard.mode} ({used}, quantile={guard.quantile:g})"
+
+
+def _training_part(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if not k.startswith(f"{SAMPLING_SECTION}.")}
 
 
 def effective(cfg: Config) -> str:
@@ -205,17 +239,21 @@ def sweep_space(preset: str, data: str | None, sets: list[str], grid_file: str |
         all_settings, where = default_settings(8 if trials is None else trials, base, seed), "the default space"
     reference_cfg = what_to_train(trial_config(preset, overrides, sets, {"iet.method": REFERENCE_METHOD},
                                               "the reference (ddpm)"))
-    made: list[tuple[dict, Config]] = []
-    seen: set[str] = set()
+    made: dict[str, tuple[dict, Config, dict[str, GuardConfig]]] = {}  # by what it trains: its guards by label
+    every_guard: dict[str, GuardConfig] = {}
     for settings in all_settings:
-        cfg = what_to_train(trial_config(preset, overrides, sets, settings, where))
-        if effective(cfg) not in seen:
-            seen.add(effective(cfg))
-            made.append((settings, cfg))
-    position = next((i for i, (_, cfg) in enumerate(made) if is_reference_run(cfg, reference_cfg)), None)
-    if position is None:  # the budget is measured against it: always trained
-        made.insert(0, ({"iet.method": REFERENCE_METHOD}, reference_cfg))
+        checked = trial_config(preset, overrides, sets, settings, where)  # the guard's values checked here too
+        guard = sampling_settings(checked)
+        cfg = what_to_train(checked)
+        made.setdefault(effective(cfg), (_training_part(settings), cfg, {}))[2].setdefault(guard_label(guard), guard)
+        every_guard.setdefault(guard_label(guard), guard)
+    trials = list(made.values())
+    position = next((i for i, (_, cfg, _) in enumerate(trials) if is_reference_run(cfg, reference_cfg)), None)
+    if position is None:  # the budget is measured against it: always trained, with every guard of the space
+        trials.insert(0, ({"iet.method": REFERENCE_METHOD}, reference_cfg, dict(every_guard)))
         position = 0
-    built = tuple(Trial(f"t{i:02d}", _what_it_changes(settings, cfg, base), cfg, i == position)
-                  for i, (settings, cfg) in enumerate(made))
+    trials[position][2].setdefault(UNGUARDED, GuardConfig())  # the budget is the plain model's quality
+    built = tuple(Trial(f"t{i:02d}", _what_it_changes(settings, cfg, base), cfg, i == position,
+                        tuple(sorted(guards.values(), key=lambda g: g.mode != UNGUARDED)))  # the plain point first
+                  for i, (settings, cfg, guards) in enumerate(trials))
     return SweepSpace(built, built[position], reference_cfg.iet.rounds, base)

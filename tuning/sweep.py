@@ -24,7 +24,7 @@ never chosen, and the others go on.
 
 MLflow: the parent run holds the sweep's settings, trials.md / trials.csv / points.csv, tradeoff.png,
 choice.json and the chosen setting as chosen_config.yaml (a config file `memshard train --config`
-takes).
+takes; a chosen guarded point's guard setting is its guard section, and the registered model's default).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ import sys
 import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from memshard.config import DEFAULT_MAX_QUALITY_LOSS, MAX_QUALITY_LOSS_LIMIT, Config, to_dict
-from memshard.data import load_dataset, resolve_dataset
+from memshard.config import DEFAULT_MAX_QUALITY_LOSS, MAX_QUALITY_LOSS_LIMIT, Config, GuardConfig, to_dict
+from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError, one_line
 from memshard.evaluation.classifier_space import DEFAULT_CACHE_DIR, ClassifierSpace, classifier_unavailable
 from memshard.evaluation.evaluate import EvaluateSettings
@@ -55,9 +55,9 @@ from memshard.orchestrator.cluster import (
     plan_actor_resources,
     ray_session,
 )
-from memshard.orchestrator.registry import KIND_TAG, recorded_dataset
+from memshard.orchestrator.registry import KIND_TAG
 from memshard.orchestrator.tracking import connect_mlflow, resolve_tracking_uri, tracker
-from memshard.tuning.choice import Choice, Point, choose, quality_budget
+from memshard.tuning.choice import UNGUARDED, Choice, Point, choose, guard_suffix, quality_budget
 from memshard.tuning.report import (
     TRIAL_COLUMNS,
     TrialOutcome,
@@ -68,8 +68,8 @@ from memshard.tuning.report import (
     tradeoff_figure,
     trial_rows,
 )
-from memshard.tuning.space import SweepSpace, Trial
-from memshard.tuning.trial import SWEEP_TAG, TRIAL_TAG, TrialContext, run_trial
+from memshard.tuning.space import SweepSpace, Trial, guard_label
+from memshard.tuning.trial import GUARD_TAG, SWEEP_TAG, TRIAL_TAG, TrialContext, run_trial
 
 TUNE_DIR = ".memshard/tune"  # Tune's own files, and the chosen config file, per sweep; under the workspace root
 
@@ -148,11 +148,12 @@ class Progress(tune.Callback):
             return
         point = Point(result["trial"], int(result["round"]), result["near_copied"], result["near_copy_fraction"],
                       result["frechet"], None if result["coverage"] < 0 else result["coverage"],
-                      int(result["shards"]), result["compute"])
+                      int(result["shards"]), result["compute"], result["guard"])
         outcome.points.append(point)
         if result["pipeline"]:
             outcome.round_pipelines[point.round] = result["pipeline"]
-        self._line(f"{point.trial} round {point.round}: {point.near_copied:g} nearly copied, Fréchet {point.frechet:.3f}")
+        self._line(f"{point.trial} round {point.round}{guard_suffix(point.guard)}: {point.near_copied:g} nearly copied, "
+                   f"Fréchet {point.frechet:.3f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         name = trial.config["trial"]["name"]
@@ -176,7 +177,7 @@ class Progress(tune.Callback):
             best = "best within budget: none yet"
         else:
             p = choice.chosen
-            best = (f"best within budget: {p.trial} round {p.round} ({p.near_copied:g} nearly copied, "
+            best = (f"best within budget: {p.trial} round {p.round}{guard_suffix(p.guard)} ({p.near_copied:g} nearly copied, "
                     f"Fréchet {p.frechet:.3f} <= {choice.budget.max_frechet:.3f})")
         self.say(f"{event} | trials: {counts}; {best}")
 
@@ -199,7 +200,7 @@ def reference_point(outcomes: list[TrialOutcome], reference: Trial, reference_ro
     outcome = next(o for o in outcomes if o.trial.name == reference.name)
     if outcome.status == "FAILED":
         return None
-    return next((p for p in outcome.points if p.round == reference_round), None)
+    return next((p for p in outcome.points if p.round == reference_round and p.guard == UNGUARDED), None)
 
 
 def current_choice(outcomes: list[TrialOutcome], reference: Trial, reference_round: int,
@@ -247,7 +248,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
         with ray_session(base.ray.address):
             nodes = node_resources()
             specs = [{"name": t.name, "config": to_dict(t.cfg), "reference": t.reference, "bundles": trial_bundles(t, nodes),
-                      "strategy": t.cfg.ray.placement_strategy}
+                      "strategy": t.cfg.ray.placement_strategy, "guards": [asdict(g) for g in t.guards]}
                      for t in space.trials]
             outcomes = {t.name: TrialOutcome(t) for t in space.trials}
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune {preset}",
@@ -260,7 +261,8 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
                     "sampling_steps": settings.sampling_steps, "eval_every": eval_every, "seed": settings.seed,
                     "quality_space": space_name,
                     "dataset.fingerprint": dataset.fingerprint, "dataset.path": dataset.path})
-                tracker.log_dict({t.name: {"setting": t.describe(), "settings": t.settings, "reference": t.reference}
+                tracker.log_dict({t.name: {"setting": t.describe(), "settings": t.settings, "reference": t.reference,
+                                           "guards": {guard_label(g): asdict(g) for g in t.guards}}
                                   for t in space.trials}, "space.json")
                 context = TrialContext(tracking_uri, parent_id, absolute_places(base, dataset_dir), str(classifier_cache),
                                        evaluate_settings, eval_every, space.reference_round)
@@ -269,7 +271,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
                 progress = Progress(outcomes, space.reference, space.reference_round, settings.max_quality_loss, say)
                 with nullcontext() if tune_output else redirect_stdout(io.StringIO()):  # Tune prints even at verbose=0
                     _fit(specs, context, progress, parent_id)
-                return _conclude(list(outcomes.values()), space, settings, preset, parent_id, tracking_uri)
+                return _conclude(list(outcomes.values()), space, settings, preset, parent_id, tracking_uri, dataset)
     except KeyboardInterrupt:  # SIGINT or SIGTERM (memshard.commands.cli): Ray is shut down, the trials ended
         if parent_id is not None:
             _end_interrupted_trials(tracking_uri, parent_id)
@@ -303,7 +305,7 @@ def _fit(specs: list[dict], context: TrialContext, progress: Progress, parent_id
 
 
 def _conclude(outcomes: list[TrialOutcome], space: SweepSpace, settings: SweepSettings, preset: str,
-              parent_id: str, tracking_uri: str) -> SweepResult:
+              parent_id: str, tracking_uri: str, dataset: ImageDataset) -> SweepResult:
     """The choice, the table, the picture, the config file; registered when asked; all on the parent run."""
     choice = current_choice(outcomes, space.reference, space.reference_round, settings.max_quality_loss)
     out = in_workspace(TUNE_DIR) / f"tune-{parent_id}"
@@ -327,7 +329,7 @@ def _conclude(outcomes: list[TrialOutcome], space: SweepSpace, settings: SweepSe
         trial = next(t for t in space.trials if t.name == marked.trial)
         name = "chosen_config.yaml" if choice.chosen else "closest_over_budget_config.yaml"
         config_file = out / name
-        config_file.write_text(chosen_config(trial.cfg, marked.round))
+        config_file.write_text(chosen_config(trial.cfg, marked.round, trial.guard_named(marked.guard)))
         tracker.log_artifact(config_file)
     metrics = {"trials_failed": sum(o.status == "FAILED" for o in outcomes),
                "trials_finished": sum(o.status == "FINISHED" for o in outcomes)}
@@ -336,11 +338,11 @@ def _conclude(outcomes: list[TrialOutcome], space: SweepSpace, settings: SweepSe
                         "chosen.round": choice.chosen.round, "budget.max_frechet": choice.budget.max_frechet})
     tracker.log_metrics(metrics)
     if choice is not None and choice.chosen is not None:
-        tracker.set_tags({"memshard.tune.chosen": f"{choice.chosen.trial} round {choice.chosen.round}"})
+        tracker.set_tags({"memshard.tune.chosen": f"{choice.chosen.trial} round {choice.chosen.round}{guard_suffix(choice.chosen.guard)}"})
     registered = None
     if settings.register_as and choice is not None and choice.chosen is not None:
         registered = register_point(next(o for o in outcomes if o.trial.name == choice.chosen.trial),
-                                    choice.chosen.round, settings.register_as, parent_id)
+                                    choice.chosen, settings.register_as, parent_id, dataset)
     return SweepResult(parent_id, tracking_uri, outcomes, choice, config_file, registered, table)
 
 
@@ -349,7 +351,8 @@ def _choice_summary(choice: Choice | None, space: SweepSpace) -> dict:
         return {"chosen": None, "why": f"the reference trial {space.reference.name} failed: no quality budget"}
 
     def point(p: Point | None) -> dict | None:
-        return None if p is None else {"trial": p.trial, "round": p.round, "training_images_nearly_copied": p.near_copied,
+        return None if p is None else {"trial": p.trial, "round": p.round, "guard": p.guard,
+                                       "training_images_nearly_copied": p.near_copied,
                                        "generations_near_copies": p.near_copy_fraction, "frechet": p.frechet,
                                        "coverage": p.coverage, "shards": p.shards, "optimizer_steps": p.compute}
 
@@ -359,18 +362,26 @@ def _choice_summary(choice: Choice | None, space: SweepSpace) -> dict:
             "within_budget": [point(p) for p in choice.within]}
 
 
-def register_point(outcome: TrialOutcome, round_index: int, name: str, parent_id: str) -> tuple[str, str]:
+def register_point(outcome: TrialOutcome, point: Point, name: str, parent_id: str,
+                   dataset: ImageDataset) -> tuple[str, str]:
     """Register the model of a trial's point as a new version of `name`: the run's logged model for its
-    last round, else that round's saved pipeline, logged into the trial's run first."""
-    if round_index == outcome.trial.cfg.iet.rounds:
+    last round, else that round's saved pipeline, logged into the trial's run first. A guarded point's
+    model carries its guard setting as its default (`point_guard`)."""
+    round_index = point.round
+    if round_index == outcome.trial.cfg.iet.rounds and point.guard == UNGUARDED:
         version = mlflow.register_model(outcome.model_uri, name)
     else:
-        trained_on = recorded_dataset(MlflowClient().get_run(outcome.run_id),  # the guard the trial's own model has
-                                      fix="restore the training set, or register the trial's last round")
         with mlflow.start_run(run_id=outcome.run_id, nested=True):
-            info = tracker.log_model(outcome.round_pipelines[round_index], name, outcome.trial.cfg.guard, trained_on,
+            info = tracker.log_model(outcome.round_pipelines[round_index], name, point_guard(outcome, point), dataset,
                                      artifact_name=f"model-round-{round_index}")
         version = MlflowClient().get_model_version(name, str(info.registered_model_version))
     tracker.tag_model_version(name, str(version.version), {
-        SWEEP_TAG: parent_id, TRIAL_TAG: outcome.trial.name, "memshard.tune.round": str(round_index)})
+        SWEEP_TAG: parent_id, TRIAL_TAG: outcome.trial.name, "memshard.tune.round": str(round_index),
+        GUARD_TAG: point.guard})
     return name, str(version.version)
+
+
+def point_guard(outcome: TrialOutcome, point: Point) -> GuardConfig:
+    """The guard section the registered model of `point` carries as its default: a guarded point's
+    setting, else the trial's own (the sweep's config's)."""
+    return outcome.trial.cfg.guard if point.guard == UNGUARDED else outcome.trial.guard_named(point.guard)

@@ -2,9 +2,11 @@
 
 `run_trial`: `orchestrator.train.train` with hooks — its run nested under the sweep's parent run, its
 model logged but not registered, and after every E-th round (and the reference round) the global
-weights measured (`measure`) and reported to Tune, each point logged to the training run as `tune.*`
-metrics by round. At the end one evaluation run, nested under the training run and linked to it as
-`memshard evaluate` links its runs, holds every point's figures by round. A trial that raises is
+weights measured (`measure`) once per guard setting of the trial (`Trial.guards`: sampled differently,
+never trained again) and each point reported to Tune; the plain points are logged to the training run
+as `tune.*` metrics by round. At the end one evaluation run per guard setting, nested under the
+training run and linked to it as `memshard evaluate` links its runs, holds its points' figures by
+round (and, guarded, the guard's settings as guard.* params and what it did as guard.* metrics). A trial that raises is
 marked FAILED in MLflow and in Tune (no retries), and the others go on.
 
 What a trial needs beyond its configuration comes from the sweep's driver (`sweep`) as a
@@ -21,20 +23,24 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from memshard.config import Config, flatten, from_dict, set_dotted
+from memshard.config import Config, GuardConfig, flatten, from_dict, set_dotted
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError, one_line
 from memshard.evaluation.classifier_space import ClassifierSpace
-from memshard.evaluation.curve_point import Data, evaluation_rounds, measure
+from memshard.evaluation.curve_point import Data, GuardedGeneration, evaluation_rounds, measure
 from memshard.evaluation.evaluate import EvaluateSettings
+from memshard.guard import GuardLog, build_guard
 from memshard.orchestrator.cluster import assigned_device
 from memshard.orchestrator.registry import KIND_TAG, SOURCE_RUN_TAG
 from memshard.orchestrator.tracking import tracker
 from memshard.orchestrator.train import RoundEnd, RunHooks, checkpoint_dir, train
-from memshard.pipeline import save_pipeline
+from memshard.pipeline import build_pipeline, save_pipeline
+from memshard.tuning.choice import UNGUARDED, guard_suffix
+from memshard.tuning.space import guard_label
 
 SWEEP_TAG = "memshard.tune.parent_run_id"  # on every trial's runs: the sweep they belong to
 TRIAL_TAG = "memshard.tune.trial"  # the trial's name (t00, ...)
+GUARD_TAG = "memshard.tune.guard"  # on each evaluation run: the guard setting its points were sampled with
 log = logging.getLogger("memshard.tune")
 
 
@@ -77,54 +83,85 @@ def _train_and_measure(cfg: Config, spec: dict, context: TrialContext, tags: dic
     device = assigned_device()  # a GPU only where the trial's driver bundle holds one (trial_bundles)
     rounds = evaluation_rounds(cfg.iet.rounds, context.eval_every, context.reference_round if spec["reference"] else None)
     steps_per_round = cfg.iet.shards * cfg.iet.local_steps
-    measured: list[tuple[int, dict, dict]] = []  # (round, evaluate's metrics, its params)
+    settings = [GuardConfig(**g) for g in spec["guards"]]  # the plain point (where measured) first
+    # Each guard's threshold is the measurement's near-copy threshold: the same images, the same seed.
+    guards = {guard_label(g): None if g.mode == UNGUARDED else build_guard(g, dataset, device, context.evaluate.seed)
+              for g in settings}
+    measured: dict[str, list[Measured]] = {label: [] for label in guards}
+    # The last round's pipeline is the run's model already; a guarded point's model is registered from a saved one.
+    keep_last = any(guard is not None for guard in guards.values())
 
     def after_round(end: RoundEnd) -> None:
         round_index = end.round_index
         if round_index not in rounds:
             return
         run_id = mlflow.active_run().info.run_id
-        m = measure(cfg, end.model_weights, data, context.evaluate, space, device)
-        pipeline_dir = ""
-        if round_index < cfg.iet.rounds:  # the last round's pipeline is the run's model already
-            pipeline_dir = str(save_pipeline(m.pipeline.to("cpu"), checkpoint_dir(cfg, run_id) / "rounds" / f"round_{round_index:04d}"))
-        figures = m.figures
-        if figures["copied_near"] is None:  # evaluate() calibrates near copies on >= 3 distinct images
-            raise MemshardError(f"{cfg.data.path} has fewer than 3 distinct images: near copies, what the choice "
-                                "minimizes, cannot be calibrated; tune on a dataset of at least 3 images")
-        tracker.log_metrics({f"tune.{k}": float(v) for k, v in figures.items() if v is not None}, step=round_index)
-        measured.append((round_index, m.metrics, m.params))
-        tune.report({"kind": "point", "trial": spec["name"], "round": round_index, "run_id": run_id,
-                     "near_copied": float(figures["copied_near"]),
-                     "near_copy_fraction": float(figures["generations_near_copies"]),
-                     "frechet": float(figures["frechet"]),
-                     "coverage": -1.0 if figures["coverage"] is None else float(figures["coverage"]),
-                     "real_frechet": float(figures["real_frechet"]), "shards": cfg.iet.shards,
-                     "compute": float(round_index * steps_per_round), "pipeline": pipeline_dir})
+        pipeline_dir, plain, guarded_pipeline = "", None, None
+        for label, guard in guards.items():
+            if guard is None:
+                m, guard_log = measure(cfg, end.model_weights, data, context.evaluate, space, device), None
+                plain = m.generated
+            else:
+                if guarded_pipeline is None:
+                    guarded_pipeline = build_pipeline(cfg, dataset.channels, end.model_weights).to(device)
+                generation = GuardedGeneration(guarded_pipeline, guard, plain)
+                m = measure(cfg, end.model_weights, data, context.evaluate, space, device, generate=generation)
+                guard_log = generation.log
+            figures = m.figures
+            if figures["copied_near"] is None:  # evaluate() calibrates near copies on >= 3 distinct images
+                raise MemshardError(f"{cfg.data.path} has fewer than 3 distinct images: near copies, what the choice "
+                                    "minimizes, cannot be calibrated; tune on a dataset of at least 3 images")
+            if not pipeline_dir and (round_index < cfg.iet.rounds or keep_last):
+                pipeline_dir = str(save_pipeline(m.pipeline.to("cpu"), checkpoint_dir(cfg, run_id) / "rounds"
+                                                 / f"round_{round_index:04d}"))
+            if guard is None:
+                tracker.log_metrics({f"tune.{k}": float(v) for k, v in figures.items() if v is not None}, step=round_index)
+            measured[label].append(Measured(round_index, m.metrics, m.params, guard_log))
+            tune.report({"kind": "point", "trial": spec["name"], "round": round_index, "run_id": run_id,
+                         "guard": label, "near_copied": float(figures["copied_near"]),
+                         "near_copy_fraction": float(figures["generations_near_copies"]),
+                         "frechet": float(figures["frechet"]),
+                         "coverage": -1.0 if figures["coverage"] is None else float(figures["coverage"]),
+                         "real_frechet": float(figures["real_frechet"]), "shards": cfg.iet.shards,
+                         "compute": float(round_index * steps_per_round), "pipeline": pipeline_dir})
 
     hooks = RunHooks(parent_run_id=context.parent_run_id, tags={**tags, "mlflow.runName": spec["name"]},
                      register=False, after_round=after_round)
     result = train(cfg, show_progress=False, hooks=hooks)
-    _log_evaluation_run(result.run_id, result.model_uri, cfg, dataset, measured, tags)
+    for label, guard in guards.items():
+        described = {"guard.mode": UNGUARDED} if guard is None else guard.describe()
+        _log_evaluation_run(result.run_id, result.model_uri, cfg, dataset, measured[label], tags, label, described)
     tune.report({"kind": "trained", "trial": spec["name"], "run_id": result.run_id, "model_uri": result.model_uri})
 
 
-def _log_evaluation_run(run_id: str, model_uri: str, cfg: Config, dataset: ImageDataset,
-                        measured: list[tuple[int, dict, dict]], tags: dict[str, str]) -> None:
-    """The trial's points as `memshard evaluate` logs one evaluation, by round, linked to its training run."""
+@dataclass(frozen=True)
+class Measured:
+    """One point of a trial as its evaluation run logs it."""
+
+    round: int
+    metrics: dict  # evaluate's metrics
+    params: dict  # how they were made
+    guard_log: GuardLog | None  # what the guard did (None: the plain point)
+
+
+def _log_evaluation_run(run_id: str, model_uri: str, cfg: Config, dataset: ImageDataset, measured: list[Measured],
+                        tags: dict[str, str], guard: str, guard_params: dict) -> None:
+    """One guard setting's points as `memshard evaluate` logs one evaluation, by round, linked to the
+    trial's training run: a run per guard setting, each point its own figures and what the guard did."""
     if not measured:
         return
-    params = {**measured[-1][2], "model": model_uri, "dataset.path": dataset.path,
+    params = {**measured[-1].params, **guard_params, "model": model_uri, "dataset.path": dataset.path,
               "dataset.fingerprint": dataset.fingerprint, "dataset.count": len(dataset),
-              "dataset.matches_training_run": "true", "rounds_measured": ",".join(str(r) for r, _, _ in measured)}
+              "dataset.matches_training_run": "true", "rounds_measured": ",".join(str(p.round) for p in measured)}
     run_tags = {**tags, KIND_TAG: "evaluation", SOURCE_RUN_TAG: run_id, "memshard.model_uri": model_uri,
-                "memshard.source_method": cfg.iet.method}
+                "memshard.source_method": cfg.iet.method, GUARD_TAG: guard}
+    name = f"evaluate {tags[TRIAL_TAG]}{guard_suffix(guard)}"
     experiment_id = MlflowClient().get_run(run_id).info.experiment_id
-    with mlflow.start_run(experiment_id=experiment_id, parent_run_id=run_id, run_name=f"evaluate {tags[TRIAL_TAG]}",
-                          tags=run_tags):
+    with mlflow.start_run(experiment_id=experiment_id, parent_run_id=run_id, run_name=name, tags=run_tags):
         tracker.log_params(params)
-        for round_index, metrics, _ in measured:
-            tracker.log_metrics(metrics, step=round_index)
+        for point in measured:
+            guard_metrics = {} if point.guard_log is None else point.guard_log.metrics()
+            tracker.log_metrics({**point.metrics, **guard_metrics}, step=point.round)
 
 
 def _mark_failed(cfg: Config, spec: dict, context: TrialContext, tags: dict[str, str], error: BaseException) -> None:

@@ -9,6 +9,7 @@ from memshard.commands.checkpoint_choice import parse_quality_loss
 from memshard.config import DEFAULT_PRESET, check_model_name
 from memshard.errors import MemshardError
 from memshard.orchestrator.tracking import redact_uri, ui_command
+from memshard.tuning.choice import guard_suffix
 from memshard.tuning.space import sweep_space
 from memshard.tuning.sweep import SweepResult, SweepSettings, run_sweep
 
@@ -37,7 +38,7 @@ def print_result(result: SweepResult) -> None:
         print("no choice: the reference trial failed, so there is no quality budget to measure against")
     elif choice.chosen is not None:
         p = choice.chosen
-        print(f"chosen: {p.trial} stopped at round {p.round}: {p.near_copied:g} training images nearly copied, "
+        print(f"chosen: {p.trial} stopped at round {p.round}{guard_suffix(p.guard)}: {p.near_copied:g} training images nearly copied, "
               f"{100 * p.near_copy_fraction:.1f}% of generations near copies, Fréchet {p.frechet:.3f} "
               f"(budget {choice.budget.max_frechet:.3f}: reference {choice.budget.reference.trial} round "
               f"{choice.budget.reference.round} at {choice.budget.reference.frechet:.3f} "
@@ -45,7 +46,7 @@ def print_result(result: SweepResult) -> None:
     else:
         p = choice.closest
         print(f"no trial within budget (Fréchet <= {choice.budget.max_frechet:.3f}); closest: {p.trial} round "
-              f"{p.round}, Fréchet {p.frechet:.3f}, {p.near_copied:g} nearly copied — not chosen, nothing registered")
+              f"{p.round}{guard_suffix(p.guard)}, Fréchet {p.frechet:.3f}, {p.near_copied:g} nearly copied — not chosen, nothing registered")
     if result.config_file is not None:
         print(f"config file: {result.config_file} (memshard train --config {result.config_file})")
     if result.registered is not None:
