@@ -345,9 +345,9 @@ def load_guard(folder: str | Path, mode: str | None = None, device: str | None =
     path = expected["path"]
     try:
         dataset = load_dataset(checked_path(path, "the guard's training set"))
-    except MemshardError:
-        raise MemshardError(f"the guard's training set {path} is missing or unreadable: put the dataset the model "
-                            "was trained on back there, or sample with guard off") from None
+    except MemshardError as error:
+        raise MemshardError(f"the guard's training set {path} is missing or unreadable ({str(error)[:200]}): put the "
+                            "dataset the model was trained on back there, or sample with guard off") from None
     if dataset.fingerprint != expected["fingerprint"]:
         raise MemshardError(f"the guard's training set {path} has changed since the model was trained (fingerprint "
                             f"{dataset.fingerprint[:12]}, expected {expected['fingerprint'][:12]}): restore it, or "
