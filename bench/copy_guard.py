@@ -36,12 +36,12 @@ from efficacy_curves import DUPLICATED, load_data, planted_reproductions, plante
 
 from memshard.config import GuardConfig, build_config  # noqa: E402
 from memshard.evaluation.classifier_space import ClassifierSpace  # noqa: E402
-from memshard.evaluation.curve_point import measure  # noqa: E402
+from memshard.evaluation.curve_point import GuardedGenerateHere, generate_here, measure  # noqa: E402
 from memshard.evaluation.evaluate import EvaluateSettings, Generation  # noqa: E402
 from memshard.evaluation.intervals import t_interval  # noqa: E402
-from memshard.guard import GuardLog, build_guard  # noqa: E402
+from memshard.guard import build_guard  # noqa: E402
 from memshard.model import resolve_device, state_to_numpy  # noqa: E402
-from memshard.pipeline import SamplingPlan, find_pipeline_dir, generate_batch, load_pipeline, use_sampler  # noqa: E402
+from memshard.pipeline import SamplingPlan, find_pipeline_dir, load_pipeline  # noqa: E402
 
 FIELDS = ("model", "setting", "generations_near_copies", "generations_near_copies_ci_low",
           "generations_near_copies_ci_high", "copied_near", "frechet", "frechet_ci_low", "frechet_ci_high",
@@ -59,32 +59,17 @@ def local_pipeline_dir(model: str) -> Path:
     return find_pipeline_dir(Path(mlflow.artifacts.download_artifacts(artifact_uri=model)), model)
 
 
-def guarded_generate(pipeline, setting: str, guard, logs: list[GuardLog], plain_seconds: dict):
-    """`measure`'s generate callable for one setting; the plain setting records its time for reject's."""
+class Timed:
+    """A generate callable, timed: `seconds` of its last call."""
 
-    def generate(plan: SamplingPlan) -> Generation:
-        use_sampler(pipeline, plan.sampler)
-        batches, done = [], 0
+    def __init__(self, generate):
+        self.generate, self.seconds = generate, 0.0
+
+    def __call__(self, plan: SamplingPlan) -> Generation:
         start = time.perf_counter()
-        for count, seed in plan.batches():
-            if guard is None:
-                batches.append(generate_batch(pipeline, plan, count, seed))
-            else:  # reject starts from the plain setting's batch, made (and timed) before
-                plain = plain_seconds["images"][done:done + count] if guard.mode == "reject" else None
-                images, log = guard.batch(pipeline, plan, count, seed, plain=plain)
-                logs.append(log)
-                batches.append(images)
-            done += count
-        images = np.concatenate(batches)
-        seconds = time.perf_counter() - start
-        if guard is None:
-            plain_seconds.update(seconds=seconds, images=images)
-        elif guard.mode == "reject":
-            seconds += plain_seconds["seconds"]  # rejection starts from the plain draw
-        plain_seconds[setting] = seconds
-        return Generation(images, pipeline.device.type, {"workers": 1, "where": "the bench process"})
-
-    return generate
+        generation = self.generate(plan)
+        self.seconds = time.perf_counter() - start
+        return generation
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,19 +114,21 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         pipeline = load_pipeline(local_pipeline_dir(model), device)
         weights = state_to_numpy(pipeline.unet)
-        timing: dict = {}
+        plain, plain_images = Timed(generate_here(pipeline)), None  # "none" is measured first
         for setting, guard_cfg in guard_settings.items():
             guard = None if guard_cfg is None else build_guard(guard_cfg, data.train, device, seed=args.eval_seed)
-            logs: list[GuardLog] = []
-            measured = measure(cfg, weights, data, settings, space, device,
-                               guarded_generate(pipeline, setting, guard, logs, timing))
-            log = logs[0] if logs else None
-            for more in logs[1:]:
-                log = log.merge(more)
+            guarded = None if guard is None else GuardedGenerateHere(
+                pipeline, guard, plain_images if guard.mode == "reject" else None)  # reject starts from the plain draw
+            generate = plain if guard is None else Timed(guarded)
+            measured = measure(cfg, weights, data, settings, space, device, generate)
+            if guard is None:
+                plain_images = measured.generated
+            seconds = generate.seconds + (plain.seconds if guard is not None and guard.mode == "reject" else 0.0)
+            log = None if guarded is None else guarded.log
             reproduced = {} if planted is None else planted_reproductions(
                 measured.generated, data.train, planted, measured.figures["near_copy_sq_distance"], device)
             point = {"model": model, "setting": setting, **measured.figures, **reproduced,
-                     "generate_seconds": timing[setting], **(log.metrics() if log else {}),
+                     "generate_seconds": seconds, **(log.metrics() if log else {}),
                      "load_average": os.getloadavg()[0]}
             if guard is not None:
                 assert guard.threshold == measured.figures["near_copy_sq_distance"] or args.quantile is not None

@@ -2,7 +2,7 @@
 round -> seeded generations (made in this process, or by the caller's `generate`) -> copying (near
 copies, r-copies, distinct training images copied) and quality in a feature space (Fréchet; in the
 training set's classifier space also mean confidence, class coverage), beside the same figures for
-real images. Guarded generations (memshard.guard) are measured the same way, made by `GuardedGeneration`.
+real images. Guarded generations (memshard.guard) are measured the same way, made in this process by `GuardedGenerateHere`.
 
 Shared by `memshard train`'s checkpoint choice (`memshard.commands.checkpoint_choice`, generating on
 the run's shard actors), the sweep's trials (`memshard.tuning.trial`) and the efficacy bench
@@ -25,7 +25,7 @@ from memshard.evaluation.intervals import FRECHET_RESAMPLES, fraction_interval
 from memshard.evaluation.memorization import MemorizationReport, near_copies
 from memshard.evaluation.quality import QualitySpaceChoice, quality_report
 from memshard.guard import Guard, GuardLog
-from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan, use_sampler
+from memshard.pipeline import SamplingPlan, build_pipeline, generate_plan
 
 # The copying measures (lower is better) and the quality measures of every point. COPYING and
 # STRICT_COPYING are r-copies (evaluation.memorization), at r < 0.5 and r < 0.15; the keys keep the names
@@ -75,7 +75,7 @@ def generate_here(pipeline) -> Callable[[SamplingPlan], Generation]:
     return generate
 
 
-class GuardedGeneration:
+class GuardedGenerateHere:
     """`evaluate`'s generate callable for guarded generations: the plan's batches in this process, each
     through `guard.batch`; `plain`, the same plan's unguarded images where the caller has them (reject
     starts from them). After the call, `log` holds what the guard did to all of them."""
@@ -85,15 +85,8 @@ class GuardedGeneration:
         self.log = GuardLog(guard.mode)
 
     def __call__(self, plan: SamplingPlan) -> Generation:
-        use_sampler(self.pipeline, plan.sampler)
-        batches, start = [], 0
-        for count, seed in plan.batches():
-            plain = None if self.plain is None else self.plain[start:start + count]
-            images, log = self.guard.batch(self.pipeline, plan, count, seed, plain=plain)
-            batches.append(images)
-            self.log = self.log.merge(log)
-            start += count
-        return Generation(np.concatenate(batches), self.pipeline.device.type,
+        images, self.log = self.guard.plan(self.pipeline, plan, self.plain)
+        return Generation(images, self.pipeline.device.type,
                           {"workers": 1, "where": "the driver process", "guard": self.guard.mode})
 
 

@@ -47,7 +47,7 @@ from memshard.errors import MemshardError
 from memshard.files import checked_path, replace_file
 from memshard.model import resolve_device
 from memshard.neighbors import nearest_neighbors
-from memshard.pipeline import SamplingPlan, generate_batch, sampling_precision, to_uint8
+from memshard.pipeline import SamplingPlan, generate_batch, sampling_precision, to_uint8, use_sampler
 
 NEAR_COPY_SAMPLE = 2000  # real images whose leave-one-out distance sets the near-copy threshold
 CALIBRATION_SEED = 0  # which real images calibrate a model's guard where it has more than NEAR_COPY_SAMPLE
@@ -193,6 +193,21 @@ class Guard:
             images = self._reject(pipeline, plan, images, seed, log)
         log.unresolved = int(self.near_copies(images, pipeline.device).sum())
         return images, log
+
+    def plan(self, pipeline: DDPMPipeline, plan: SamplingPlan,
+             plain: np.ndarray | None = None) -> tuple[np.ndarray, GuardLog]:
+        """Every batch of `plan` in this process, guarded, in image order, and what the guard did to all
+        of them: `generate_plan`'s images where nothing was steered or rejected. Switches `pipeline` to
+        the plan's sampler. `plain`: the plan's unguarded images where the caller has them."""
+        use_sampler(pipeline, plan.sampler)
+        batches, log, start = [], GuardLog(self.mode), 0
+        for count, seed in plan.batches():
+            images, batch_log = self.batch(pipeline, plan, count, seed,
+                                           plain=None if plain is None else plain[start:start + count])
+            batches.append(images)
+            log = log.merge(batch_log)
+            start += count
+        return np.concatenate(batches), log
 
     def _reject(self, pipeline: DDPMPipeline, plan: SamplingPlan, images: np.ndarray, seed: int,
                 log: GuardLog) -> np.ndarray:

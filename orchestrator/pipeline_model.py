@@ -4,9 +4,11 @@
 `"guard": "off" | "reject" | "guidance"` samples through the copy guard (memshard.guard), by default
 the mode of the guard reference the model carries (its MLflow artifact "guard": guard.json, written
 from the training config's `guard` section; a model logged before the guard has none, and samples
-unguarded). What the guard did to the last request is `last_guard_log`. The model is logged as code
-(MLflow's models-from-code: `pyfunc_entry.py` is copied into the model), not as a pickle, so a registered model depends on the stable name `memshard.orchestrator.pipeline_model` and
-nothing else of memshard's layout.
+unguarded). What the guard did to the last request is `last_guard_log`.
+
+The model is logged as code (MLflow's models-from-code: `pyfunc_entry.py` is copied into the model),
+not as a pickle, so a registered model depends on the stable name `memshard.orchestrator.pipeline_model`
+and nothing else of memshard's layout.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mlflow.types import ColSpec, Schema
 from memshard.config import GUARD_MODES
 from memshard.errors import MemshardError
 from memshard.guard import Guard, GuardLog, load_guard, read_guard_settings
-from memshard.pipeline import DEFAULT_BATCH_SIZE, SamplingPlan, generate_plan, load_pipeline, use_sampler
+from memshard.pipeline import DEFAULT_BATCH_SIZE, SamplingPlan, generate_plan, load_pipeline
 
 # The request columns; MLflow turns a dict input into a one-row DataFrame with these columns.
 PREDICT_SIGNATURE = ModelSignature(
@@ -114,14 +116,8 @@ class DDPMPipelineModel(mlflow.pyfunc.PythonModel):
         guard = self.guard(_request_mode(model_input, self.default_guard))
         if guard is None:
             return generate_plan(self.pipeline, plan).transpose(0, 2, 3, 1)  # (N, H, W, C), as documented
-        use_sampler(self.pipeline, plan.sampler)
-        batches, log = [], GuardLog(guard.mode)
-        for count, seed in plan.batches():  # the plan's batches and seeds: unguarded, these are generate_plan's
-            images, batch_log = guard.batch(self.pipeline, plan, count, seed)
-            batches.append(images)
-            log = log.merge(batch_log)
-        self.last_guard_log = log
-        return np.concatenate(batches).transpose(0, 2, 3, 1)
+        images, self.last_guard_log = guard.plan(self.pipeline, plan)  # the same batches and seeds
+        return images.transpose(0, 2, 3, 1)
 
     def guard(self, mode: str) -> Guard | None:
         """The model's guard in `mode` (None: off), loaded and checked against its training set once."""

@@ -62,6 +62,23 @@ def test_guidance_that_never_triggers_is_the_plain_sampler_bit_for_bit(pipeline,
     assert log.steered == 0 and sum(log.steered_at_step) == 0 and len(log.steered_at_step) == plan.steps
 
 
+def test_a_guarded_plan_is_its_batches_in_order(pipeline):
+    """`Guard.plan` (the registered model's predict, tune's and the bench's guarded measurements): the
+    plan's batches and seeds, so with nothing to reject it is `generate_plan`'s images."""
+    from memshard.pipeline import generate_plan
+
+    plan = SamplingPlan(5, "ddim", 4, 2, 9)  # batches of 2, 2, 1
+    plain = generate_plan(pipeline, plan)
+    unreachable = Guard(GuardConfig(mode="reject"), 0.0, plain)
+    images, log = unreachable.plan(pipeline, plan)
+    np.testing.assert_array_equal(images, plain)
+    assert (log.generations, log.redrawn) == (5, 0)
+    copying = Guard(GuardConfig(mode="reject"), 1e-6, plain[[3]])  # only generation 3 is a copy
+    images, log = copying.plan(pipeline, plan, plain)
+    np.testing.assert_array_equal(np.delete(images, 3, axis=0), np.delete(plain, 3, axis=0))
+    assert log.redrawn == 1 and not np.array_equal(images[3], plain[3])
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_guidance_moves_a_trajectory_that_would_land_on_a_training_image(pipeline, sampler):
     """The plain batch's own images are the 'training set': unguarded, every generation is an exact copy.

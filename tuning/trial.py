@@ -27,7 +27,7 @@ from memshard.config import Config, GuardConfig, flatten, from_dict, set_dotted
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError, one_line
 from memshard.evaluation.classifier_space import ClassifierSpace
-from memshard.evaluation.curve_point import Data, GuardedGeneration, evaluation_rounds, measure
+from memshard.evaluation.curve_point import Data, GuardedGenerateHere, evaluation_rounds, measure
 from memshard.evaluation.evaluate import EvaluateSettings
 from memshard.guard import GuardLog, build_guard
 from memshard.orchestrator.cluster import assigned_device
@@ -104,7 +104,7 @@ def _train_and_measure(cfg: Config, spec: dict, context: TrialContext, tags: dic
             else:
                 if guarded_pipeline is None:
                     guarded_pipeline = build_pipeline(cfg, dataset.channels, end.model_weights).to(device)
-                generation = GuardedGeneration(guarded_pipeline, guard, plain)
+                generation = GuardedGenerateHere(guarded_pipeline, guard, plain)
                 m = measure(cfg, end.model_weights, data, context.evaluate, space, device, generate=generation)
                 guard_log = generation.log
             figures = m.figures
