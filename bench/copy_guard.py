@@ -1,13 +1,14 @@
 """The copy guard at generation (issue 28): near copies and quality of trained models with no guard,
 with rejection, and with guidance at several scales, from the same seeded plan.
 
-    python bench/copy_guard.py --out DIR --regime first-300 --models models:/NAME-s0/1 models:/NAME-s1/1 ...
+    python bench/copy_guard.py --out DIR --regime first-300 --models models:/NAME-s0/1 models:/NAME-s1/1 ... \
+        [--guards reject guidance:2 reject:-:0.25 guidance:2:0.25]
 
 Each model (one per training seed) is measured like a point of the efficacy bench
 (`evaluation.curve_point.measure`: near copies against the training images with a bootstrap interval
 over the generations, Fréchet in the training set's classifier space against the whole dataset with
 its bootstrap interval, mean confidence, class coverage, the real images' reference beside them) once
-per guard setting. The guard is calibrated as the measurement is (the same seed), so its threshold is
+per guard setting (MODE[:SCALE[:QUANTILE]]: a quantile above the calibration's 0.05 is a stricter guard). The guard is calibrated as the measurement is (the same seed), so its threshold is
 the one near copies are counted at. In the duplicated regime each planted image's reproductions are
 counted too. Per setting, the mean over models carries a t-interval over the seeds
 (`evaluation.intervals.t_interval`). Sampling time per setting is measured in this process, one
@@ -34,20 +35,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficacy_curves import DUPLICATED, load_data, planted_reproductions, planted_rows  # noqa: E402
 
-from memshard.config import GuardConfig, build_config  # noqa: E402
+from memshard.config import NEAR_COPY_QUANTILE, GuardConfig, build_config  # noqa: E402
 from memshard.evaluation.classifier_space import ClassifierSpace  # noqa: E402
 from memshard.evaluation.curve_point import GuardedGenerateHere, generate_here, measure  # noqa: E402
 from memshard.evaluation.evaluate import EvaluateSettings, Generation  # noqa: E402
 from memshard.evaluation.intervals import t_interval  # noqa: E402
-from memshard.guard import build_guard  # noqa: E402
+from memshard.guard import build_guard, near_copy_threshold  # noqa: E402
 from memshard.model import resolve_device, state_to_numpy  # noqa: E402
+from memshard.neighbors import nearest_neighbors  # noqa: E402
 from memshard.pipeline import SamplingPlan, find_pipeline_dir, load_pipeline  # noqa: E402
 
+# A guard moves a copy just past the threshold; these count generations nearer than the closest 10% and
+# 25% of real neighbours too, to show where the moved ones land.
+STRICTER_QUANTILES = (0.10, 0.25)
 FIELDS = ("model", "setting", "generations_near_copies", "generations_near_copies_ci_low",
-          "generations_near_copies_ci_high", "copied_near", "frechet", "frechet_ci_low", "frechet_ci_high",
+          "generations_near_copies_ci_high", *(f"near_at_q{q:g}" for q in STRICTER_QUANTILES), "copied_near", "frechet", "frechet_ci_low", "frechet_ci_high",
           "mean_confidence", "coverage", "generate_seconds", "guard.steered_fraction", "guard.extra_image_fraction",
           "guard.unresolved_fraction", "guard.first_steered_step", "real_frechet", "near_copy_sq_distance")
-SUMMARY_KEYS = ("generations_near_copies", "copied_near", "frechet", "mean_confidence", "coverage", "generate_seconds")
+SUMMARY_KEYS = ("generations_near_copies", *(f"near_at_q{q:g}" for q in STRICTER_QUANTILES), "copied_near",
+                "frechet", "mean_confidence", "coverage", "generate_seconds")
 
 
 def local_pipeline_dir(model: str) -> Path:
@@ -72,13 +78,21 @@ class Timed:
         return generation
 
 
+def parse_guard(spec: str) -> GuardConfig:
+    """MODE[:SCALE[:QUANTILE]], '-' for a default: guidance:2, reject:-:0.25."""
+    mode, *rest = spec.split(":")
+    names = ("scale", "quantile")
+    return GuardConfig(mode=mode, **{name: float(value) for name, value in zip(names[:len(rest)], rest, strict=True)
+                                     if value != "-"})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", nargs="+", required=True, help="pipeline folders or MLflow model URIs, one per seed")
     parser.add_argument("--regime", choices=("first-300", DUPLICATED), default="first-300")
-    parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 2.0, 4.0], help="guidance scales")
-    parser.add_argument("--quantile", type=float, default=None, help="the guard's quantile (default: the calibration's)")
+    parser.add_argument("--guards", nargs="+", default=["reject", "guidance:2", "reject:-:0.25", "guidance:2:0.25"],
+                        help="guard settings besides none, each MODE[:SCALE[:QUANTILE]] ('-': the default)")
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--sampling-steps", type=int, default=50)
@@ -99,9 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                                 feature_space=None, r_copy_threshold=0.5, device=args.device)
     settings.check()
     torch.set_num_threads(os.cpu_count() or 1)
-    extra = {"quantile": args.quantile} if args.quantile is not None else {}
-    guard_settings = {"none": None, "reject": GuardConfig(mode="reject", **extra),
-                      **{f"guidance-{s:g}": GuardConfig(mode="guidance", scale=s, **extra) for s in args.scales}}
+    guard_settings = {"none": None, **{spec: parse_guard(spec) for spec in args.guards}}
     environment = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "date": time.strftime("%Y-%m-%d %H:%M"),
                    "load_average_at_start": os.getloadavg(), "machine": platform.platform(), "cpus": os.cpu_count(),
                    "device": device, "torch_threads": torch.get_num_threads(),
@@ -111,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                "training_images": len(data.train), "quality_against": len(data.quality)}, "points": []}
     print(environment["command"], f"load {environment['load_average_at_start']}", file=sys.stderr)
 
+    thresholds = {q: near_copy_threshold(data.train, args.eval_seed, device, q) for q in STRICTER_QUANTILES}
     for model in args.models:
         pipeline = load_pipeline(local_pipeline_dir(model), device)
         weights = state_to_numpy(pipeline.unet)
@@ -127,11 +140,14 @@ def main(argv: list[str] | None = None) -> None:
             log = None if guarded is None else guarded.log
             reproduced = {} if planted is None else planted_reproductions(
                 measured.generated, data.train, planted, measured.figures["near_copy_sq_distance"], device)
-            point = {"model": model, "setting": setting, **measured.figures, **reproduced,
+            nearest = nearest_neighbors(measured.generated, data.train.images, 1, scale=1 / 255, device=device)
+            stricter = {f"near_at_q{q:g}": float((nearest.sq_distances[:, 0] < thresholds[q]).mean())
+                        for q in STRICTER_QUANTILES}
+            point = {"model": model, "setting": setting, **measured.figures, **reproduced, **stricter,
                      "generate_seconds": seconds, **(log.metrics() if log else {}),
                      "load_average": os.getloadavg()[0]}
-            if guard is not None:
-                assert guard.threshold == measured.figures["near_copy_sq_distance"] or args.quantile is not None
+            if guard is not None and guard.settings.quantile == NEAR_COPY_QUANTILE:  # the guard's line is the count's
+                assert guard.threshold == measured.figures["near_copy_sq_distance"]
             results["points"].append(point)
             print(f"[{model}] {setting}: near copies {100 * point['generations_near_copies']:.1f}% "
                   f"({100 * point['generations_near_copies_ci_low']:.1f}-{100 * point['generations_near_copies_ci_high']:.1f}), "
@@ -171,8 +187,8 @@ def write_outputs(out: Path, results: dict, settings: list[str]) -> None:
     real = results["points"][0]["real_frechet"] if results["points"] else None
     lines = [f"# Copy guard, {results['settings']['regime']}: mean over {len(results['settings']['models'])} models "
              f"(t-interval over seeds)", "", f"Real held-out Fréchet: {real}; near copies of real images: 5% by "
-             "construction.", "", "| setting | near copies % | images nearly copied | Fréchet | confidence | coverage "
-             "| sampling s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "construction.", "", "| setting | near copies % | nearer than 10% of real % | than 25% % | images nearly copied | Fréchet "
+             "| confidence | coverage | sampling s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def cell(row, key, scale=1.0, digits=1):
         if row.get(key) is None:
@@ -182,7 +198,8 @@ def write_outputs(out: Path, results: dict, settings: list[str]) -> None:
         return text + (f" ({scale * interval[0]:.{digits}f}-{scale * interval[1]:.{digits}f})" if interval else "")
 
     for row in results["summary"]:
-        lines.append(f"| {row['setting']} | {cell(row, 'generations_near_copies', 100)} | {cell(row, 'copied_near')} | "
+        lines.append(f"| {row['setting']} | {cell(row, 'generations_near_copies', 100)} | "
+                     f"{cell(row, 'near_at_q0.1', 100)} | {cell(row, 'near_at_q0.25', 100)} | {cell(row, 'copied_near')} | "
                      f"{cell(row, 'frechet')} | {cell(row, 'mean_confidence', 1, 3)} | {cell(row, 'coverage', 1, 2)} | "
                      f"{cell(row, 'generate_seconds')} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
