@@ -184,7 +184,9 @@ class GuardConfig:
     # Near-copy threshold: the real images' leave-one-out distance at this quantile. The calibration's
     # NEAR_COPY_QUANTILE is the loosest allowed; a larger quantile is stricter (flags more generations).
     quantile: float = NEAR_COPY_QUANTILE
-    scale: float = 1.0  # guidance: how far x0-hat moves per step, in units of its shortfall to the threshold
+    # guidance: how far x0-hat moves per step, in units of its shortfall to the threshold. At 1 a moved
+    # generation ends on the line (6% near copies left on the first 300 digits); 2 clears it (BENCHMARKS.md).
+    scale: float = 2.0
     max_redraws: int = 8  # reject: redraw rounds per batch before a near copy is reported unresolved
     carry: str = "reference"  # what the registered model holds: the dataset's path and fingerprint, or the images
 

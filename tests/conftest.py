@@ -108,3 +108,18 @@ def cli_rejects(mlflow_store, capsys):
         return errors[0]
 
     return run
+
+
+def untrained_tiny_pipeline():
+    """A tiny pipeline with seeded untrained weights: what it draws is noise-like, but always the same."""
+    import torch
+
+    from memshard.config import build_config
+    from memshard.model import build_unet, state_to_numpy
+    from memshard.pipeline import build_pipeline
+
+    cfg = build_config("tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = build_unet(cfg, 1)
+    return build_pipeline(cfg, 1, state_to_numpy(unet))

@@ -11,18 +11,16 @@ import time
 
 import numpy as np
 import pytest
-import torch
+from conftest import untrained_tiny_pipeline
 
 from memshard.commands.cli import build_parser
 from memshard.commands.evaluate import evaluate_settings
-from memshard.config import build_config
 from memshard.data import load_dataset, prepare_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.evaluate import EvaluateSettings, choose_quality_space, sampling_plan
-from memshard.model import build_unet, state_to_numpy
 from memshard.orchestrator.cluster import node_resources
 from memshard.orchestrator.generation import generate_on_ray, plan_workers
-from memshard.pipeline import SAMPLERS, SamplingPlan, build_pipeline, generate_plan, use_sampler
+from memshard.pipeline import SAMPLERS, SamplingPlan, generate_plan, use_sampler
 from memshard.shard_worker.faults import FAULTS_ENV
 
 PLAN = SamplingPlan(num_images=10, sampler="ddim", steps=3, batch_size=3, seed=7)  # 4 batches, the last of 1
@@ -32,11 +30,7 @@ PATIENT = EvaluateSettings().batch_timeout_s
 @pytest.fixture(scope="module")
 def pipeline():
     """An untrained tiny pipeline: what it draws does not matter, only that it draws the same."""
-    cfg = build_config("tiny")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = build_unet(cfg, 1)
-    return build_pipeline(cfg, 1, state_to_numpy(unet))
+    return untrained_tiny_pipeline()
 
 
 def in_process(pipeline, plan: SamplingPlan) -> np.ndarray:

@@ -8,7 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
+from conftest import untrained_tiny_pipeline
 
 from memshard.config import NEAR_COPY_QUANTILE, GuardConfig, build_config
 from memshard.data import load_dataset, resolve_dataset
@@ -23,8 +23,7 @@ from memshard.guard import (
     redraw_seed,
     write_guard_reference,
 )
-from memshard.model import build_unet, state_to_numpy
-from memshard.pipeline import SamplingPlan, build_pipeline, generate_batch, use_sampler
+from memshard.pipeline import SamplingPlan, generate_batch, use_sampler
 
 SEED = 11  # the batch's torch seed
 
@@ -32,11 +31,7 @@ SEED = 11  # the batch's torch seed
 @pytest.fixture(scope="module")
 def pipeline():
     """An untrained tiny pipeline: its images are noise-like, but seeded."""
-    cfg = build_config("tiny")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = build_unet(cfg, 1)
-    return build_pipeline(cfg, 1, state_to_numpy(unet))
+    return untrained_tiny_pipeline()
 
 
 @pytest.fixture(scope="module")
