@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-batch", type=int, default=250)
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (default: every CPU; 1 beside other work, so it does not spin against it)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                                 sampling_steps=args.sampling_steps, batch_size=args.eval_batch, seed=args.eval_seed,
                                 feature_space=None, r_copy_threshold=0.5, device=args.device)
     settings.check()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     guard_settings = {"none": None, **{spec: parse_guard(spec) for spec in args.guards}}
     environment = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "date": time.strftime("%Y-%m-%d %H:%M"),
                    "load_average_at_start": os.getloadavg(), "machine": platform.platform(), "cpus": os.cpu_count(),
