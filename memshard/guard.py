@@ -188,10 +188,10 @@ class Guard:
         log = GuardLog(self.mode, generations=count)
         if self.mode == "guidance":
             images = self._guided(pipeline, plan, count, seed, log)
+            log.unresolved = int(self.near_copies(images, pipeline.device).sum())
         else:
             images = generate_batch(pipeline, plan, count, seed) if plain is None else plain
-            images = self._reject(pipeline, plan, images, seed, log)
-        log.unresolved = int(self.near_copies(images, pipeline.device).sum())
+            images = self._reject(pipeline, plan, images, seed, log)  # counts what it leaves unresolved
         return images, log
 
     def plan(self, pipeline: DDPMPipeline, plan: SamplingPlan,
@@ -224,6 +224,7 @@ class Guard:
             images[near] = generate_batch(pipeline, plan, len(near), redraw_seed(seed, attempt))
             near = near[self.near_copies(images[near], pipeline.device)]
         log.rejected_draws += len(near)  # still near copies after the last round: counted, returned as they are
+        log.unresolved = len(near)  # the last scan's verdict: no second scan of the returned batch
         return images
 
     def _references(self, device: torch.device) -> torch.Tensor:
