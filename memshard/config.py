@@ -588,9 +588,7 @@ def validate(cfg: Config) -> None:
     require(cfg.mlflow.sample_grid_steps >= 1, "mlflow.sample_grid_steps must be >= 1")
     sel = cfg.selection
     require(sel.every >= 0, f"selection.every = {sel.every}: give rounds >= 1, or 0 to register the last round unmeasured")
-    require(0.0 <= sel.max_quality_loss <= MAX_QUALITY_LOSS_LIMIT,
-            f"selection.max_quality_loss = {sel.max_quality_loss}: give a fraction in [0, {MAX_QUALITY_LOSS_LIMIT:g}], "
-            "e.g. 0.1 for 10%")
+    check_quality_loss(sel.max_quality_loss, f"selection.max_quality_loss = {sel.max_quality_loss}")
     require(sel.register in REGISTERED_ROUNDS,
             f"selection.register = {shown(sel.register)}: choose one of {', '.join(REGISTERED_ROUNDS)}")
     require(sel.num_images >= 2, f"selection.num_images = {sel.num_images}: need at least 2 (Fréchet needs two)")
@@ -601,6 +599,15 @@ def validate(cfg: Config) -> None:
     every = cfg.mlflow.checkpoint_every
     require(every == "auto" or (every.isascii() and every.isdigit() and len(every) < 19 and int(every) >= 1),
             f"mlflow.checkpoint_every = {shown(every)}: use auto or a whole number of rounds >= 1")
+
+
+def check_quality_loss(value: float, named: str) -> float:
+    """A quality budget (Fréchet at most the reference's x (1 + value)) in [0, MAX_QUALITY_LOSS_LIMIT], the one
+    bound of `selection.max_quality_loss` and train's and tune's `--max-quality-loss`; refuses nan and inf.
+    `named` says where the value came from, as the error's first words."""
+    if not 0 <= value <= MAX_QUALITY_LOSS_LIMIT:
+        raise MemshardError(f"{named}: give a fraction from 0 to {MAX_QUALITY_LOSS_LIMIT:g}, e.g. 0.1 or 10%")
+    return value
 
 
 def check_guard(guard: GuardConfig) -> None:

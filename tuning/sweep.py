@@ -42,7 +42,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from memshard.config import DEFAULT_MAX_QUALITY_LOSS, MAX_QUALITY_LOSS_LIMIT, Config, GuardConfig, to_dict
+from memshard.config import DEFAULT_MAX_QUALITY_LOSS, Config, GuardConfig, check_quality_loss, to_dict
 from memshard.data import ImageDataset, load_dataset, resolve_dataset
 from memshard.errors import MemshardError, one_line
 from memshard.evaluation.classifier_space import DEFAULT_CACHE_DIR, ClassifierSpace, classifier_unavailable
@@ -227,8 +227,7 @@ def run_sweep(space: SweepSpace, settings: SweepSettings, preset: str,
     `say` gets the progress lines; `tune_output` also lets Tune print its own tables (memshard -v)."""
     base = space.base
     evaluate_settings = settings.evaluate_settings()
-    if not 0 <= settings.max_quality_loss <= MAX_QUALITY_LOSS_LIMIT:
-        raise MemshardError(f"--max-quality-loss {settings.max_quality_loss:g}: give a fraction such as 0.1 or 10%")
+    check_quality_loss(settings.max_quality_loss, f"--max-quality-loss {settings.max_quality_loss:g}")
     eval_every = settings.eval_every or max(1, space.reference_round // 5)
     if eval_every < 1:
         raise MemshardError(f"--eval-every {eval_every}: need at least 1 round")

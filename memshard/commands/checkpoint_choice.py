@@ -28,7 +28,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from memshard.config import MAX_QUALITY_LOSS_LIMIT, Config
+from memshard.config import Config, check_quality_loss
 from memshard.data import load_dataset, resolve_dataset
 from memshard.errors import MemshardError
 from memshard.evaluation.curve_point import Data, evaluation_rounds, measure
@@ -53,9 +53,7 @@ def parse_quality_loss(text: str) -> float:
         value = float(given[:-1]) / 100 if given.endswith("%") else float(given)
     except ValueError:
         raise MemshardError(f"--max-quality-loss {text[:40]!r} is not a fraction: write 10% or 0.1") from None
-    if not 0 <= value <= MAX_QUALITY_LOSS_LIMIT:  # also refuses nan and inf
-        raise MemshardError(f"--max-quality-loss {text[:40]!r}: give 0% to {MAX_QUALITY_LOSS_LIMIT:.0%} (e.g. 10% or 0.1)")
-    return value
+    return check_quality_loss(value, f"--max-quality-loss {text[:40]!r}")
 
 
 def measured_rounds(cfg: Config) -> set[int]:
