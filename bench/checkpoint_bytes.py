@@ -54,7 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="memshard-checkpoint-bytes-"))
     os.chdir(workdir)
-    cfg = build_config(args.preset, overrides={"iet.rounds": args.rounds, "iet.local_steps": args.local_steps})
+    cfg = build_config(args.preset, overrides={"iet.method": "iet-agc-plus", "iet.rounds": args.rounds,
+                                               "iet.local_steps": args.local_steps})
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))
     shards = split_into_shards(len(dataset), cfg.iet.shards, cfg.training.seed)
     with ray_session(None), start_shard_driver(cfg, dataset.images, shards) as (driver, _):

@@ -41,8 +41,9 @@ PHASES = ("broadcast", "train", "gather", "aggregate", "redistribute")
 
 def measure(preset: str, shards: int, local_steps: int, rounds: int, dataset, device: str) -> dict:
     """The last of `rounds` rounds with K shard actors placed by memshard's own sizing."""
-    cfg = build_config(preset, overrides={"iet.shards": shards, "iet.local_steps": local_steps,
-                                          "iet.rounds": rounds, "training.device": device})
+    cfg = build_config(preset, overrides={"iet.method": "iet-agc-plus", "iet.shards": shards,
+                                          "iet.local_steps": local_steps, "iet.rounds": rounds,
+                                          "training.device": device})
     split = split_into_shards(len(dataset), shards, cfg.training.seed)
     with start_shard_driver(cfg, dataset.images, split) as (driver, resources):
         placement = driver.placement()

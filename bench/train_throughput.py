@@ -119,8 +119,8 @@ def main() -> None:
 
     work_dir = tempfile.mkdtemp(prefix="memshard-bench-")
     os.chdir(work_dir)
-    cfg = build_config(args.preset, overrides={
-        "iet.shards": args.shards, "iet.rounds": 2, "iet.local_steps": args.steps,
+    cfg = build_config(args.preset, overrides={  # the sharded method: ddpm would fold the shards into one model
+        "iet.method": "iet-agc-plus", "iet.shards": args.shards, "iet.rounds": 2, "iet.local_steps": args.steps,
         "training.batch_size": args.batch, "mlflow.tracking_uri": f"sqlite:///{work_dir}/mlflow.db",
         "mlflow.sample_grid_every": 0, "mlflow.register_as": "bench"})
     dataset = load_dataset(resolve_dataset(cfg.data.path, cfg.data.resolution, cfg.data.channels, cfg.data.cache_dir))

@@ -86,7 +86,10 @@ class TrainingConfig:
 
 @dataclass
 class IETConfig:
-    method: str = "iet-agc-plus"
+    # ddpm (one model, the sharded run's compute) with the EMA measured best on every regime so far: no IET
+    # variant copied less at equal quality, and IET-AGC+ at the same compute is far from trained
+    # (BENCHMARKS.md, issue 24). The tiny and cifar32 presets name the sharded method they exist for.
+    method: str = "ddpm"
     shards: int = 4
     rounds: int = 10
     local_steps: int = 100
@@ -245,12 +248,13 @@ def with_default_places(cfg: Config, settings: tuple[str, ...] = PLACE_SETTINGS)
 
 DEFAULT_PRESET = "digits"  # what `memshard train` and `memshard tune` start from without --preset
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # CPU tests: a round of a few local steps takes seconds.
+    # CPU tests: a round of a few local steps takes seconds; the sharded method, so that tests drive the
+    # actors, AGC, MSR and averaging unless they name another.
     "tiny": {
         "data": {"resolution": 8},
         "model": {"block_out_channels": (16, 32), "layers_per_block": 1},
         "training": {"batch_size": 16, "warmup_steps": 2},
-        "iet": {"shards": 2, "rounds": 2, "local_steps": 3},
+        "iet": {"method": "iet-agc-plus", "shards": 2, "rounds": 2, "local_steps": 3},
         "mlflow": {"sample_grid_every": 0, "register_as": "memshard-tiny"},
         "selection": {"every": 0},  # a test that asks for the checkpoint choice sets it
     },
@@ -258,7 +262,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # measured better there for ddpm and IET-AGC+ (BENCHMARKS.md, issue 12): steadier, better quality per
     # round, and no more copying at equal quality. tiny (tests) and cifar32 (not measured) keep it off.
     "digits": {"training": {"ema": True}},
-    # The published CIFAR-10 model (IET / DDPM): 35.7M parameters.
+    # The published CIFAR-10 model and setting of IET (method.md §1): 35.7M parameters. Not measured here.
     "cifar32": {
         "data": {"resolution": 32, "channels": 3},
         "model": {
@@ -269,7 +273,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "training": {"batch_size": 128, "learning_rate": 2e-4, "grad_clip": 1.0,
                      "warmup_steps": 5000, "mixed_precision": "bf16"},
-        "iet": {"shards": 10, "rounds": 10, "local_steps": 3900},  # 100 epochs of 5,000 images at batch 128
+        "iet": {"method": "iet-agc-plus", "shards": 10, "rounds": 10, "local_steps": 3900},  # 100 epochs of 5,000 images at batch 128
         "mlflow": {"register_as": "memshard-cifar32"},
     },
 }

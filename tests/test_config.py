@@ -8,15 +8,21 @@ from memshard.errors import MemshardError
 
 def test_defaults_and_presets():
     digits = build_config()
-    assert digits.data.path == "digits" and digits.iet.method == "iet-agc-plus"
-    assert digits.uses_agc and digits.uses_msr and digits.uses_taa
+    # the default trains what measured best (ddpm + EMA, issue 24): one model with the 4-shard run's compute
+    assert digits.data.path == "digits" and digits.iet.method == "ddpm" and digits.training.ema
+    assert (digits.iet.shards, digits.iet.local_steps) == (1, 400)
+    assert not (digits.uses_agc or digits.uses_msr or digits.uses_taa)
+    sharded = build_config(overrides={"iet.method": "iet-agc-plus"})
+    assert (sharded.iet.shards, sharded.iet.local_steps) == (4, 100)
+    assert sharded.uses_agc and sharded.uses_msr and sharded.uses_taa
     cifar = build_config("cifar32")
     assert cifar.model.block_out_channels == (128, 256, 256, 256)
     assert cifar.model.layers_per_block == 2 and cifar.model.attention_resolutions == (16,)
     assert cifar.model.dropout == 0.1
     assert (cifar.training.batch_size, cifar.training.learning_rate, cifar.training.grad_clip) == (128, 2e-4, 1.0)
+    assert cifar.iet.method == "iet-agc-plus" and cifar.iet.shards == 10
     tiny = build_config("tiny")
-    assert tiny.data.resolution == 8 and tiny.iet.local_steps <= 5
+    assert tiny.data.resolution == 8 and tiny.iet.local_steps <= 5 and tiny.iet.method == "iet-agc-plus"
 
 
 def test_msr_defaults_alternate_on_the_ring_and_the_published_exchange_is_a_setting():

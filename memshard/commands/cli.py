@@ -46,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data_commands.add_parser("inspect", help="count, shape, labels and exact duplicates")
     inspect.add_argument("path", help="a prepared dataset directory")
 
-    train = commands.add_parser("train", help="train a diffusion model with IET-AGC+ on Ray, log it to MLflow")
+    train = commands.add_parser("train", help="train a diffusion model on Ray (ddpm with the EMA, or an IET method "
+                                              "on K shard actors), log it to MLflow")
     train.add_argument("--config", help="a YAML or TOML file of settings (sections: data, model, training, ...)")
     train.add_argument("--preset", help=_listed(PRESETS, DEFAULT_PRESET))
     train.add_argument("--data", help="a prepared dataset dir or any source 'memshard data prepare' takes")
-    train.add_argument("--shards", type=int, help="number of shards K (one proxy actor each)")
+    train.add_argument("--shards", type=int, help="number of shards K: one proxy actor each for the IET methods; "
+                                                  "ddpm trains one model with their compute (K x local steps)")
     train.add_argument("--rounds", type=int, help="number of rounds")
     train.add_argument("--local-steps", type=int, help="optimizer steps per proxy per round")
     train.add_argument("--method", help=_listed(METHODS, IETConfig.method))
