@@ -15,6 +15,17 @@ def test_defaults_and_presets():
     sharded = build_config(overrides={"iet.method": "iet-agc-plus"})
     assert (sharded.iet.shards, sharded.iet.local_steps) == (4, 100)
     assert sharded.uses_agc and sharded.uses_msr and sharded.uses_taa
+
+
+def test_asking_ddpm_for_shards_says_that_one_model_trains_with_their_compute():
+    from memshard.commands.train import ddpm_shards_note
+    eight = build_config(overrides={"iet.shards": 8})
+    assert (eight.iet.shards, eight.iet.local_steps) == (1, 800)
+    note = ddpm_shards_note(eight, 8)
+    assert "one model, not 8 shard actors: 800 steps per round" in note and "--method iet-agc-plus" in note
+    assert ddpm_shards_note(build_config(), None) is None  # the default asks for no shards: nothing to say
+    sharded = build_config(overrides={"iet.shards": 8, "iet.method": "iet-agc-plus"})
+    assert ddpm_shards_note(sharded, 8) is None
     cifar = build_config("cifar32")
     assert cifar.model.block_out_channels == (128, 256, 256, 256)
     assert cifar.model.layers_per_block == 2 and cifar.model.attention_resolutions == (16,)

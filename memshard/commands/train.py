@@ -5,9 +5,10 @@ printed."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from memshard.commands.checkpoint_choice import CheckpointChoice, parse_quality_loss
-from memshard.config import DEFAULT_PRESET, build_config
+from memshard.config import DEFAULT_PRESET, Config, build_config, build_partial
 from memshard.errors import MemshardError
 from memshard.orchestrator.tracking import ui_command
 from memshard.orchestrator.train import resume_config, train
@@ -32,6 +33,9 @@ def run_train_command(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, overrides, args.set)
     else:
         cfg = build_config(args.preset or DEFAULT_PRESET, args.config, overrides=overrides, sets=args.set)
+    note = ddpm_shards_note(cfg, args.shards or build_partial(None, args.set).get("iet.shards"))
+    if note:
+        print(note, file=sys.stderr)
     choice = CheckpointChoice(cfg)
     choice.prepare()
     result = train(cfg, show_progress=not args.no_progress, resume_run_id=args.resume, hooks=choice.hooks())
@@ -42,3 +46,12 @@ def run_train_command(args: argparse.Namespace) -> int:
     print(f"model uri: models:/{result.registered_name}/{result.registered_version}")
     print(f"open the MLflow UI: {ui_command(result.tracking_uri)}")
     return 0
+
+
+def ddpm_shards_note(cfg: Config, shards_asked: int | None) -> str | None:
+    """ddpm, the default, folds K shards into one model with their compute (config.fold_baseline_to_equal_compute):
+    a user who asked for K > 1 shards, say on a cluster of K GPUs, learns at once that one actor trains."""
+    if cfg.iet.method != "ddpm" or not shards_asked or shards_asked < 2:
+        return None
+    return (f"--method ddpm trains one model, not {shards_asked} shard actors: {cfg.iet.local_steps} steps per round, "
+            f"the compute of {shards_asked} shards; --method iet-agc-plus trains one actor per shard")
