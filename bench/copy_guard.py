@@ -3,6 +3,7 @@ with rejection, and with guidance at several scales, from the same seeded plan.
 
     python bench/copy_guard.py --out DIR --regime first-300 --models models:/NAME-s0/1 models:/NAME-s1/1 ... \
         [--guards reject guidance:2 reject:-:0.25 guidance:2:0.25]
+    python bench/copy_guard.py --out DIR --from-results DIR0/results.json DIR1/results.json ...   # merge runs
 
 Each model (one per training seed) is measured like a point of the efficacy bench
 (`evaluation.curve_point.measure`: near copies against the training images with a bootstrap interval
@@ -89,7 +90,10 @@ def parse_guard(spec: str) -> GuardConfig:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--models", nargs="+", required=True, help="pipeline folders or MLflow model URIs, one per seed")
+    parser.add_argument("--models", nargs="+", help="pipeline folders or MLflow model URIs, one per seed")
+    parser.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
+                        help="merge these runs' points (one regime; one model per run, say, measured as each finished) "
+                             "into OUT's results and summary, measuring nothing")
     parser.add_argument("--regime", choices=("first-300", DUPLICATED), default="first-300")
     parser.add_argument("--guards", nargs="+", default=["reject", "guidance:2", "reject:-:0.25", "guidance:2:0.25"],
                         help="guard settings besides none, each MODE[:SCALE[:QUANTILE]] ('-': the default)")
@@ -103,8 +107,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads (default: every CPU; 1 beside other work, so it does not spin against it)")
     args = parser.parse_args(argv)
 
+    if bool(args.models) == bool(args.from_results):
+        parser.error("give --models to measure, or --from-results to merge runs already measured")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        merged = merge_results([json.loads(Path(f).read_text()) for f in args.from_results])
+        write_outputs(out, merged, merged["settings"]["guards_measured"])
+        return
     device = str(resolve_device(args.device))
     cfg = build_config("digits")
     data = load_data(cfg, 300 if args.regime == "first-300" else None, args.regime == DUPLICATED)
@@ -122,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                             text=True).stdout.strip()}
     results = {"environment": environment, "settings": {**vars(args), "quality_space": space.name,
-               "training_images": len(data.train), "quality_against": len(data.quality)}, "points": []}
+               "training_images": len(data.train), "quality_against": len(data.quality),
+               "guards_measured": list(guard_settings)}, "points": []}
     print(environment["command"], f"load {environment['load_average_at_start']}", file=sys.stderr)
 
     thresholds = {q: near_copy_threshold(data.train, args.eval_seed, device, q) for q in STRICTER_QUANTILES}
@@ -161,6 +172,25 @@ def main(argv: list[str] | None = None) -> None:
     write_outputs(out, results, list(guard_settings))
 
 
+def merge_results(runs: list[dict]) -> dict:
+    """The points of several runs of one regime and one measurement as one result: every run's environment
+    kept, the models listed in run order. Runs that differ in what they measured, or share a model, are refused."""
+    for run in runs:  # runs before --from-results listed their settings as --guards, "none" measured first
+        run["settings"].setdefault("guards_measured", ["none", *run["settings"]["guards"]])
+    same = ("regime", "num_images", "sampler", "sampling_steps", "eval_seed", "guards_measured")
+    first = runs[0]["settings"]
+    for run in runs[1:]:
+        differing = [k for k in same if run["settings"].get(k) != first.get(k)]
+        if differing:
+            raise SystemExit(f"--from-results: the runs differ in {', '.join(differing)}: merge runs of one measurement")
+    models = [m for run in runs for m in run["settings"]["models"]]
+    if len(set(models)) < len(models):
+        raise SystemExit("--from-results: a model is in two runs: its points would count twice")
+    return {"environment": [run["environment"] for run in runs],
+            "settings": {**first, "models": models, "from_results": True},
+            "points": [p for run in runs for p in run["points"]]}
+
+
 def summarize(points: list[dict], settings: list[str]) -> list[dict]:
     """Per setting: the mean over models of each figure, with its t-interval over them."""
     rows = []
@@ -187,10 +217,13 @@ def write_outputs(out: Path, results: dict, settings: list[str]) -> None:
         writer.writeheader()
         writer.writerows(results["points"])
     real = results["points"][0]["real_frechet"] if results["points"] else None
+    planted = sorted({k for row in results["summary"] for k in row if k.startswith("reproduced_") and
+                      not k.endswith("_seed_interval")})  # the duplicated regime: reproductions of each planted image
     lines = [f"# Copy guard, {results['settings']['regime']}: mean over {len(results['settings']['models'])} models "
              f"(t-interval over seeds)", "", f"Real held-out Fréchet: {real}; near copies of real images: 5% by "
              "construction.", "", "| setting | near copies % | nearer than 10% of real % | than 25% % | images nearly copied | Fréchet "
-             "| confidence | coverage | sampling s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| confidence | coverage | sampling s |" + "".join(f" {k} |" for k in planted),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(planted)]
 
     def cell(row, key, scale=1.0, digits=1):
         if row.get(key) is None:
@@ -203,7 +236,7 @@ def write_outputs(out: Path, results: dict, settings: list[str]) -> None:
         lines.append(f"| {row['setting']} | {cell(row, 'generations_near_copies', 100)} | "
                      f"{cell(row, 'near_at_q0.1', 100)} | {cell(row, 'near_at_q0.25', 100)} | {cell(row, 'copied_near')} | "
                      f"{cell(row, 'frechet')} | {cell(row, 'mean_confidence', 1, 3)} | {cell(row, 'coverage', 1, 2)} | "
-                     f"{cell(row, 'generate_seconds')} |")
+                     f"{cell(row, 'generate_seconds')} |" + "".join(f" {cell(row, k)} |" for k in planted))
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
