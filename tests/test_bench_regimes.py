@@ -69,3 +69,35 @@ def test_a_reproduction_is_a_near_copy_of_the_plant_or_of_one_of_its_copies(benc
     assert counts == {"reproduced_exact_10x": 0, "reproduced_exact_100x": 1, "reproduced_shifted_10x": 0,
                       "reproduced_shifted_100x": 2}
     assert set(counts) == set(bench.PLANTED_FIELDS) and set(bench.PLANTED_FIELDS) <= set(bench.CSV_FIELDS)
+
+
+@pytest.fixture(scope="module")
+def guard_bench():
+    spec = importlib.util.spec_from_file_location("copy_guard", BENCH.with_name("copy_guard.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def guard_run(models: list[str], **settings) -> dict:
+    """A copy-guard bench result as the bench writes it, one point per model and setting."""
+    return {"environment": {"command": "bench/copy_guard.py"},
+            "settings": {"regime": "duplicated", "num_images": 500, "sampler": "ddim", "sampling_steps": 50,
+                         "eval_seed": 0, "guards": ["reject"], "models": models, **settings},
+            "points": [{"model": m, "setting": s, "generations_near_copies": 0.1 if s == "none" else 0.0,
+                        "reproduced_exact_100x": 4 if s == "none" else 0, "real_frechet": 7.0}
+                       for m in models for s in ("none", "reject")]}
+
+
+def test_the_guard_bench_merges_runs_of_one_measurement_and_refuses_any_other(guard_bench, tmp_path):
+    merged = guard_bench.merge_results([guard_run(["s0"]), guard_run(["s1", "s2"])])
+    assert merged["settings"]["models"] == ["s0", "s1", "s2"] and len(merged["points"]) == 6
+    guard_bench.write_outputs(tmp_path, merged, merged["settings"]["guards_measured"])
+    none, reject = merged["summary"]
+    assert (none["setting"], none["models"], none["reproduced_exact_100x"]) == ("none", 3, 4.0)
+    assert reject["reproduced_exact_100x"] == 0.0
+    assert "reproduced_exact_100x |" in (tmp_path / "summary.md").read_text()  # the planted image's column
+    with pytest.raises(SystemExit, match="differ in num_images"):
+        guard_bench.merge_results([guard_run(["s0"]), guard_run(["s1"], num_images=100)])
+    with pytest.raises(SystemExit, match="a model is in two runs"):
+        guard_bench.merge_results([guard_run(["s0"]), guard_run(["s0"])])
