@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
                         help="merge these runs' points (one regime; one model per run, say, measured as each finished) "
                              "into OUT's results and summary, measuring nothing")
-    parser.add_argument("--regime", choices=("first-300", DUPLICATED), default="first-300")
+    parser.add_argument("--regime", choices=("first-300", DUPLICATED, "full"), default="first-300",
+                        help="the first 300 digits, the duplicated digits (efficacy_curves), or all 1,797")
     parser.add_argument("--guards", nargs="+", default=["reject", "guidance:2", "reject:-:0.25", "guidance:2:0.25"],
                         help="guard settings besides none, each MODE[:SCALE[:QUANTILE]] ('-': the default)")
     parser.add_argument("--num-images", type=int, default=500)
