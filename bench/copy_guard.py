@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     environment = {"command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "date": time.strftime("%Y-%m-%d %H:%M"),
                    "load_average_at_start": os.getloadavg(), "machine": platform.platform(), "cpus": os.cpu_count(),
                    "device": device, "torch_threads": torch.get_num_threads(),
-                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                            text=True).stdout.strip()}
+                   "commit": subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short",
+                                             "HEAD"], capture_output=True, text=True).stdout.strip()}  # from any cwd
     results = {"environment": environment, "settings": {**vars(args), "quality_space": space.name,
                "training_images": len(data.train), "quality_against": len(data.quality),
                "guards_measured": list(guard_settings)}, "points": []}
