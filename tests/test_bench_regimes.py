@@ -16,13 +16,18 @@ from memshard.guard import near_copy_threshold
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "efficacy_curves.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("efficacy_curves", BENCH)
+def load_bench(path: Path):
+    """A bench script as a module, registered under its name (dataclasses look their module up by name)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench(BENCH)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +78,7 @@ def test_a_reproduction_is_a_near_copy_of_the_plant_or_of_one_of_its_copies(benc
 
 @pytest.fixture(scope="module")
 def guard_bench():
-    spec = importlib.util.spec_from_file_location("copy_guard", BENCH.with_name("copy_guard.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(BENCH.with_name("copy_guard.py"))
 
 
 def guard_run(models: list[str], **settings) -> dict:

@@ -15,6 +15,14 @@ def test_defaults_and_presets():
     sharded = build_config(overrides={"iet.method": "iet-agc-plus"})
     assert (sharded.iet.shards, sharded.iet.local_steps) == (4, 100)
     assert sharded.uses_agc and sharded.uses_msr and sharded.uses_taa
+    cifar = build_config("cifar32")
+    assert cifar.model.block_out_channels == (128, 256, 256, 256)
+    assert cifar.model.layers_per_block == 2 and cifar.model.attention_resolutions == (16,)
+    assert cifar.model.dropout == 0.1
+    assert (cifar.training.batch_size, cifar.training.learning_rate, cifar.training.grad_clip) == (128, 2e-4, 1.0)
+    assert cifar.iet.method == "iet-agc-plus" and cifar.iet.shards == 10
+    tiny = build_config("tiny")
+    assert tiny.data.resolution == 8 and tiny.iet.local_steps <= 5 and tiny.iet.method == "iet-agc-plus"
 
 
 def test_asking_ddpm_for_shards_says_that_one_model_trains_with_their_compute():
@@ -26,14 +34,6 @@ def test_asking_ddpm_for_shards_says_that_one_model_trains_with_their_compute():
     assert ddpm_shards_note(build_config(), None) is None  # the default asks for no shards: nothing to say
     sharded = build_config(overrides={"iet.shards": 8, "iet.method": "iet-agc-plus"})
     assert ddpm_shards_note(sharded, 8) is None
-    cifar = build_config("cifar32")
-    assert cifar.model.block_out_channels == (128, 256, 256, 256)
-    assert cifar.model.layers_per_block == 2 and cifar.model.attention_resolutions == (16,)
-    assert cifar.model.dropout == 0.1
-    assert (cifar.training.batch_size, cifar.training.learning_rate, cifar.training.grad_clip) == (128, 2e-4, 1.0)
-    assert cifar.iet.method == "iet-agc-plus" and cifar.iet.shards == 10
-    tiny = build_config("tiny")
-    assert tiny.data.resolution == 8 and tiny.iet.local_steps <= 5 and tiny.iet.method == "iet-agc-plus"
 
 
 def test_msr_defaults_alternate_on_the_ring_and_the_published_exchange_is_a_setting():
