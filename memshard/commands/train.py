@@ -33,7 +33,7 @@ def run_train_command(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, overrides, args.set)
     else:
         cfg = build_config(args.preset or DEFAULT_PRESET, args.config, overrides=overrides, sets=args.set)
-    note = ddpm_shards_note(cfg, args.shards or build_partial(None, args.set).get("iet.shards"))
+    note = ddpm_shards_note(cfg, build_partial(overrides, args.set).get("iet.shards"))  # --set wins, as in cfg
     if note:
         print(note, file=sys.stderr)
     choice = CheckpointChoice(cfg)
